@@ -1,0 +1,170 @@
+"""Five-point face alignment: warp a face to a template crop and paste a restored crop back.
+
+The template is the FFHQ five-point template (512 px: left eye, right eye, nose, left mouth
+corner, right mouth corner) zoomed in by ``TEMPLATE_ZOOM`` about a point below its centre, so
+that the face fills more of a small crop than FFHQ's hair-and-shoulders framing. Training crops
+(``models.data``) and inference crops are made by the same ``warp_face`` call.
+
+Paste-back adds the *change* the model made (restored - crop), warped back by the inverse
+similarity transform and weighted by a feathered mask, to the original frame. With an identity
+model the change is zero and the frame comes back bit-exact; pixels outside the mask are never
+touched.
+"""
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+FFHQ_TEMPLATE_512 = np.array(
+    [[192.98, 239.95], [318.90, 240.19], [256.63, 314.02], [201.26, 371.41], [313.09, 371.15]],
+    dtype=np.float64,
+)
+TEMPLATE_ZOOM = 1.4  # > 1 zooms in: eye distance becomes ~0.34 of the crop width
+TEMPLATE_CENTRE = np.array([0.5, 0.62])  # zoom about this point: eyes at y~0.41, mouth ~0.77
+
+# Crop sizes used when restoring at a size matched to the face (all multiples of 32).
+CROP_SIZES = (128, 192, 256, 384, 512)
+
+
+def template(size: int) -> np.ndarray:
+    """The five template points for a ``size`` x ``size`` crop, shape (5, 2)."""
+    unit = FFHQ_TEMPLATE_512 / 512.0
+    unit = TEMPLATE_CENTRE + (unit - TEMPLATE_CENTRE) * TEMPLATE_ZOOM
+    return unit * size
+
+
+def estimate_transform(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """2x3 similarity matrix mapping frame coordinates to a ``size`` crop. landmarks: (5, 2)."""
+    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    dst = template(size)
+    matrix, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS)
+    if matrix is None:  # degenerate points (all equal): fall back to least squares
+        matrix = _umeyama(src, dst)
+    return matrix
+
+
+def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity transform (Umeyama 1991), used when RANSAC/LMEDS gives up."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    var = (s**2).sum() / len(src)
+    if var < 1e-9:
+        return np.array([[1.0, 0, dst[0, 0] - src[0, 0]], [0, 1.0, dst[0, 1] - src[0, 1]]])
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    e = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        e[1, 1] = -1
+    rot = u @ e @ vt
+    scale = np.trace(np.diag(sig) @ e) / var
+    t = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, t[:, None]])
+
+
+def face_scale(landmarks: np.ndarray) -> float:
+    """The crop size (px) at which this face would be warped without resampling scale."""
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    eye_dist = np.linalg.norm(pts[1] - pts[0])
+    eye_mouth = np.linalg.norm((pts[3] + pts[4]) / 2 - (pts[0] + pts[1]) / 2)
+    t = template(1.0)
+    t_eye = np.linalg.norm(t[1] - t[0])
+    t_em = np.linalg.norm((t[3] + t[4]) / 2 - (t[0] + t[1]) / 2)
+    return float(max(eye_dist / t_eye, eye_mouth / t_em))
+
+
+def matched_size(landmarks: np.ndarray, base: int = 128, max_size: int = 512) -> int:
+    """Smallest crop size in CROP_SIZES (>= base, <= max_size) that holds the face unshrunk."""
+    need = face_scale(landmarks)
+    for s in CROP_SIZES:
+        if s >= base and s >= need:
+            return min(s, max_size)
+    return max_size
+
+
+def warp_face(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """Aligned ``size`` x ``size`` crop of ``image`` (H, W, C) under ``matrix``."""
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def feather_mask(size: int) -> np.ndarray:
+    """Soft paste mask for a crop: 1 over the face, falling smoothly to 0 well inside the border.
+
+    An ellipse around the template face (eyes to chin, cheek to cheek), eroded and blurred, so
+    the crop's corners (background, other people) are never written back. float32 (size, size).
+    """
+    t = template(size)
+    centre = ((t[0] + t[1]) / 2 + (t[3] + t[4]) / 2) / 2
+    eye_dist = np.linalg.norm(t[1] - t[0])
+    axes = (int(round(eye_dist * 1.2)), int(round(eye_dist * 1.5)))
+    mask = np.zeros((size, size), np.float32)
+    cv2.ellipse(mask, (int(round(centre[0])), int(round(centre[1]))), axes, 0, 0, 360, 1.0, -1)
+    k = max(3, int(size * 0.06) | 1)
+    mask[:k, :] = mask[-k:, :] = 0  # zero borders so erosion and blur fall to 0 at the edges
+    mask[:, :k] = mask[:, -k:] = 0
+    mask = cv2.erode(mask, np.ones((k, k), np.uint8))
+    blur = max(3, int(size * 0.12) | 1)
+    mask = cv2.GaussianBlur(mask, (blur, blur), 0)
+    mask.setflags(write=False)
+    return mask
+
+
+def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Shift each channel of ``restored`` so its mean under ``mask`` equals the original's.
+
+    Only the mean is matched: matching the spread would put back the noise a denoiser removed.
+    Arrays are float32 (H, W, C) in the same range.
+    """
+    w = mask[..., None]
+    total = float(w.sum()) + 1e-6
+    shift = (original * w).sum((0, 1)) / total - (restored * w).sum((0, 1)) / total
+    return restored + shift.astype(np.float32)
+
+
+def paste_delta(
+    frame: np.ndarray, delta: np.ndarray, matrix: np.ndarray, size: int
+) -> tuple[int, int, int, int] | None:
+    """Add ``delta`` (size, size, C float32, frame units) back into ``frame`` in place.
+
+    The delta is warped by the inverse of ``matrix`` only over the face's bounding rectangle in
+    the frame and weighted by ``feather_mask(size)``. Returns the rectangle written (x0, y0, x1,
+    y1) or None when the face lies outside the frame.
+    """
+    h, w = frame.shape[:2]
+    inv = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
+    pts = corners @ inv.T
+    x0, y0 = np.floor(pts.min(0)).astype(int)
+    x1, y1 = np.ceil(pts.max(0)).astype(int) + 1
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
+    # inverse warp into the rectangle: rect coords -> frame coords -> crop coords
+    inv_rect = cv2.invertAffineTransform(_compose(shift, inv))
+    dsize = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    d = cv2.warpAffine(delta, inv_rect, dsize, flags=flags, borderMode=cv2.BORDER_CONSTANT)
+    m = cv2.warpAffine(feather_mask(size), inv_rect, dsize, flags=flags, borderValue=0)
+    if d.ndim == 2:
+        d = d[..., None]
+    region = frame[y0:y1, x0:x1]
+    out = region.astype(np.float32) + d * m[..., None]
+    info = np.iinfo(frame.dtype) if np.issubdtype(frame.dtype, np.integer) else None
+    if info is not None:
+        out = np.clip(np.rint(out), info.min, info.max)
+    # only write pixels the mask touches, so untouched pixels stay bit-exact
+    touched = m > 0
+    region[touched] = out[touched].astype(frame.dtype)
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """2x3 affine ``a`` after ``b``."""
+    a3 = np.vstack([a, [0, 0, 1]])
+    b3 = np.vstack([b, [0, 0, 1]])
+    return (a3 @ b3)[:2]
