@@ -1,0 +1,237 @@
+"""Training and evaluation data: aligned 128x128 face crops built from folders of photos.
+
+Crops are made exactly as at inference time: ``pipeline.faces.FaceDetector`` (MTCNN, batched)
+finds the largest face, ``pipeline.align`` warps it to the template crop. The UTKFace crops are
+built once and cached as ``crops.npy`` (N, 128, 128, 3) uint8 plus ``index.json`` (file names and
+labels); the train/validation split is a hash of the file name, so it never changes.
+
+    python -m models.data                      # build the UTKFace cache under cache/crops
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data"
+UTKFACE_DIR = DATA_DIR / "faces" / "utkface"
+CACHE_DIR = ROOT / "cache" / "crops"
+CROP_SIZE = 128
+VAL_PER_MILLE = 50  # ~5% of names hash into the validation split
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Labels:
+    """UTKFace labels parsed from ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``."""
+
+    age: int
+    gender: int  # 0 male, 1 female
+    race: int  # 0..4 White, Black, Asian, Indian, Others
+
+
+def parse_utkface_name(name: str) -> Labels | None:
+    """Labels from a UTKFace file name, None when the name is malformed."""
+    parts = name.split("_")
+    if len(parts) != 4 or not name.endswith(".jpg.chip.jpg"):
+        return None
+    try:
+        age, gender, race = int(parts[0]), int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    if not (0 <= age <= 120 and gender in (0, 1) and 0 <= race <= 4):
+        return None
+    return Labels(age, gender, race)
+
+
+def is_val(name: str) -> bool:
+    """True when ``name`` belongs to the validation split (a stable hash of the file name)."""
+    digest = hashlib.sha1(Path(name).name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % 1000 < VAL_PER_MILLE
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of face photos")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def read_rgb(path: Path) -> np.ndarray | None:
+    """An RGB uint8 image, or None when OpenCV cannot read it."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def make_crops(
+    paths: list[Path],
+    *,
+    size: int = CROP_SIZE,
+    batch: int = 64,
+    detector=None,
+    progress=None,
+) -> tuple[np.ndarray, list[int]]:
+    """Aligned crops of the largest face in each photo: (crops (M, size, size, 3), kept indices).
+
+    Photos are grouped by shape so each MTCNN batch holds frames of equal size. ``progress`` is
+    called with the number of photos done.
+    """
+    from pipeline.align import estimate_transform, warp_face
+    from pipeline.faces import FaceDetector
+
+    detector = detector or FaceDetector(min_face=40, batch_size=batch)
+    crops: dict[int, np.ndarray] = {}
+    pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    done = 0
+
+    def flush(key: tuple) -> None:
+        nonlocal done
+        items = pending.pop(key, [])
+        if not items:
+            return
+        found = detector.detect([im for _, im in items])
+        for (i, im), faces in zip(items, found):
+            if faces:
+                matrix = estimate_transform(faces[0].landmarks, size)
+                crops[i] = warp_face(im, matrix, size)
+        done += len(items)
+        if progress is not None:
+            progress(done)
+
+    for i, path in enumerate(paths):
+        im = read_rgb(path)
+        if im is None:
+            log.warning("%s: unreadable image, skipped", path)
+            done += 1
+            continue
+        pending.setdefault(im.shape, []).append((i, im))
+        if len(pending[im.shape]) >= batch:
+            flush(im.shape)
+    for key in list(pending):
+        flush(key)
+    kept = sorted(crops)
+    arr = np.stack([crops[i] for i in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
+    return arr, kept
+
+
+def build_cache(
+    src: Path = UTKFACE_DIR, out: Path = CACHE_DIR, *, limit: int | None = None
+) -> Path:
+    """Build ``out/crops.npy`` and ``out/index.json`` from the UTKFace folder ``src``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in Path(src).iterdir() if parse_utkface_name(p.name))
+    if limit:
+        names = names[:limit]
+    paths = [Path(src) / n for n in names]
+    t0 = time.time()
+
+    def progress(done: int) -> None:
+        rate = done / max(time.time() - t0, 1e-6)
+        log.info("crops: %d/%d photos (%.1f/s, eta %.0f s)", done, len(paths), rate,
+                 (len(paths) - done) / max(rate, 1e-6))
+
+    crops, kept = make_crops(paths, progress=progress)
+    index = []
+    for i in kept:
+        lab = parse_utkface_name(names[i])
+        index.append({"file": names[i], "age": lab.age, "gender": lab.gender, "race": lab.race,
+                      "val": is_val(names[i])})
+    tmp = out / "crops.partial.npy"
+    np.save(tmp, crops)
+    tmp.rename(out / "crops.npy")
+    meta = {"source": str(src), "size": CROP_SIZE, "photos": len(paths), "crops": len(kept),
+            "seconds": round(time.time() - t0, 1), "items": index}
+    (out / "index.json").write_text(json.dumps(meta))
+    log.info("crops: %d faces from %d photos in %.0f s -> %s", len(kept), len(paths),
+             time.time() - t0, out)
+    return out
+
+
+def load_cache(
+    split: str, cache: Path = CACHE_DIR, *, mmap: bool = False
+) -> tuple[np.ndarray, list[dict]]:
+    """Crops and index entries of ``split`` ("train", "val" or "all") from the cache.
+
+    mmap=True with split "all" returns the memory-mapped array itself (no copy)."""
+    npy, idx = Path(cache) / "crops.npy", Path(cache) / "index.json"
+    if not npy.is_file() or not idx.is_file():
+        raise FileNotFoundError(f"{cache}: crop cache missing; build it with python -m models.data")
+    crops = np.load(npy, mmap_mode="r")
+    items = json.loads(idx.read_text())["items"]
+    if split == "all":
+        if mmap:
+            return crops, items
+        sel = list(range(len(items)))
+    elif split in ("train", "val"):
+        want = split == "val"
+        sel = [i for i, it in enumerate(items) if it["val"] == want]
+    else:
+        raise ValueError(f"unknown split {split!r}; choose train, val or all")
+    return np.ascontiguousarray(crops[sel]), [items[i] for i in sel]
+
+
+# ---------------------------------------------------------------------------------------------
+# training-time augmentation
+
+
+def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal flip, small scale jitter (about the crop centre) and colour jitter. uint8."""
+    out = crop[:, ::-1] if rng.random() < 0.5 else crop
+    size = out.shape[0]
+    if rng.random() < 0.5:
+        s = rng.uniform(0.95, 1.05)
+        dx, dy = rng.uniform(-2, 2, size=2)
+        c = size / 2
+        m = np.array([[s, 0, c - s * c + dx], [0, s, c - s * c + dy]], np.float64)
+        out = cv2.warpAffine(np.ascontiguousarray(out), m, (size, size), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REFLECT101)
+    if rng.random() < 0.8:
+        f = out.astype(np.float32)
+        gain = rng.uniform(0.85, 1.15) * rng.uniform(0.93, 1.07, size=3)  # brightness, tint
+        mean = f.mean()
+        contrast = rng.uniform(0.85, 1.15)
+        f = (f - mean) * contrast + mean
+        grey = f.mean(axis=2, keepdims=True)
+        sat = rng.uniform(0.8, 1.2)
+        f = (grey + (f - grey) * sat) * gain
+        out = np.clip(f + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def to_tensor(batch: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 (rounded)."""
+    return (x.detach().float().clamp(0, 1) * 255.0).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Build the UTKFace aligned-crop cache.")
+    p.add_argument("--src", type=Path, default=UTKFACE_DIR)
+    p.add_argument("--out", type=Path, default=CACHE_DIR)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    build_cache(a.src, a.out, limit=a.limit)
+
+
+if __name__ == "__main__":
+    main()

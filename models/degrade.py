@@ -1,0 +1,292 @@
+"""Degradations that make training pairs and evaluation inputs from clean aligned face crops.
+
+Shared by training and evaluation; every function takes a ``numpy.random.Generator`` and is
+deterministic given it. Images are RGB uint8 (H, W, 3): a degraded image is rounded and clipped
+to [0, 255] like a real decoded frame.
+
+Tasks:
+- denoise: Gaussian noise (sigma uniform in [0, 50] / 255), sometimes low-frequency chroma
+  noise, sometimes JPEG (quality 30-95).
+- enhance (alias deblur): downscale x1-x4 (INTER_AREA) and back up (bicubic), sometimes Gaussian
+  or motion blur, sometimes JPEG.
+- unmask: a synthetic face mask (surgical, cloth or N95-like; random colours, textures, shading
+  and ear straps) drawn over nose and mouth from the crop template's landmarks. The mask is
+  returned as well (uint8 0/255, for the Telea baseline and loss weighting); the model never
+  sees it.
+
+Fixed evaluation degradations (``degrade_eval``): denoise = Gaussian sigma 25/255 only (noise
+added in float, clipped to [0, 255], rounded to uint8); enhance = x4 INTER_AREA down then bicubic
+up; unmask = the training mask generator, seeded per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+ALIASES = {"deblur": "enhance"}
+TASKS = ("denoise", "enhance", "unmask")
+
+
+@dataclass
+class Degraded:
+    """A degraded crop and, for unmask, the mask that was drawn (uint8 0/255, (H, W))."""
+
+    image: np.ndarray
+    mask: np.ndarray | None = None
+
+
+def canonical(task: str) -> str:
+    """The task name with aliases resolved; ValueError for a task without a degradation."""
+    name = ALIASES.get(task, task)
+    if name not in TASKS:
+        raise ValueError(f"no degradation for task {task!r}; choose one of {', '.join(TASKS)}")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _u8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """i.i.d. Gaussian noise of ``sigma`` (0-255 units) on every pixel and channel."""
+    noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
+    return _u8(img.astype(np.float32) + noise)
+
+
+def chroma_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Blotchy colour noise: low-resolution Cb/Cr noise upsampled and added in RGB."""
+    h, w = img.shape[:2]
+    f = int(rng.integers(2, 5))
+    small = rng.standard_normal((max(1, h // f), max(1, w // f), 2), dtype=np.float32) * sigma
+    cb, cr = np.moveaxis(cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), 2, 0)
+    delta = np.stack([1.402 * cr, -0.344 * cb - 0.714 * cr, 1.772 * cb], axis=2)
+    return _u8(img.astype(np.float32) + delta)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Round trip through OpenCV's JPEG codec at ``quality``."""
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    assert ok, "JPEG encoding failed"
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+def down_up(img: np.ndarray, scale: float) -> np.ndarray:
+    """Downscale by ``scale`` with INTER_AREA and back to the original size with bicubic."""
+    h, w = img.shape[:2]
+    if scale <= 1.0:
+        return img.copy()
+    small = cv2.resize(img, (max(1, round(w / scale)), max(1, round(h / scale))),
+                       interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
+    """Blur along a line of ``length`` pixels at ``angle`` degrees."""
+    k = np.zeros((length, length), np.float32)
+    c = (length - 1) / 2
+    dx, dy = np.cos(np.deg2rad(angle)) * c, np.sin(np.deg2rad(angle)) * c
+    cv2.line(k, (int(round(c - dx)), int(round(c - dy))), (int(round(c + dx)), int(round(c + dy))),
+             1.0, 1, cv2.LINE_AA)
+    k /= k.sum()
+    return cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT101)
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic face masks
+
+
+def _template(size: int) -> np.ndarray:
+    from pipeline.align import template
+
+    return template(size)
+
+
+def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size) float32 multiplicative texture around 1: plain, stripes, checks, dots or
+    fabric noise."""
+    kind = rng.choice(["plain", "stripes", "checks", "dots", "fabric"], p=[0.35, 0.2, 0.15, 0.1, 0.2])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    amp = rng.uniform(0.08, 0.35)
+    if kind == "plain":
+        return np.ones((size, size), np.float32)
+    if kind in ("stripes", "checks"):
+        period = rng.uniform(4, 16) * size / 128
+        a = rng.uniform(0, np.pi)
+        t = np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / period)
+        if kind == "checks":
+            t = np.sign(t) * np.sign(np.sin(2 * np.pi * (-xx * np.sin(a) + yy * np.cos(a)) / period))
+        return (1 + amp * np.sign(t) * rng.choice([-1, 1])).astype(np.float32)
+    if kind == "dots":
+        period = rng.uniform(6, 14) * size / 128
+        d = np.hypot((xx % period) - period / 2, (yy % period) - period / 2)
+        return (1 - amp * (d < period * rng.uniform(0.15, 0.35))).astype(np.float32)
+    n = rng.standard_normal((size, size)).astype(np.float32)
+    n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.5, 1.5))
+    return (1 + amp * 0.6 * n / (n.std() + 1e-6)).astype(np.float32)
+
+
+def _colour(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A mask colour (RGB float 0-255) typical of ``kind``."""
+    if kind == "surgical":
+        palette = [(150, 200, 230), (120, 180, 220), (235, 240, 245), (160, 210, 190),
+                   (40, 40, 45), (240, 190, 210), (200, 200, 205)]
+    elif kind == "n95":
+        palette = [(235, 235, 230), (245, 245, 240), (210, 210, 205), (60, 60, 65),
+                   (200, 190, 170)]
+    else:
+        palette = None
+    if palette is None or rng.random() < 0.15:
+        return rng.uniform(10, 250, size=3).astype(np.float32)
+    c = np.array(palette[rng.integers(len(palette))], np.float32)
+    return np.clip(c + rng.normal(0, 10, size=3), 0, 255).astype(np.float32)
+
+
+def _outline(kind: str, t: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Polygon (K, 2) of the mask's outline in crop pixels, from template landmarks ``t``."""
+    eye_l, eye_r, nose, m_l, m_r = t
+    ed = np.linalg.norm(eye_r - eye_l)
+    cx = (eye_l[0] + eye_r[0]) / 2 + rng.normal(0, 0.02) * ed
+    eye_y = (eye_l[1] + eye_r[1]) / 2
+    mouth_y = (m_l[1] + m_r[1]) / 2
+    top = eye_y + (nose[1] - eye_y) * rng.uniform(0.35, 0.6)  # nose bridge
+    bottom = mouth_y + (mouth_y - eye_y) * rng.uniform(0.5, 0.75)  # under the chin
+    half = ed * rng.uniform(0.9, 1.1)  # cheek to cheek
+    side_top = top + (nose[1] - top) * rng.uniform(0.3, 0.8)
+    if kind == "surgical":  # trapezoid-ish with pleated, nearly straight edges
+        pts = [(cx - half * 0.95, side_top), (cx - half * 0.3, top + ed * 0.05), (cx, top),
+               (cx + half * 0.3, top + ed * 0.05), (cx + half * 0.95, side_top),
+               (cx + half, mouth_y + ed * 0.1), (cx + half * 0.7, bottom - ed * 0.08),
+               (cx, bottom), (cx - half * 0.7, bottom - ed * 0.08), (cx - half, mouth_y + ed * 0.1)]
+    elif kind == "n95":  # rounded cup
+        cy = (top + bottom) / 2 + ed * 0.05
+        ry = (bottom - top) / 2
+        ang = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        pts = [(cx + half * 0.92 * np.cos(a), cy + ry * np.sin(a) * (1.0 if np.sin(a) > 0 else 1.05))
+               for a in ang]
+    else:  # cloth: curved sides, rounder chin
+        ang = np.linspace(0, np.pi, 14)
+        chin = [(cx + half * np.cos(a), mouth_y + ed * 0.05 + (bottom - mouth_y - ed * 0.05) * np.sin(a))
+                for a in ang]
+        pts = [(cx - half, side_top), (cx - half * 0.45, top + ed * 0.08), (cx, top),
+               (cx + half * 0.45, top + ed * 0.08), (cx + half, side_top)] + chin
+    pts = np.array(pts, np.float64)
+    # small rotation and shift: landmark noise and head pose at inference time
+    a = np.deg2rad(rng.normal(0, 4))
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    centre = np.array([cx, (top + bottom) / 2])
+    return (pts - centre) @ rot.T + centre + rng.normal(0, 0.02 * ed, size=2)
+
+
+def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random face mask for a ``size`` crop: (colour (H, W, 3) float32 0-255, alpha (H, W)
+    float32 0-1). Drawn at 4x and area-downsampled for anti-aliased edges."""
+    kind = str(rng.choice(["surgical", "cloth", "n95"], p=[0.4, 0.35, 0.25]))
+    t = _template(size)
+    up = 4
+    poly = _outline(kind, t, size, rng)
+    big = np.zeros((size * up, size * up), np.uint8)
+    cv2.fillPoly(big, [np.round(poly * up).astype(np.int32)], 255, cv2.LINE_AA)
+    # ear straps: from the mask's upper and lower side corners to the crop's side edges
+    ed = np.linalg.norm(t[1] - t[0])
+    thick = max(1, int(round(rng.uniform(0.025, 0.06) * ed * up)))
+    left, right = poly[:, 0].argmin(), poly[:, 0].argmax()
+    for side, idx, edge in ((-1, left, -0.02 * size), (1, right, 1.02 * size)):
+        x0, y0 = poly[idx]
+        ear_y = t[0][1] + rng.uniform(-0.1, 0.25) * ed
+        for dy in (rng.uniform(-0.25, -0.05) * ed, rng.uniform(0.15, 0.4) * ed):
+            p0 = (int(round(x0 * up)), int(round((y0 + dy) * up)))
+            p1 = (int(round(edge * up)), int(round((ear_y + dy * rng.uniform(0.5, 2.0)) * up)))
+            cv2.line(big, p0, p1, 255, thick, cv2.LINE_AA)
+    alpha = cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+
+    base = _colour(kind, rng)
+    tex = _texture(size, rng)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # shading: a light direction across the mask plus darker rim toward the edges
+    lx, ly = rng.normal(0, 0.6, size=2)
+    shade = 1 + 0.35 * (lx * (xx - 0.5) + ly * (yy - 0.75))
+    soft = cv2.GaussianBlur(alpha, (0, 0), size / 24)
+    shade *= 0.75 + 0.25 * np.clip(soft * 1.6, 0, 1)
+    if kind == "surgical":  # pleats: three soft horizontal folds
+        top, bottom = poly[:, 1].min(), poly[:, 1].max()
+        for k in range(3):
+            y = (top + (bottom - top) * (0.3 + 0.17 * k) + rng.normal(0, 1)) / size
+            shade -= 0.12 * np.exp(-((yy - y) * size / 1.2) ** 2)
+    elif kind == "cloth":  # centre seam
+        cx = poly[:, 0].mean() / size
+        shade -= 0.12 * np.exp(-((xx - cx) * size / 1.0) ** 2)
+    elif kind == "n95" and rng.random() < 0.35:  # exhalation valve
+        c = (poly[:, 0].mean() + rng.uniform(0.25, 0.4) * ed, poly[:, 1].mean() + 0.1 * ed)
+        r = rng.uniform(0.16, 0.24) * ed
+        valve = ((xx * size - c[0]) ** 2 + (yy * size - c[1]) ** 2) < r * r
+        shade = np.where(valve, shade * rng.uniform(0.5, 0.8), shade)
+    colour = base[None, None, :] * (shade * tex)[..., None]
+    colour += rng.normal(0, rng.uniform(1, 5), size=colour.shape).astype(np.float32)
+    return np.clip(colour, 0, 255).astype(np.float32), alpha
+
+
+def apply_mask(img: np.ndarray, rng: np.random.Generator) -> Degraded:
+    """``img`` with a random face mask composited over nose and mouth, and that mask."""
+    colour, alpha = draw_mask(img.shape[0], rng)
+    out = img.astype(np.float32) * (1 - alpha[..., None]) + colour * alpha[..., None]
+    mask = np.where(alpha > 0.02, 255, 0).astype(np.uint8)
+    return Degraded(_u8(out), mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# task degradations
+
+
+def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
+    """A random training degradation of the uint8 RGB crop ``img`` for ``task``."""
+    task = canonical(task)
+    if task == "denoise":
+        out = gaussian_noise(img, rng.uniform(0, 50), rng)
+        if rng.random() < 0.25:
+            out = chroma_noise(out, rng.uniform(2, 15), rng)
+        if rng.random() < 0.25:
+            out = jpeg(out, int(rng.integers(30, 96)))
+        return Degraded(out)
+    if task == "enhance":
+        out = img
+        if rng.random() < 0.25:
+            out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.3, 1.5))
+        if rng.random() < 0.15:
+            out = motion_blur(out, int(rng.integers(3, 8)), rng.uniform(0, 180))
+        scale = 4.0 if rng.random() < 0.4 else rng.uniform(1.0, 4.0)  # x4 is the hard case
+        out = down_up(out, scale)
+        if rng.random() < 0.25:
+            out = jpeg(out, int(rng.integers(30, 96)))
+        return Degraded(out)
+    return apply_mask(img, rng)
+
+
+def degrade_eval(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
+    """The fixed evaluation degradation of ``task`` (see the module docstring)."""
+    task = canonical(task)
+    if task == "denoise":
+        return Degraded(gaussian_noise(img, 25.0, rng))
+    if task == "enhance":
+        return Degraded(down_up(img, 4.0))
+    return apply_mask(img, rng)
+
+
+def degrade_batch(
+    task: str, crops: np.ndarray, seed: int, *, evaluation: bool = False, start: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Degrade each crop of (N, H, W, 3) with its own generator seeded by (seed, start + i), so a
+    crop's degradation does not depend on the others. Returns (images, masks or None)."""
+    fn = degrade_eval if evaluation else degrade
+    outs, masks = [], []
+    for i, crop in enumerate(crops):
+        d = fn(task, crop, np.random.default_rng([seed, start + i]))
+        outs.append(d.image)
+        masks.append(d.mask)
+    has_mask = masks and masks[0] is not None
+    return np.stack(outs), (np.stack(masks) if has_mask else None)

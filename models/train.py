@@ -1,0 +1,437 @@
+"""Train a restoration network on aligned UTKFace crops with on-the-fly degradations.
+
+    python -m models.train --task denoise --minutes 90 --export
+    python -m models.train --task unmask --steps 20000 --threads 1 --export
+
+Runs on CPU or CUDA (AMP and channels_last there). State goes to runs/<task>/last.pt (a
+checkpoint, resumed automatically); ``--export`` writes the best weights so far (by validation
+PSNR of an EMA of the weights) to models/weights/<task>.safetensors with a model card
+<task>.json, periodically during training and at the end, so a killed run still leaves the best
+weights it had.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+
+from . import data as D
+from .degrade import canonical, degrade, degrade_batch
+from .nets import NetConfig, ResUNet, load_net, save_net
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Per-task network and patch settings. Denoise and enhance are local: trained on 64x64 patches.
+# Unmask must see the whole lower face: trained on full crops, one level deeper.
+PRESETS: dict[str, dict] = {
+    "denoise": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
+                "patch": 64, "batch": 16},
+    "enhance": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
+                "patch": 64, "batch": 16},
+    "unmask": {"net": NetConfig(widths=(32, 64, 128, 192), enc_blocks=(1, 2, 2, 3),
+                                dec_blocks=(1, 1, 2)),
+               "patch": 128, "batch": 8},
+}
+
+
+@dataclass
+class TrainConfig:
+    task: str = "denoise"
+    steps: int = 0  # stop after this many steps (0: no step limit)
+    minutes: float = 0.0  # stop after this much training wall time (0: no time limit)
+    batch: int = 0  # 0: the task preset
+    patch: int = 0  # 0: the task preset (64 for local tasks, 128 = full crop for unmask)
+    lr: float = 1e-3
+    ssim_weight: float = 0.2  # loss = L1 + ssim_weight * (1 - SSIM)
+    mask_weight: float = 4.0  # unmask: extra L1 weight inside the mask
+    ema: float = 0.999
+    seed: int = 0
+    val_count: int = 128  # validation crops (fixed evaluation degradation)
+    val_every_min: float = 3.0
+    export_every_min: float = 5.0
+    ckpt_every_min: float = 2.0
+    out: str = ""  # run folder; default runs/<task>
+    export: bool = False
+    export_dir: str = ""  # default models/weights
+    device: str = "cpu"
+    threads: int = 0  # torch threads (0: torch default)
+    net: dict = field(default_factory=dict)  # NetConfig overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class Batches:
+    """Random training batches: augmented crops, a random patch, degraded on the fly."""
+
+    def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int) -> None:
+        self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        clean, bad, masks = [], [], []
+        size = self.crops.shape[1]
+        for _ in range(self.batch):
+            crop = D.augment(np.asarray(self.crops[self.rng.integers(len(self.crops))]), self.rng)
+            if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
+                y, x = self.rng.integers(0, (size - self.patch) // 8 + 1, size=2) * 8
+                crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
+            d = degrade(self.task, crop, self.rng)
+            clean.append(crop)
+            bad.append(d.image)
+            masks.append(d.mask)
+        m = np.stack(masks) if masks[0] is not None else None
+        return np.stack(clean), np.stack(bad), m
+
+
+# ---------------------------------------------------------------------------------------------
+# loss and metrics
+
+
+def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor:
+    """L1 (weighted up inside the mask for unmask) + ssim_weight * (1 - SSIM)."""
+    err = (out - clean).abs()  # (B, 3, H, W)
+    if mask is not None:
+        w = 1.0 + cfg.mask_weight * mask  # (B, 1, H, W)
+        l1 = (err * w).mean() / w.mean()
+    else:
+        l1 = err.mean()
+    s = ssim(out.float().clamp(0, 1), clean.float(), data_range=1.0, win_size=7)
+    return l1 + cfg.ssim_weight * (1.0 - s)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of [0, 1] tensors on the 0-255 scale after rounding to uint8 levels."""
+    a = (a.clamp(0, 1) * 255).round()
+    b = (b.clamp(0, 1) * 255).round()
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def run_net(net: torch.nn.Module, images: np.ndarray, device: str, batch: int = 32) -> np.ndarray:
+    """``net`` over uint8 (N, H, W, 3) images in batches -> uint8 (N, H, W, 3)."""
+    outs = []
+    for i in range(0, len(images), batch):
+        x = D.to_tensor(images[i : i + batch]).to(device)
+        outs.append(D.to_uint8(net(x).clamp(0, 1)))
+    return np.concatenate(outs) if outs else images.copy()
+
+
+def validate(net: torch.nn.Module, val: tuple[np.ndarray, np.ndarray], device: str) -> dict:
+    """PSNR/SSIM of the net on the fixed validation pairs (clean, degraded)."""
+    clean, bad = val
+    net.eval()
+    out = run_net(net, bad, device)
+    c, o, b = D.to_tensor(clean), D.to_tensor(out), D.to_tensor(bad)
+    return {
+        "psnr": float(psnr(o, c).mean()),
+        "ssim": float(ssim(o * 255, c * 255, data_range=255)),
+        "psnr_input": float(psnr(b, c).mean()),
+        "ssim_input": float(ssim(b * 255, c * 255, data_range=255)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Linear warm-up over 200 steps, then cosine decay to 2% over the step or time budget."""
+    warm = min(1.0, (step + 1) / 200)
+    fracs = []
+    if cfg.steps:
+        fracs.append(step / cfg.steps)
+    if cfg.minutes:
+        fracs.append(elapsed / (cfg.minutes * 60))
+    frac = min(1.0, max(fracs)) if fracs else 0.0
+    return cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores: dict) -> dict:
+    """The model card written beside exported weights."""
+    t = canonical(cfg.task)
+    return {
+        "task": t,
+        "weights": f"{t}.safetensors",
+        "format": "safetensors fp16; ResUNet config as JSON in the 'config' metadata key",
+        "architecture": "residual U-Net (pixel-unshuffle stem, strided-conv encoder, pixel-shuffle"
+                        " decoder, additive skips, residual output)",
+        "config": {k: v for k, v in asdict(net.config).items() if k != "extra"},
+        "params": net.num_params(),
+        "multiple": net.multiple,
+        "data": {
+            "source": "UTKFace (../shared/data/faces/utkface), largest MTCNN face aligned to the"
+                      " pipeline.align template at 128x128",
+            "train_crops": n_train,
+            "split": "validation = sha1(file name) % 1000 < 50 (~5%)",
+            "license": "UTKFace is for non-commercial research only; image copyright stays with"
+                       " the owners. These weights inherit that restriction.",
+        },
+        "training": {
+            "steps": state["step"],
+            "batch": cfg.batch,
+            "patch": cfg.patch,
+            "wall_time_s": round(state["elapsed"], 1),
+            "lr": cfg.lr,
+            "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
+                    f" + {cfg.ssim_weight} * (1 - SSIM)",
+            "ema": cfg.ema,
+            "seed": cfg.seed,
+            "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05",
+            "degradation": DEGRADATION_NOTES[t],
+            "hardware": hardware(cfg.device, cfg.threads),
+            "torch": torch.__version__,
+        },
+        "validation": {"n": cfg.val_count, "degradation": EVAL_NOTES[t], **scores},
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+DEGRADATION_NOTES = {
+    "denoise": "Gaussian sigma U[0,50]/255; p=0.25 chroma noise; p=0.25 JPEG q30-95",
+    "enhance": "p=0.25 Gaussian blur, p=0.15 motion blur; down x4 (p=0.4) or xU[1,4] INTER_AREA,"
+               " bicubic up; p=0.25 JPEG q30-95",
+    "unmask": "synthetic surgical/cloth/N95 masks with straps over nose and mouth",
+}
+EVAL_NOTES = {
+    "denoise": "Gaussian sigma 25/255, clipped and rounded to uint8",
+    "enhance": "x4 INTER_AREA down, bicubic up",
+    "unmask": "mask generator, seed 0 per image",
+}
+
+
+def hardware(device: str, threads: int) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores"
+
+
+def train(
+    cfg: TrainConfig,
+    train_crops: np.ndarray | None = None,
+    val_crops: np.ndarray | None = None,
+) -> dict:
+    """Train (or resume) per ``cfg``; returns the final state summary. Crops default to the
+    UTKFace cache (train split / first ``val_count`` of the val split)."""
+    task = canonical(cfg.task)
+    preset = PRESETS[task]
+    cfg.batch = cfg.batch or preset["batch"]
+    cfg.patch = cfg.patch or preset["patch"]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = cfg.device
+    cuda = device.startswith("cuda")
+    out = Path(cfg.out or ROOT / "runs" / task)
+    out.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(cfg.export_dir or WEIGHTS_DIR)
+
+    if train_crops is None:
+        all_crops, items = D.load_cache("all", mmap=True)
+        train_idx = [i for i, it in enumerate(items) if not it["val"]]
+        train_crops = all_crops[train_idx] if len(train_idx) < 2000 else _Subset(all_crops, train_idx)
+    if val_crops is None:
+        val_crops, _ = D.load_cache("val")
+    val_crops = np.ascontiguousarray(val_crops[: cfg.val_count])
+    cfg.val_count = len(val_crops)
+    val_bad, _ = degrade_batch(task, val_crops, seed=0, evaluation=True)
+    val = (val_crops, val_bad)
+
+    netcfg = copy.deepcopy(preset["net"])
+    for k, v in cfg.net.items():
+        setattr(netcfg, k, v)
+    netcfg.__post_init__()
+    net = ResUNet(netcfg).to(device)
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
+    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed)
+
+    ckpt = out / "last.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
+        net.load_state_dict(saved["net"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        batches.rng.bit_generator.state = saved["rng"]
+        log.info("resumed %s at step %d (%.0f s trained)", ckpt, state["step"], state["elapsed"])
+
+    def save_ckpt() -> None:
+        tmp = ckpt.with_name("last.partial.pt")
+        torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "state": state, "rng": batches.rng.bit_generator.state,
+                    "config": asdict(cfg)}, tmp)
+        tmp.replace(ckpt)
+
+    def export() -> None:
+        best = load_net(out / "best.safetensors")
+        card = make_card(cfg, best, state, len(train_crops), state["best_scores"])
+        save_net(best, export_dir / f"{task}.safetensors", metadata={"task": task, "card": card})
+        (export_dir / f"{task}.json").write_text(json.dumps(card, indent=2) + "\n")
+        log.info("exported %s (val PSNR %.2f dB)", export_dir / f"{task}.safetensors", state["best"])
+
+    def evaluate_now() -> None:
+        scores = validate(ema, val, device)
+        scores.update(step=state["step"], elapsed=round(state["elapsed"], 1))
+        state["history"].append(scores)
+        log.info("step %d  val PSNR %.2f dB (input %.2f)  SSIM %.4f", state["step"],
+                 scores["psnr"], scores["psnr_input"], scores["ssim"])
+        if scores["psnr"] > state["best"]:
+            state["best"] = scores["psnr"]
+            state["best_scores"] = {k: round(v, 4) if isinstance(v, float) else v
+                                    for k, v in scores.items()}
+            save_net(ema, out / "best.safetensors", metadata={"task": task, "step": state["step"]})
+
+    def done() -> bool:
+        return bool((cfg.steps and state["step"] >= cfg.steps)
+                    or (cfg.minutes and state["elapsed"] >= cfg.minutes * 60))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps or None, initial=state["step"], desc=task, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 60.0, file=sys.stderr)
+    last_val = last_export = last_ckpt = state["elapsed"]
+    loss_avg = None
+    t_prev = time.time()
+    while not done():
+        net.train()
+        clean_np, bad_np, mask_np = batches.next()
+        clean = D.to_tensor(clean_np).to(device, non_blocking=True)
+        bad = D.to_tensor(bad_np).to(device, non_blocking=True)
+        mask = None
+        if mask_np is not None:
+            mask = torch.from_numpy(mask_np).float().div_(255).unsqueeze(1).to(device)
+        if cuda:
+            clean = clean.contiguous(memory_format=torch.channels_last)
+            bad = bad.contiguous(memory_format=torch.channels_last)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, state["step"], state["elapsed"])
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            pred = net(bad)
+        loss = loss_fn(pred.float(), clean, mask, cfg)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + state["step"]) / (10 + state["step"]))
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn.detach(), 1 - decay)
+        state["step"] += 1
+        now = time.time()
+        state["elapsed"] += now - t_prev
+        t_prev = now
+        lv = float(loss.detach())
+        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_avg:.4f}", val=f"{state['best']:.2f}", refresh=False)
+        if state["elapsed"] - last_val >= cfg.val_every_min * 60:
+            evaluate_now()
+            last_val = state["elapsed"]
+            t_prev = time.time()  # validation time is not training time
+        if cfg.export and state["best"] > 0 and state["elapsed"] - last_export >= cfg.export_every_min * 60:
+            export()
+            last_export = state["elapsed"]
+        if state["elapsed"] - last_ckpt >= cfg.ckpt_every_min * 60:
+            save_ckpt()
+            last_ckpt = state["elapsed"]
+    bar.close()
+    evaluate_now()
+    save_ckpt()
+    if cfg.export:
+        export()
+    log.info("done: %d steps, %.0f s, best val PSNR %.2f dB", state["step"], state["elapsed"],
+             state["best"])
+    return state
+
+
+class _Subset:
+    """Rows ``idx`` of a (memory-mapped) array, read lazily."""
+
+    def __init__(self, arr: np.ndarray, idx: list[int]) -> None:
+        self.arr, self.idx = arr, np.asarray(idx)
+        self.shape = (len(idx),) + arr.shape[1:]
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.arr[self.idx[i]]
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m models.train", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m models.train --task denoise --minutes 90 --threads 1 --export\n"
+               "  python -m models.train --task enhance --steps 200 --device cuda",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="denoise, enhance (deblur) or unmask")
+    p.add_argument("--steps", type=int, default=0, help="step budget (0: none)")
+    p.add_argument("--minutes", type=float, default=0.0, help="training wall-time budget (0: none)")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--patch", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-count", type=int, default=128)
+    p.add_argument("--val-every", type=float, default=3.0, help="minutes between validations")
+    p.add_argument("--export-every", type=float, default=5.0, help="minutes between exports")
+    p.add_argument("--out", default="", help="run folder (default runs/<task>)")
+    p.add_argument("--export", action="store_true", help="write models/weights/<task>.*")
+    p.add_argument("--export-dir", default="")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = make_argument_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.steps <= 0 and a.minutes <= 0:
+        raise SystemExit("give --steps or --minutes (or both)")
+    cfg = TrainConfig(
+        task=a.task, steps=a.steps, minutes=a.minutes, batch=a.batch, patch=a.patch, lr=a.lr,
+        seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
+        export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
+        device=a.device, threads=a.threads, net=json.loads(a.net),
+    )
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
