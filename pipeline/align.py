@@ -125,17 +125,18 @@ def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -
     return restored + shift.astype(np.float32)
 
 
-def paste_delta(
-    frame: np.ndarray, delta: np.ndarray, matrix: np.ndarray, size: int
-) -> tuple[int, int, int, int] | None:
-    """Add ``delta`` (size, size, C float32, frame units) back into ``frame`` in place.
+def warp_delta(
+    delta: np.ndarray, matrix: np.ndarray, size: int, frame_shape: tuple[int, int]
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """Warp a crop's change back into frame coordinates, weighted by the feathered mask.
 
-    The delta is warped by the inverse of ``matrix`` only over the face's bounding rectangle in
-    the frame and weighted by ``feather_mask(size)``. Returns the rectangle written (x0, y0, x1,
-    y1) or None when the face lies outside the frame.
+    delta: (size, size, C) float32 in frame units. Returns ((x0, y0, x1, y1), (h, w, C)
+    float32) covering the face's bounding rectangle in the frame, or None when the face lies
+    outside the frame. The inverse warp is bilinear, which also upsamples a delta computed on a
+    crop smaller than the face.
     """
-    h, w = frame.shape[:2]
-    inv = cv2.invertAffineTransform(matrix)
+    h, w = frame_shape[:2]
+    inv = cv2.invertAffineTransform(matrix)  # crop -> frame
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
     pts = corners @ inv.T
     x0, y0 = np.floor(pts.min(0)).astype(int)
@@ -143,24 +144,33 @@ def paste_delta(
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if x1 <= x0 or y1 <= y0:
         return None
-    shift = np.array([[1, 0, -x0], [0, 1, -y0]], np.float64)
-    # inverse warp into the rectangle: rect coords -> frame coords -> crop coords
-    inv_rect = cv2.invertAffineTransform(_compose(shift, inv))
-    dsize = (x1 - x0, y1 - y0)
-    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    d = cv2.warpAffine(delta, inv_rect, dsize, flags=flags, borderMode=cv2.BORDER_CONSTANT)
-    m = cv2.warpAffine(feather_mask(size), inv_rect, dsize, flags=flags, borderValue=0)
+    to_rect = _compose(np.array([[1, 0, -x0], [0, 1, -y0]], np.float64), inv)  # crop -> rect
+    dsize = (int(x1 - x0), int(y1 - y0))
+    d = cv2.warpAffine(delta, to_rect, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    m = cv2.warpAffine(feather_mask(size), to_rect, dsize, flags=cv2.INTER_LINEAR, borderValue=0)
     if d.ndim == 2:
         d = d[..., None]
-    region = frame[y0:y1, x0:x1]
-    out = region.astype(np.float32) + d * m[..., None]
-    info = np.iinfo(frame.dtype) if np.issubdtype(frame.dtype, np.integer) else None
-    if info is not None:
-        out = np.clip(np.rint(out), info.min, info.max)
-    # only write pixels the mask touches, so untouched pixels stay bit-exact
-    touched = m > 0
-    region[touched] = out[touched].astype(frame.dtype)
-    return int(x0), int(y0), int(x1), int(y1)
+    return (int(x0), int(y0), int(x1), int(y1)), d * m[..., None]
+
+
+def add_delta(image: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,
+              scale: float = 1.0) -> None:
+    """Add ``delta * scale`` to ``image`` (H, W[, C], integer dtype) over ``rect`` in place.
+
+    Pixels where the delta is exactly zero are left bit-exact. A single-channel image gets the
+    delta's luma (BT.601 weights).
+    """
+    x0, y0, x1, y1 = rect
+    region = image[y0:y1, x0:x1]
+    d = delta * scale
+    if region.ndim == 2:
+        d = d[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32) if d.shape[-1] >= 3 else d[..., 0]
+        touched = d != 0
+    else:
+        touched = np.any(d != 0, axis=-1)
+    info = np.iinfo(image.dtype)
+    new = np.clip(np.rint(region.astype(np.float32) + d), info.min, info.max).astype(image.dtype)
+    region[touched] = new[touched]
 
 
 def _compose(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Face detection with MTCNN (facenet-pytorch), batched over frames of equal size.
+"""Face detection with MTCNN (facenet-pytorch's networks), batched over frames of equal size.
 
 Large frames are detected on a downscaled copy (long side ``max_side``) and the boxes and five
 landmarks are scaled back to frame pixels. MTCNN's weights ship inside facenet-pytorch, so
@@ -47,25 +47,18 @@ class FaceDetector:
         min_score: float = 0.92,
         batch_size: int = 16,
     ) -> None:
-        from facenet_pytorch import MTCNN  # heavy import, kept local
-
         self.device = device
         self.min_face = int(min_face)
         self.max_side = int(max_side)
         self.min_score = float(min_score)
         self.batch_size = int(batch_size)
-        self._mtcnn_cache: dict[int, object] = {}
-        self._MTCNN = MTCNN
+        from .mtcnn import FastMTCNN
+
+        self._net = FastMTCNN(device=device)
 
     def _mtcnn(self, min_size: int):
-        net = self._mtcnn_cache.get(min_size)
-        if net is None:
-            net = self._MTCNN(
-                keep_all=True, device=self.device, min_face_size=min_size, post_process=False
-            )
-            net.eval()
-            self._mtcnn_cache = {min_size: net}
-        return net
+        self._net.min_face_size = min_size
+        return self._net
 
     def detect(self, frames: list[np.ndarray]) -> list[list[Face]]:
         """Faces in each frame (a list per frame, possibly empty)."""
@@ -82,8 +75,7 @@ class FaceDetector:
                 size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
                 chunk = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in chunk]
             batch = np.stack([_rgb(f) for f in chunk])
-            boxes, probs, points = net.detect(batch, landmarks=True)
-            for b, p, pt in zip(boxes, probs, points):
+            for b, p, pt in net.detect(batch):
                 out.append(self._faces(b, p, pt, 1.0 / scale))
         return out
 
@@ -91,11 +83,9 @@ class FaceDetector:
         return self.detect([image])[0]
 
     def _faces(self, boxes, probs, points, inv: float) -> list[Face]:
-        if boxes is None:
-            return []
-        boxes = np.asarray(boxes, dtype=object).astype(np.float64).reshape(-1, 4) * inv
-        points = np.asarray(points, dtype=object).astype(np.float64).reshape(-1, 5, 2) * inv
-        probs = np.asarray(probs, dtype=object).astype(np.float64).reshape(-1)
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * inv
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2) * inv
+        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         faces = []
         for box, lm, p in zip(boxes, points, probs):
             if p < self.min_score or (box[2] - box[0]) < self.min_face * 0.8:

@@ -1,0 +1,48 @@
+"""One exception tree for facemend. Every message names the file and the problem.
+
+Each error class carries the CLI exit code that reports it (documented in the README and in
+``cli.py --help``).
+"""
+from __future__ import annotations
+
+
+class FacemendError(Exception):
+    """Raised for any failure facemend reports to its user. ``exit_code`` is the CLI's status."""
+
+    exit_code = 1
+
+
+class InputError(FacemendError, ValueError):
+    """Raised when an input file or folder cannot be processed as asked."""
+
+    exit_code = 3
+
+
+class InputNotFound(InputError, FileNotFoundError):
+    """Raised when the input path does not exist."""
+
+    exit_code = 2
+
+
+class UnsupportedInput(InputError):
+    """Raised when a file is not a video or image facemend can read (or has no video stream)."""
+
+
+class CorruptInput(InputError):
+    """Raised when a media file is truncated or its data cannot be decoded."""
+
+
+class OutputError(FacemendError):
+    """Raised when the output path is unusable: equal to the input, existing, not writable."""
+
+    exit_code = 4
+
+
+class OutputExists(OutputError, FileExistsError):
+    """Raised when the output exists and ``--overwrite`` was not given."""
+
+
+class Cancelled(FacemendError):
+    """Raised inside a job when its cancel flag is seen between batches."""
+
+    exit_code = 5

@@ -1,0 +1,260 @@
+"""A whole job in this process: a video, an image or a folder, from input path to output path.
+
+This is the embedded default (no broker) and the building block the distributed worker reuses:
+``resolve_output`` and ``check_paths`` decide and validate where results go, ``Engine`` holds a
+loaded detector and model, and ``run_job`` does the rest with progress and cancel hooks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import Cancelled, FacemendError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
+from .faces import FaceDetector
+from .images import is_image_path, restore_image
+from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
+from .restore import FaceRestorer, PreviewSink
+from .video import process_range
+
+log = logging.getLogger(__name__)
+
+KEEP_VIDEO_EXT = {".mp4", ".mov", ".mkv", ".m4v"}
+
+
+@dataclass
+class JobOptions:
+    """Everything a job needs to know besides its input; JSON-serialisable (``asdict``)."""
+
+    task: str = "identity"
+    output: str | None = None
+    overwrite: bool = False
+    skip_existing: bool = False
+    device: str = "auto"
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "medium"
+    min_face: int = 40
+    detect_side: int = 960
+    batch_size: int = 16
+    colour_match: bool = True
+    preview: str | None = None
+
+    def encoder(self, *, joinable: bool = False) -> EncoderSettings:
+        codec = self.codec
+        if not encoder_available(codec):
+            raise OutputError(f"encoder {codec!r} is not available in this FFmpeg build")
+        return EncoderSettings(codec=codec, crf=self.crf, preset=self.preset,
+                               bframes=0 if joinable else None)
+
+
+@dataclass
+class Hooks:
+    """Callbacks a job reports through. total(n, unit) once, advance(n) as work is done."""
+
+    total: Callable[[int, str], None] = lambda n, unit: None
+    advance: Callable[[int], None] = lambda n: None
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class JobResult:
+    input: str
+    output: str
+    kind: str  # video | image | folder
+    task: str
+    frames: int = 0  # video frames or image files processed
+    faces: int = 0
+    frames_with_faces: int = 0
+    seconds: float = 0.0
+    files: dict = field(default_factory=lambda: {"processed": 0, "skipped": 0, "failed": 0})
+    failures: list = field(default_factory=list)  # [{"file": ..., "error": ...}]
+    skipped: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_output(src: Path, task: str) -> Path:
+    if src.is_dir():
+        return src.with_name(f"{src.name}.{task}")
+    ext = src.suffix if (is_image_path(src) or src.suffix.lower() in KEEP_VIDEO_EXT) else ".mp4"
+    return src.with_name(f"{src.stem}.{task}{ext}")
+
+
+def resolve_output(src: Path, opts: JobOptions) -> Path:
+    return Path(opts.output) if opts.output else default_output(src, opts.task)
+
+
+def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
+    """Validate input and output before any work; returns the input kind."""
+    if not src.exists():
+        raise InputNotFound(f"{src}: no such file or folder")
+    if src.resolve() == dst.resolve():
+        raise OutputError(f"{dst}: the output path is the input; choose another --output")
+    if src.is_dir():
+        if dst.resolve().is_relative_to(src.resolve()):
+            raise OutputError(f"{dst}: the output folder is inside the input folder {src}")
+        if not scan_folder(src)[0]:
+            raise InputError(f"{src}: the folder holds no images or videos")
+        if dst.exists() and not dst.is_dir():
+            raise OutputError(f"{dst}: exists and is not a folder")
+        if dst.exists() and any(dst.iterdir()) and not (opts.overwrite or opts.skip_existing):
+            raise OutputExists(f"{dst}: the output folder exists (use --overwrite or --skip-existing)")
+        return "folder"
+    if dst.exists() and not opts.overwrite and not (opts.skip_existing and _is_fresh(src, dst)):
+        raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
+    if is_video_path(src):
+        return "video"
+    if is_image_path(src):
+        return "image"
+    raise UnsupportedInput(f"{src}: not a video or image file facemend knows (by its extension)")
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[dict]]:
+    """Media files under ``root`` (sorted, recursive) and the other files with a skip reason."""
+    files, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if is_image_path(p) or is_video_path(p):
+                files.append(p)
+            else:
+                skipped.append({"file": str(p), "reason": "not an image or video"})
+    return files, skipped
+
+
+def mirrored_output(p: Path, src: Path, dst: Path) -> Path:
+    """Where a folder job writes the result for ``p`` (a file under ``src``)."""
+    rel = p.relative_to(src)
+    if is_video_path(p) and p.suffix.lower() not in KEEP_VIDEO_EXT:
+        rel = rel.with_suffix(".mp4")
+    return dst / rel
+
+
+def _is_fresh(src: Path, dst: Path) -> bool:
+    """True when ``dst`` exists and is newer than ``src`` (skip-existing)."""
+    try:
+        return dst.stat().st_mtime >= src.stat().st_mtime
+    except OSError:
+        return False
+
+
+def pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Engine:
+    """A loaded detector and restoration model, reused across the files of a job."""
+
+    def __init__(self, opts: JobOptions, *, model=None) -> None:
+        import models
+
+        self.opts = opts
+        self.device = pick_device(opts.device)
+        self.model = model if model is not None else models.load(opts.task, self.device)
+        self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side)
+        self.preview = PreviewSink() if opts.preview else None
+        self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
+                                     colour_match=opts.colour_match, preview=self.preview,
+                                     half=self.device.startswith("cuda"))
+
+
+def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, engine: Engine | None = None) -> JobResult:
+    """Process ``src`` as ``opts`` says. Raises a FacemendError subclass on bad input/output."""
+    src = Path(src)
+    hooks = hooks or Hooks()
+    dst = resolve_output(src, opts)
+    kind = check_paths(src, dst, opts)
+    t0 = time.perf_counter()
+    result = JobResult(str(src), str(dst), kind, opts.task)
+    if kind == "video":
+        vplan = plan(src)  # validate before loading models
+        engine = engine or Engine(opts)
+        hooks.total(vplan.frames, "frames")
+        run_video(vplan, dst, opts, engine, hooks, result)
+    elif kind == "image":
+        engine = engine or Engine(opts)
+        hooks.total(1, "files")
+        r = restore_image(src, dst, detector=engine.detector, restorer=engine.restorer)
+        result.frames, result.faces, result.frames_with_faces = 1, r.faces, int(r.faces > 0)
+        result.files["processed"] = 1
+        hooks.advance(1)
+    else:
+        engine = engine or Engine(opts)
+        run_folder(src, dst, opts, engine, hooks, result)
+    if opts.preview and engine is not None and engine.preview is not None:
+        from .preview import write_preview
+
+        write_preview(Path(opts.preview), engine.preview.pairs)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+              result: JobResult) -> None:
+    if (vplan.width, vplan.height) != (vplan.out_width, vplan.out_height):
+        note = (f"{vplan.path}: odd frame size {vplan.width}x{vplan.height} padded to "
+                f"{vplan.out_width}x{vplan.out_height} for yuv420p")
+        log.warning(note)
+        result.notes.append(note)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent) as tmp:
+        part = Path(tmp) / "part0.mp4"
+        stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
+                              settings=opts.encoder(), progress=hooks.advance,
+                              should_cancel=hooks.cancelled)
+        summary = join([part], vplan, dst)
+    result.frames += stats.frames
+    result.faces += stats.faces
+    result.frames_with_faces += stats.frames_with_faces
+    result.notes += [f"dropped {d}" for d in summary["dropped_streams"]]
+    result.notes += [f"re-encoded {d}" for d in summary["reencoded_streams"]]
+
+
+def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+               result: JobResult) -> None:
+    files, skipped = scan_folder(src)
+    for item in skipped:
+        log.info("%s: skipped (%s)", item["file"], item["reason"])
+    result.skipped += skipped
+    hooks.total(len(files), "files")
+    for p in files:
+        if hooks.cancelled():
+            raise Cancelled(f"{src}: cancelled after {result.files['processed']} files")
+        out = mirrored_output(p, src, dst)
+        if out.exists() and opts.skip_existing and _is_fresh(p, out):
+            result.files["skipped"] += 1
+            result.skipped.append({"file": str(p), "reason": "output is newer than input"})
+            hooks.advance(1)
+            continue
+        try:
+            process_file(p, out, opts, engine, result)
+            result.files["processed"] += 1
+        except FacemendError as e:
+            result.files["failed"] += 1
+            result.failures.append({"file": str(p), "error": str(e)})
+            log.warning("%s", e)
+        hooks.advance(1)
+
+
+def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: JobResult) -> None:
+    """One file of a folder job into ``out`` (parent folders created)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if is_image_path(p):
+        r = restore_image(p, out, detector=engine.detector, restorer=engine.restorer)
+        result.frames += 1
+        result.faces += r.faces
+        result.frames_with_faces += int(r.faces > 0)
+    else:
+        run_video(plan(p), out, opts, engine, Hooks(), result)

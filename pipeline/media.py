@@ -1,0 +1,426 @@
+"""Video I/O with PyAV: plan (one demux pass), decode a frame range, encode parts, join.
+
+A video job is always: ``plan`` -> one or more parts (each ``VideoEncoder`` writes the frames of
+one range, video only, with the source pts) -> ``join`` (remuxes the parts and every audio and
+subtitle stream of the source into the output). The embedded default is the one-part case of the
+distributed one, so both produce the same frame count, timing and audio packets.
+
+Frames travel as I420 arrays (``(H * 3 // 2, W)`` uint8, the layout of PyAV's yuv420p
+``to_ndarray``): frames without faces go back to the encoder untouched, and faces are written
+back as a YUV delta, so pixels outside faces are exactly what a plain transcode would encode.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import cv2
+import numpy as np
+
+from .errors import CorruptInput, InputError, InputNotFound, OutputError, UnsupportedInput
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
+                    ".mts", ".m2ts", ".wmv", ".flv", ".3gp"}
+
+
+@dataclass
+class VideoPlan:
+    """What one demux pass learns about a video; JSON-serialisable (``asdict``)."""
+
+    path: str
+    width: int  # coded width of the source
+    height: int
+    out_width: int  # even dimensions the encoder receives (source padded by at most 1 px)
+    out_height: int
+    time_base: str  # "num/den" of the video stream
+    rate: str  # average frame rate "num/den"
+    pts: list[int]  # presentation timestamps of every frame, ascending
+    keyframes: list[int]  # frame indices that start a GOP (seek points)
+    duration_s: float
+    rotation: int  # display rotation in degrees (from the display matrix)
+    codec: str
+    audio_streams: int
+    other_streams: int
+
+    @property
+    def frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def fps(self) -> float:
+        return float(Fraction(self.rate)) if self.rate else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoPlan":
+        return cls(**d)
+
+
+def is_video_path(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise InputNotFound(f"{path}: no such file")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise UnsupportedInput(f"{path}: not a readable video (invalid data, or truncated)") from None
+    except av.error.FFmpegError as e:
+        raise UnsupportedInput(f"{path}: cannot open as video ({e.strerror or e})") from None
+
+
+def plan(path: str | Path) -> VideoPlan:
+    """Demux the video stream once (no decoding but the first frame): pts, keyframes, checks."""
+    path = Path(path)
+    with _open(path) as c:
+        if not c.streams.video:
+            kinds = ", ".join(sorted({s.type for s in c.streams})) or "no streams"
+            raise UnsupportedInput(f"{path}: no video stream (has {kinds})")
+        v = c.streams.video[0]
+        cc = v.codec_context
+        if not cc.width or not cc.height:
+            raise CorruptInput(f"{path}: video stream has no frame size")
+        declared = v.frames
+        pts: list[int] = []
+        keys: list[int] = []
+        last_dur = 0
+        try:
+            for pkt in c.demux(v):
+                if pkt.size == 0:
+                    continue
+                p = pkt.pts if pkt.pts is not None else pkt.dts
+                if p is None:
+                    p = (pts[-1] + max(last_dur, 1)) if pts else 0
+                pts.append(int(p))
+                if pkt.is_keyframe:
+                    keys.append(int(p))
+                last_dur = pkt.duration or last_dur
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: corrupt video data after {len(pts)} frames ({e})") from None
+        if not pts:
+            raise CorruptInput(f"{path}: video stream has no frames")
+        if declared and len(pts) < declared:
+            raise CorruptInput(
+                f"{path}: truncated: the header declares {declared} frames, {len(pts)} are present"
+            )
+        pts.sort()
+        index = {p: i for i, p in enumerate(pts)}
+        keyframes = sorted(index[k] for k in set(keys) if k in index) or [0]
+        if keyframes[0] != 0:
+            keyframes.insert(0, 0)
+        tb = v.time_base
+        rate = v.average_rate or v.guessed_rate or Fraction(25)
+        if not last_dur and len(pts) > 1:
+            last_dur = pts[-1] - pts[-2]
+        duration = float((pts[-1] + last_dur - pts[0]) * tb)
+        rotation = _first_frame_rotation(c, v, path)
+        others = len(c.streams) - 1 - len(c.streams.audio)
+        w, h = cc.width, cc.height
+        return VideoPlan(
+            path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
+            time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
+            pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
+            codec=cc.name, audio_streams=len(c.streams.audio), other_streams=others,
+        )
+
+
+def _first_frame_rotation(c, v, path: Path) -> int:
+    c.seek(0, stream=v)
+    try:
+        for frame in c.decode(v):
+            return int(round(frame.rotation or 0)) % 360
+    except av.error.FFmpegError as e:
+        raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
+    raise CorruptInput(f"{path}: no video frame could be decoded")
+
+
+def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode frames ``start <= index < stop`` as (index, I420 array) in presentation order.
+
+    Seeks to the keyframe at or before ``start`` and drops the frames before it. Raises
+    CorruptInput when the data cannot be decoded or frames are missing.
+    """
+    stop = vplan.frames if stop is None else min(stop, vplan.frames)
+    if start >= stop:
+        return
+    path = Path(vplan.path)
+    index = {p: i for i, p in enumerate(vplan.pts)}
+    expected = start
+    with _open(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        if start > 0:
+            c.seek(vplan.pts[start], stream=v, backward=True, any_frame=False)
+        try:
+            for frame in c.decode(v):
+                i = index.get(frame.pts)
+                if i is None:
+                    log.warning("%s: frame with pts %s not seen in the plan; dropped", path, frame.pts)
+                    continue
+                if i < start:
+                    continue
+                if i >= stop:
+                    break
+                if i != expected:
+                    raise CorruptInput(f"{path}: frame {expected} is missing (decoder gave frame {i})")
+                expected += 1
+                yield i, to_i420(frame, vplan)
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: cannot decode frame {expected} ({e})") from None
+    if expected != stop:
+        raise CorruptInput(f"{path}: truncated: decoded {expected - start} of {stop - start} frames")
+
+
+def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:
+    """The frame as an I420 array of the plan's even output size."""
+    w, h = frame.width, frame.height
+    if w % 2 == 0 and h % 2 == 0:
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        return frame.to_ndarray()
+    rgb = frame.to_ndarray(format="rgb24")
+    rgb = cv2.copyMakeBorder(rgb, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+
+
+def i420_to_rgb(yuv: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+
+
+# BT.601 limited range, the matrix OpenCV's I420 conversions use (so deltas round-trip exactly)
+_RGB2YUV = np.array(
+    [[0.256788, 0.504129, 0.097906], [-0.148223, -0.290993, 0.439216], [0.439216, -0.367788, -0.071427]],
+    dtype=np.float32,
+)
+
+
+def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray) -> None:
+    """Add an RGB delta (h, w, 3 float32) over ``rect`` (x0, y0, x1, y1) to an I420 frame in place.
+
+    Luma gets the delta at full resolution; chroma gets it averaged over 2x2 blocks. Pixels and
+    chroma blocks where the delta is zero are left bit-exact.
+    """
+    H = yuv.shape[0] * 2 // 3
+    W = yuv.shape[1]
+    x0, y0, x1, y1 = rect
+    # grow the rectangle to even coordinates so chroma blocks are whole
+    ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
+    ex1, ey1 = min(W, x1 + x1 % 2), min(H, y1 + y1 % 2)
+    d = np.zeros((ey1 - ey0, ex1 - ex0, 3), np.float32)
+    d[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = delta
+    dyuv = d @ _RGB2YUV.T  # (h, w, 3)
+    Y = yuv[:H]
+    region = Y[ey0:ey1, ex0:ex1]
+    dy = dyuv[..., 0]
+    touched = dy != 0
+    region[touched] = np.clip(np.rint(region[touched] + dy[touched]), 0, 255).astype(np.uint8)
+    hh, ww = (ey1 - ey0) // 2, (ex1 - ex0) // 2
+    if hh == 0 or ww == 0:
+        return
+    duv = dyuv[: hh * 2, : ww * 2, 1:].reshape(hh, 2, ww, 2, 2).mean((1, 3))
+    cu = yuv[H : H + H // 4].reshape(H // 2, W // 2)
+    cv_ = yuv[H + H // 4 :].reshape(H // 2, W // 2)
+    cy0, cx0 = ey0 // 2, ex0 // 2
+    for plane, dc in ((cu, duv[..., 0]), (cv_, duv[..., 1])):
+        reg = plane[cy0 : cy0 + hh, cx0 : cx0 + ww]
+        t = dc != 0
+        reg[t] = np.clip(np.rint(reg[t] + dc[t]), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class EncoderSettings:
+    """Encoder choices; the same for every part of a job so that the parts join."""
+
+    codec: str = "libx264"  # or h264_nvenc, libx265
+    crf: int = 18
+    preset: str = "medium"
+    bframes: int | None = None  # None: the encoder's default
+    extra: dict = field(default_factory=dict)
+
+    def options(self) -> dict[str, str]:
+        if self.codec.endswith("_nvenc"):
+            opts = {"rc": "vbr", "cq": str(self.crf), "preset": _nvenc_preset(self.preset)}
+        else:
+            opts = {"crf": str(self.crf), "preset": self.preset}
+        if self.bframes is not None:
+            opts["bf"] = str(self.bframes)
+        opts.update({k: str(v) for k, v in self.extra.items()})
+        return opts
+
+
+def _nvenc_preset(preset: str) -> str:
+    table = {"ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p4",
+             "medium": "p5", "slow": "p6", "slower": "p7", "veryslow": "p7"}
+    return table.get(preset, preset)
+
+
+def encoder_available(codec: str) -> bool:
+    try:
+        av.codec.Codec(codec, "w")
+        return True
+    except Exception:
+        return False
+
+
+def partial_name(path: Path) -> Path:
+    """Temporary sibling used while ``path`` is being written (renamed when complete)."""
+    return path.with_name(f".{path.stem}.partial.{os.getpid()}{path.suffix}")
+
+
+class VideoEncoder:
+    """Writes I420 frames with their source pts to a video-only file; renames when closed cleanly."""
+
+    def __init__(self, path: Path, vplan: VideoPlan, settings: EncoderSettings) -> None:
+        self.path = Path(path)
+        self.tmp = partial_name(self.path)
+        self.vplan = vplan
+        tb = Fraction(vplan.time_base)
+        self._out = av.open(str(self.tmp), "w", format="mp4")
+        try:
+            s = self._out.add_stream(settings.codec, rate=Fraction(vplan.rate))
+            s.width, s.height, s.pix_fmt = vplan.out_width, vplan.out_height, "yuv420p"
+            s.time_base = tb
+            s.codec_context.time_base = tb
+            s.options = settings.options()
+            if vplan.rotation:
+                s.set_display_rotation(vplan.rotation)
+        except Exception:
+            self._out.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self._stream = s
+        self._tb = tb
+        self.frames = 0
+
+    def write(self, index: int, yuv: np.ndarray) -> None:
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame.pts = self.vplan.pts[index]
+        frame.time_base = self._tb
+        for pkt in self._stream.encode(frame):
+            self._out.mux(pkt)
+        self.frames += 1
+
+    def close(self) -> None:
+        for pkt in self._stream.encode(None):
+            self._out.mux(pkt)
+        self._out.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self._out.close()
+        except Exception:  # closing a half-written file may itself fail; the file is removed anyway
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoEncoder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _stream_packets(path: Path, index: int, out_stream) -> Iterator[tuple[float, int, av.Packet]]:
+    """(decode time in seconds, stream index, packet) of one stream, re-targeted to ``out_stream``.
+
+    Each stream gets its own demux pass over its own container so that several can be merged
+    by time with ``heapq.merge``.
+    """
+    with av.open(str(path)) as c:
+        s = c.streams[index]
+        for pkt in c.demux(s):
+            if pkt.size == 0 or pkt.dts is None:
+                continue
+            pkt.stream = out_stream
+            yield float(pkt.dts * s.time_base), index, pkt
+
+
+def _reencoded_audio(path: Path, index: int, out_stream) -> Iterator[tuple[float, int, av.Packet]]:
+    """AAC packets of a source audio stream that the output container cannot hold as it is."""
+    with av.open(str(path)) as c:
+        s = c.streams[index]
+        for frame in c.decode(s):
+            frame.pts = None  # let the encoder count samples
+            for pkt in out_stream.encode(frame):
+                yield float(pkt.dts * pkt.time_base), index, pkt
+        for pkt in out_stream.encode(None):
+            yield float(pkt.dts * pkt.time_base), index, pkt
+
+
+def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
+    """Remux the video parts and every audio/subtitle stream of the source into ``dst``.
+
+    Audio is copied packet for packet; a codec the output container cannot hold is re-encoded
+    to AAC (logged). Subtitle and data streams are copied where the container allows, else
+    dropped with a warning. The file is written under a temporary name and renamed once the
+    frame count matches the plan. Returns a summary of what was written.
+    """
+    dst = Path(dst)
+    tmp = partial_name(dst)
+    src = Path(vplan.path)
+    summary = {"frames": 0, "audio_packets": 0, "dropped_streams": [], "reencoded_streams": []}
+    with _open(src) as source:
+        streams = [(s.index, s.type, s.codec_context.name, s) for s in source.streams if s.type != "video"]
+        out = av.open(str(tmp), "w")
+        try:
+            supported = out.supported_codecs
+            with av.open(str(parts[0])) as first:
+                vout = out.add_stream_from_template(first.streams.video[0])
+            if vplan.rotation:
+                vout.set_display_rotation(vplan.rotation)
+            iters = [_stream_packets(p, 0, vout) for p in parts]
+            for index, kind, name, s in streams:
+                if kind == "audio" and name in supported:
+                    iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
+                elif kind == "audio":
+                    o = out.add_stream("aac", rate=s.codec_context.sample_rate or 48000)
+                    o.layout = s.codec_context.layout
+                    iters.append(_reencoded_audio(src, index, o))
+                    summary["reencoded_streams"].append(f"audio #{index} ({name} -> aac)")
+                    log.warning("%s: audio stream #%d (%s) cannot go in %s; re-encoded to AAC",
+                                src, index, name, dst.suffix)
+                else:
+                    try:
+                        if name not in supported:
+                            raise ValueError(name)
+                        iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
+                    except Exception:
+                        summary["dropped_streams"].append(f"{kind} #{index} ({name})")
+                        log.warning("%s: %s stream #%d (%s) cannot be kept in %s; dropped",
+                                    src, kind, index, name, dst.suffix)
+        except BaseException:
+            out.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        for _, _, pkt in heapq.merge(*iters, key=lambda x: (x[0], x[1])):
+            if pkt.stream is vout:
+                summary["frames"] += 1
+            elif pkt.stream.type == "audio":
+                summary["audio_packets"] += 1
+            out.mux(pkt)
+        out.close()
+    except BaseException:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    if summary["frames"] != vplan.frames:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: joined {summary['frames']} frames, the plan has {vplan.frames}")
+    os.replace(tmp, dst)
+    return summary

@@ -1,0 +1,111 @@
+"""Align, restore in batches, and turn each restored face into a delta to paste back.
+
+``FaceRestorer.deltas(images, faces)`` takes RGB frames and their faces and returns, per frame,
+a list of ``(rect, delta)``: the rectangle of the frame a face touches and the feathered RGB
+change (float32) the model made there. Callers add the delta to their own pixel format (I420
+video, 8/16-bit images, grayscale), so pixels outside faces are never converted or rewritten.
+
+Crop size: a task whose network is local (``spec.native``, e.g. denoise) runs on a crop the size
+of the face (128..512 px, multiples of 32), so a large face is not shrunk and re-enlarged;
+other tasks run at the network's training size and their change is warped back (upsampled)
+onto the face. Either way the face keeps every detail the model did not change.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import align
+from .faces import Face
+
+log = logging.getLogger(__name__)
+
+Rect = tuple[int, int, int, int]
+
+
+@dataclass
+class PreviewSink:
+    """Keeps up to ``limit`` (before, after) crop pairs for a contact sheet."""
+
+    limit: int = 16
+    pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    tracks_seen: set = field(default_factory=set)
+
+    def offer(self, key, before: np.ndarray, after: np.ndarray) -> None:
+        # one pair per track first, so a sheet shows different faces, then fill up
+        if len(self.pairs) >= self.limit or key in self.tracks_seen:
+            return
+        self.tracks_seen.add(key)
+        self.pairs.append((before.copy(), after.copy()))
+
+
+class FaceRestorer:
+    """Runs a ``models.Restorer`` over the faces of a batch of frames."""
+
+    def __init__(self, model: torch.nn.Module, *, device: str = "cpu", batch_size: int = 16,
+                 max_crop: int = 512, colour_match: bool = True, half: bool = False,
+                 preview: PreviewSink | None = None) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_crop = max_crop
+        self.colour_match = colour_match
+        self.half = half and self.device.type == "cuda"
+        self.preview = preview
+        self.identity = getattr(model, "net", None) is None
+        self.faces_restored = 0
+
+    def crop_size(self, face: Face) -> int:
+        if not self.spec.native:
+            return self.spec.size
+        size = align.matched_size(face.landmarks, base=self.spec.size, max_size=self.max_crop)
+        m = getattr(self.model, "multiple", 1)
+        return size if size % m == 0 else size + (m - size % m)
+
+    def deltas(self, images: list[np.ndarray], faces: list[list[Face]]) -> list[list[tuple[Rect, np.ndarray]]]:
+        """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
+        out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
+        jobs = []  # (image index, face, size, matrix, crop)
+        for i, (img, fs) in enumerate(zip(images, faces)):
+            for f in fs:
+                size = self.crop_size(f)
+                m = align.estimate_transform(f.landmarks, size)
+                jobs.append((i, f, size, m, align.warp_face(img, m, size)))
+        self.faces_restored += len(jobs)
+        if self.identity and self.preview is None:
+            return out  # nothing changes: skip the work, output stays bit-exact
+        by_size: dict[int, list[int]] = {}
+        for j, job in enumerate(jobs):
+            by_size.setdefault(job[2], []).append(j)
+        for size, idxs in by_size.items():
+            for k in range(0, len(idxs), self.batch_size):
+                chunk = [jobs[j] for j in idxs[k : k + self.batch_size]]
+                restored = self._run([c[4] for c in chunk])
+                for (i, f, size_, m, crop), rest in zip(chunk, restored):
+                    crop_f = crop.astype(np.float32)
+                    if self.colour_match:
+                        rest = align.match_colour(rest, crop_f, align.feather_mask(size_))
+                    if self.preview is not None:
+                        self.preview.offer((i, f.track) if f.track < 0 else f.track, crop,
+                                           np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+                    delta = rest - crop_f
+                    if not np.any(delta):
+                        continue
+                    placed = align.warp_delta(delta, m, size_, images[i].shape[:2])
+                    if placed is not None:
+                        out[i].append(placed)
+        return out
+
+    @torch.inference_mode()
+    def _run(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        """Crops (S, S, 3) uint8 -> restored (S, S, 3) float32 in 0..255."""
+        x = torch.from_numpy(np.stack(crops)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+        if self.half:
+            x = x.half()
+        y = self.model(x).float().mul_(255.0)
+        return list(y.permute(0, 2, 3, 1).cpu().numpy())

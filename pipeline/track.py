@@ -1,0 +1,126 @@
+"""Faces across video frames: IoU association, short-gap filling, landmark smoothing.
+
+``FaceTracker`` is fed detections frame by frame (``add``) and hands back frames whose faces are
+final (``pop_ready``): a frame is final once the tracker has seen ``lookahead`` frames after it,
+enough to fill gaps up to ``max_gap`` frames and to smooth landmarks with a Gaussian over
+``radius`` frames on both sides (the window KEEP uses for video). Memory stays bounded by the
+lookahead, however long the video.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .faces import Face
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+@dataclass
+class _Track:
+    id: int
+    faces: dict[int, Face] = field(default_factory=dict)  # frame index -> face (detected/filled)
+    last: int = -1
+
+    def last_box(self) -> np.ndarray:
+        return self.faces[self.last].box
+
+
+class FaceTracker:
+    """Streaming tracker. ``add(i, faces)`` for consecutive frames, then ``pop_ready()``."""
+
+    def __init__(self, *, max_gap: int = 5, radius: int = 3, sigma: float = 1.5,
+                 min_iou: float = 0.25, first: int = 0) -> None:
+        self.max_gap = max_gap
+        self.radius = radius
+        self.sigma = sigma
+        self.min_iou = min_iou
+        self.lookahead = max(max_gap + 1, radius)
+        self._tracks: list[_Track] = []
+        self._next_id = 0
+        self._seen = first - 1  # last frame added
+        self._emitted = first - 1  # last frame handed back
+        self._weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+
+    def add(self, index: int, faces: list[Face]) -> None:
+        assert index == self._seen + 1, f"frames must be added in order: got {index} after {self._seen}"
+        self._seen = index
+        live = [t for t in self._tracks if index - t.last <= self.max_gap + 1]
+        pairs = sorted(
+            ((iou(t.last_box(), f.box), ti, fi) for ti, t in enumerate(live) for fi, f in enumerate(faces)),
+            reverse=True,
+        )
+        used_t, used_f = set(), set()
+        for score, ti, fi in pairs:
+            if score < self.min_iou:
+                break
+            if ti in used_t or fi in used_f:
+                continue
+            used_t.add(ti)
+            used_f.add(fi)
+            self._extend(live[ti], index, faces[fi])
+        for fi, f in enumerate(faces):
+            if fi not in used_f:
+                t = _Track(self._next_id)
+                self._next_id += 1
+                self._extend(t, index, f)
+                self._tracks.append(t)
+
+    def _extend(self, t: _Track, index: int, face: Face) -> None:
+        if t.last >= 0 and 1 < index - t.last <= self.max_gap + 1:
+            a, b = t.faces[t.last], face
+            n = index - t.last
+            for k in range(1, n):  # linear interpolation over the gap
+                w = k / n
+                t.faces[t.last + k] = Face(
+                    box=(1 - w) * a.box + w * b.box,
+                    landmarks=(1 - w) * a.landmarks + w * b.landmarks,
+                    score=min(a.score, b.score), track=t.id, interpolated=True,
+                )
+        face.track = t.id
+        t.faces[index] = face
+        t.last = index
+
+    def pop_ready(self, final: bool = False) -> list[tuple[int, list[Face]]]:
+        """Frames whose faces can no longer change, with smoothed landmarks, in order."""
+        upto = self._seen if final else self._seen - self.lookahead
+        out = []
+        for i in range(self._emitted + 1, upto + 1):
+            out.append((i, self._smoothed(i)))
+            self._emitted = i
+        self._forget(self._emitted - self.radius)
+        return out
+
+    def _smoothed(self, i: int) -> list[Face]:
+        faces = []
+        for t in self._tracks:
+            f = t.faces.get(i)
+            if f is None:
+                continue
+            acc = np.zeros((5, 2))
+            wsum = 0.0
+            for k, w in zip(range(i - self.radius, i + self.radius + 1), self._weights):
+                g = t.faces.get(k)
+                if g is not None:
+                    acc += w * g.landmarks
+                    wsum += w
+            faces.append(Face(box=f.box, landmarks=acc / wsum, score=f.score, track=t.id,
+                              interpolated=f.interpolated))
+        return faces
+
+    def _forget(self, before: int) -> None:
+        keep = []
+        for t in self._tracks:
+            for k in [k for k in t.faces if k < before]:
+                del t.faces[k]
+            if t.faces:
+                keep.append(t)
+        self._tracks = keep
