@@ -256,8 +256,10 @@ def train(
         all_crops, items = D.load_cache("all", mmap=True)
         train_idx = [i for i, it in enumerate(items) if not it["val"]]
         train_crops = all_crops[train_idx] if len(train_idx) < 2000 else _Subset(all_crops, train_idx)
-    if val_crops is None:
+    if val_crops is None:  # an evenly spaced subset of the validation split
         val_crops, _ = D.load_cache("val")
+        pick = np.linspace(0, len(val_crops) - 1, min(cfg.val_count, len(val_crops))).astype(int)
+        val_crops = val_crops[pick]
     val_crops = np.ascontiguousarray(val_crops[: cfg.val_count])
     cfg.val_count = len(val_crops)
     val_bad, _ = degrade_batch(task, val_crops, seed=0, evaluation=True)

@@ -1,0 +1,195 @@
+"""Checks of models/: networks, weight files, degradations, training and evaluation.
+
+Crops are built here from a handful of real UTKFace photos with the pipeline's own detector and
+alignment; nothing depends on a local crop cache.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from models import data as D
+from models.degrade import degrade, degrade_batch, degrade_eval
+from models.evaluate import evaluate
+from models.nets import NetConfig, ResUNet, load_net, read_metadata, save_net
+from models.train import PRESETS, TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+UTKFACE = SHARED / "faces" / "utkface"
+TASKS = ("denoise", "enhance", "unmask")
+
+
+def _photos(val: bool, n: int) -> list[Path]:
+    names = sorted(p.name for p in UTKFACE.iterdir() if D.parse_utkface_name(p.name))
+    return [UTKFACE / name for name in names if D.is_val(name) == val][:n]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from pipeline.faces import FaceDetector
+
+    return FaceDetector(min_face=40, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def train_crops(detector) -> np.ndarray:
+    crops, _ = D.make_crops(_photos(False, 10), detector=detector)
+    assert len(crops) >= 8, "MTCNN should find faces in UTKFace photos"
+    return crops
+
+
+@pytest.fixture(scope="module")
+def val_crops(detector) -> np.ndarray:
+    crops, _ = D.make_crops(_photos(True, 26), detector=detector)
+    assert len(crops) >= 20
+    return crops[:20]
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def test_utkface_names_parse_and_split():
+    assert D.parse_utkface_name("26_1_2_20170116174525125.jpg.chip.jpg") == D.Labels(26, 1, 2)
+    assert D.parse_utkface_name("39_1_20170116174525125.jpg.chip.jpg") is None  # no race
+    assert D.parse_utkface_name("x_1_2_20170116174525125.jpg.chip.jpg") is None
+    names = sorted(p.name for p in UTKFACE.iterdir())[:2000]
+    frac = np.mean([D.is_val(n) for n in names])
+    assert 0.03 < frac < 0.07, f"validation fraction {frac:.3f} should be about 5%"
+    assert [D.is_val(n) for n in names[:50]] == [D.is_val(n) for n in names[:50]]
+
+
+def test_crops_are_aligned_uint8(train_crops):
+    assert train_crops.dtype == np.uint8 and train_crops.shape[1:] == (128, 128, 3)
+    assert train_crops.std() > 20, "crops should hold image content"
+
+
+# ----------------------------------------------------------------------------------- networks
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("size", [128, 192])
+def test_net_shapes_and_dtypes(task, size):
+    net = ResUNet(PRESETS[task]["net"]).eval()
+    assert isinstance(net.multiple, int) and size % net.multiple == 0
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert torch.equal(y, x), "an untrained net (zero tail) must be the identity"
+
+
+def test_net_rejects_bad_input():
+    net = ResUNet(NetConfig())
+    with pytest.raises(AssertionError, match="multiples of 8"):
+        net(torch.rand(1, 3, 100, 128))
+    with pytest.raises(AssertionError, match="expected"):
+        net(torch.rand(1, 4, 128, 128))
+
+
+def test_save_load_roundtrip_is_fp16_safetensors(tmp_path):
+    torch.manual_seed(0)
+    net = ResUNet(NetConfig(widths=(8, 16), enc_blocks=(1, 1), dec_blocks=(1,))).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = save_net(net, tmp_path / "n.safetensors", metadata={"note": "test", "n": 3})
+    meta = read_metadata(path)
+    assert json.loads(meta["config"])["widths"] == [8, 16] and meta["note"] == "test"
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float16 for t in load_file(str(path)).values())
+    back = load_net(path)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(back(x), net(x), atol=2e-2)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_net(tmp_path / "n.pt")
+
+
+@pytest.mark.parametrize("task", ["denoise", "enhance", "deblur", "unmask"])
+def test_shipped_weights_load_through_the_registry(task):
+    model = models.load(task)
+    assert model.multiple in (8, 16, 32)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
+    card = json.loads((models.registry.WEIGHTS_DIR / f"{model.task}.json").read_text())
+    assert card["task"] == model.task and card["training"]["steps"] > 0
+    size = (models.registry.WEIGHTS_DIR / f"{model.task}.safetensors").stat().st_size
+    assert size <= 20 * 2**20
+
+
+# ----------------------------------------------------------------------------------- degradations
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_degradations_are_deterministic(task, train_crops):
+    crop = train_crops[0]
+    for fn in (degrade, degrade_eval):
+        a = fn(task, crop, np.random.default_rng(7))
+        b = fn(task, crop, np.random.default_rng(7))
+        c = fn(task, crop, np.random.default_rng(8))
+        assert a.image.dtype == np.uint8 and a.image.shape == crop.shape
+        assert a.image.tobytes() == b.image.tobytes()
+        if not (fn is degrade_eval and task == "enhance"):  # x4 down/up has no randomness
+            assert a.image.tobytes() != c.image.tobytes()
+        assert not np.array_equal(a.image, crop)
+    x, _ = degrade_batch(task, train_crops[:4], seed=3, evaluation=True)
+    y, _ = degrade_batch(task, train_crops[:4], seed=3, evaluation=True)
+    assert x.tobytes() == y.tobytes()
+
+
+def test_denoise_eval_is_sigma_25(train_crops):
+    crop = np.full((128, 128, 3), 128, np.uint8)
+    noisy = degrade_eval("denoise", crop, np.random.default_rng(0)).image.astype(float)
+    assert abs(noisy.std() - 25) < 0.5
+
+
+def test_masks_cover_nose_and_mouth(train_crops):
+    from pipeline.align import template
+
+    t = np.round(template(128)).astype(int)
+    for seed in range(20):
+        d = degrade("unmask", train_crops[seed % len(train_crops)], np.random.default_rng(seed))
+        assert d.mask is not None and d.mask.shape == (128, 128)
+        for x, y in t[2:]:  # nose tip, mouth corners
+            assert d.mask[y, x] == 255, f"seed {seed}: landmark ({x}, {y}) not covered"
+        for x, y in t[:2]:  # eyes stay visible
+            assert d.mask[y, x] == 0, f"seed {seed}: eye ({x}, {y}) covered"
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path):
+    cfg = TrainConfig(task=task, steps=2, out=str(tmp_path / "run"), export=True,
+                      export_dir=str(tmp_path / "w"), val_count=4, threads=2)
+    state = train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])
+    assert state["step"] == 2
+    assert (tmp_path / "run" / "last.pt").is_file()
+    net = load_net(tmp_path / "w" / f"{task}.safetensors")
+    card = json.loads((tmp_path / "w" / f"{task}.json").read_text())
+    assert card["training"]["steps"] == 2 and card["validation"]["n"] == 4
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)
+    # resuming continues from the checkpoint
+    cfg.steps = 3
+    assert train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])["step"] == 3
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
+    r = evaluate(task, val_crops)
+    assert r["n"] == 20 and r["size"] == 128
+    assert r["model"]["psnr"] > r["input"]["psnr"], r
+    assert r["model"]["ssim"] > r["input"]["ssim"], r
+    assert evaluate(task, val_crops)["model"] == r["model"], "evaluation must be deterministic"
