@@ -34,7 +34,7 @@ log = logging.getLogger("facemend")
 
 
 def make_argument_parser() -> argparse.ArgumentParser:
-    from models.registry import task_names
+    from models.tasks import task_names
 
     parser = argparse.ArgumentParser(
         prog="facemend", description="Restore faces in videos, images and image folders.",

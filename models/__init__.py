@@ -5,10 +5,26 @@ Entry point for the pipeline::
     model = models.load("denoise", device="cpu")
     out = model(crops)          # (B, 3, H, W) float32 in [0, 1] -> same shape, same range
 
-``models`` knows nothing of video: tensors in, tensors out.
+``models`` knows nothing of video: tensors in, tensors out. Importing the package does not
+import torch (the CLI lists tasks without it); ``load`` does.
 """
 from __future__ import annotations
 
-from .registry import TASKS, Restorer, load, task_names
+from .tasks import ALIASES, TASKS, TaskSpec, resolve, task_names
 
-__all__ = ["TASKS", "Restorer", "load", "task_names"]
+__all__ = ["ALIASES", "TASKS", "TaskSpec", "Restorer", "load", "resolve", "task_names"]
+
+
+def load(task: str, device="cpu", *, half: bool = False):
+    """The ``Restorer`` for ``task`` on ``device`` (see ``models.registry.load``)."""
+    from .registry import load as _load
+
+    return _load(task, device, half=half)
+
+
+def __getattr__(name: str):
+    if name == "Restorer":
+        from .registry import Restorer
+
+        return Restorer
+    raise AttributeError(f"module 'models' has no attribute {name!r}")

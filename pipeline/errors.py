@@ -42,6 +42,10 @@ class OutputExists(OutputError, FileExistsError):
     """Raised when the output exists and ``--overwrite`` was not given."""
 
 
+class ModelError(FacemendError):
+    """Raised when a task's model cannot be loaded (weights missing or unreadable)."""
+
+
 class Cancelled(FacemendError):
     """Raised inside a job when its cancel flag is seen between batches."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import Cancelled, FacemendError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
+from .errors import Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
 from .faces import FaceDetector
 from .images import is_image_path, restore_image
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
@@ -72,6 +72,7 @@ class JobResult:
     frames_with_faces: int = 0
     seconds: float = 0.0
     files: dict = field(default_factory=lambda: {"processed": 0, "skipped": 0, "failed": 0})
+    items: list = field(default_factory=list)  # folder jobs: [{"file", "output", "faces"}]
     failures: list = field(default_factory=list)  # [{"file": ..., "error": ...}]
     skipped: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -162,7 +163,12 @@ class Engine:
 
         self.opts = opts
         self.device = pick_device(opts.device)
-        self.model = model if model is not None else models.load(opts.task, self.device)
+        if model is None:
+            try:
+                model = models.load(opts.task, self.device)
+            except (FileNotFoundError, OSError, ValueError) as e:
+                raise ModelError(f"task {opts.task!r}: {e}") from None
+        self.model = model
         self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side)
         self.preview = PreviewSink() if opts.preview else None
         self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
@@ -256,5 +262,9 @@ def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: J
         result.frames += 1
         result.faces += r.faces
         result.frames_with_faces += int(r.faces > 0)
+        faces = r.faces
     else:
+        before = result.faces
         run_video(plan(p), out, opts, engine, Hooks(), result)
+        faces = result.faces - before
+    result.items.append({"file": str(p), "output": str(out), "faces": faces})

@@ -96,9 +96,13 @@ def plan(path: str | Path) -> VideoPlan:
         pts: list[int] = []
         keys: list[int] = []
         last_dur = 0
+        packets = 0
         try:
             for pkt in c.demux(v):
                 if pkt.size == 0:
+                    continue
+                packets += 1
+                if pkt.is_discard:  # before the edit list's start: decoded, never shown
                     continue
                 p = pkt.pts if pkt.pts is not None else pkt.dts
                 if p is None:
@@ -111,9 +115,9 @@ def plan(path: str | Path) -> VideoPlan:
             raise CorruptInput(f"{path}: corrupt video data after {len(pts)} frames ({e})") from None
         if not pts:
             raise CorruptInput(f"{path}: video stream has no frames")
-        if declared and len(pts) < declared:
+        if declared and packets < declared:
             raise CorruptInput(
-                f"{path}: truncated: the header declares {declared} frames, {len(pts)} are present"
+                f"{path}: truncated: the header declares {declared} frames, {packets} are present"
             )
         pts.sort()
         index = {p: i for i, p in enumerate(pts)}

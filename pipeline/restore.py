@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from . import align
 from .faces import Face
@@ -45,11 +44,14 @@ class PreviewSink:
 class FaceRestorer:
     """Runs a ``models.Restorer`` over the faces of a batch of frames."""
 
-    def __init__(self, model: torch.nn.Module, *, device: str = "cpu", batch_size: int = 16,
+    def __init__(self, model, *, device: str = "cpu", batch_size: int = 16,
                  max_crop: int = 512, colour_match: bool = True, half: bool = False,
                  preview: PreviewSink | None = None) -> None:
         self.model = model
         self.spec = model.spec
+        import torch
+
+        self._torch = torch
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_crop = max_crop
@@ -100,9 +102,13 @@ class FaceRestorer:
                         out[i].append(placed)
         return out
 
-    @torch.inference_mode()
     def _run(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         """Crops (S, S, 3) uint8 -> restored (S, S, 3) float32 in 0..255."""
+        with self._torch.inference_mode():
+            return self._forward(crops)
+
+    def _forward(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
         x = torch.from_numpy(np.stack(crops)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
         if self.half:

@@ -17,6 +17,7 @@ from models import data as D
 from models.degrade import degrade, degrade_batch, degrade_eval
 from models.evaluate import evaluate
 from models.nets import NetConfig, ResUNet, load_net, read_metadata, save_net
+from models.registry import WEIGHTS_DIR
 from models.train import PRESETS, TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -118,9 +119,9 @@ def test_shipped_weights_load_through_the_registry(task):
     with torch.no_grad():
         y = model(x)
     assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
-    card = json.loads((models.registry.WEIGHTS_DIR / f"{model.task}.json").read_text())
+    card = json.loads((WEIGHTS_DIR / f"{model.task}.json").read_text())
     assert card["task"] == model.task and card["training"]["steps"] > 0
-    size = (models.registry.WEIGHTS_DIR / f"{model.task}.safetensors").stat().st_size
+    size = (WEIGHTS_DIR / f"{model.task}.safetensors").stat().st_size
     assert size <= 20 * 2**20
 
 

@@ -1,0 +1,46 @@
+"""The tasks facemend knows, without importing torch (the CLI parses arguments with these)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How a task's network is run by the pipeline.
+
+    size: the crop size the network was trained on. native: True when the network may run on
+    crops at the face's own resolution (denoising is local: noise lives at pixel scale), False
+    when it must see faces at ``size`` (deblur, unmask: their degradations are face-relative);
+    the pipeline then upsamples the network's change to the face's size.
+    """
+
+    name: str
+    description: str
+    native: bool
+    size: int = 128
+    weights: str | None = None  # file name in models/weights, None for identity
+
+
+TASKS: dict[str, TaskSpec] = {
+    "identity": TaskSpec("identity", "restores nothing (a test vehicle: output equals input)", True),
+    "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise and JPEG artefacts", True,
+                        weights="denoise.safetensors"),
+    "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", False,
+                        weights="enhance.safetensors"),
+    "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
+                       weights="unmask.safetensors"),
+}
+ALIASES = {"deblur": "enhance"}
+
+
+def task_names() -> list[str]:
+    """Task names accepted by ``load`` (aliases included)."""
+    return sorted(TASKS) + sorted(ALIASES)
+
+
+def resolve(task: str) -> TaskSpec:
+    """The TaskSpec of ``task`` or an alias of it; ValueError naming the choices otherwise."""
+    name = ALIASES.get(task, task)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(task_names())}")
+    return TASKS[name]

@@ -1,0 +1,82 @@
+"""Images and folders on the real scene photos: formats, alpha, grayscale, EXIF, mirroring."""
+from __future__ import annotations
+
+import shutil
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from conftest import SCENES, run_cli, run_json
+
+
+def test_scenes_folder_mirrored(tmp_path):
+    src = tmp_path / "album"
+    (src / "group").mkdir(parents=True)
+    for name in ("facenetpt_multiface.jpg", "pyfeat_multi_face.jpg", "facerec_two_people.jpg"):
+        shutil.copy(SCENES / name, src / "group" / name)
+    shutil.copy(SCENES / "facerec_lin-manuel-miranda.png", src / "rgba.png")
+    shutil.copy(SCENES / "pyfeat_BWPictureHuman.jpg", src / "bw.jpg")
+    (src / "notes.txt").write_text("not an image")
+    r = run_json("submit", src, "--task", "identity")
+    out = tmp_path / "album.identity"
+    assert r["output"] == str(out)
+    assert r["files"] == {"processed": 5, "skipped": 0, "failed": 0}
+    assert [s["file"] for s in r["skipped"]] == [str(src / "notes.txt")]
+    faces = {p["file"].split("/")[-1]: p["faces"] for p in r["items"]}
+    assert faces["facenetpt_multiface.jpg"] >= 4
+    assert faces["pyfeat_multi_face.jpg"] >= 4
+    assert faces["facerec_two_people.jpg"] == 2
+    assert faces["rgba.png"] == 1
+    # the tree is mirrored, formats kept
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == ["bw.jpg", "group/facenetpt_multiface.jpg", "group/facerec_two_people.jpg",
+                   "group/pyfeat_multi_face.jpg", "rgba.png"]
+    rgba = cv2.imread(str(out / "rgba.png"), cv2.IMREAD_UNCHANGED)
+    src_rgba = cv2.imread(str(src / "rgba.png"), cv2.IMREAD_UNCHANGED)
+    assert rgba.shape == src_rgba.shape and rgba.shape[2] == 4
+    assert np.array_equal(rgba[..., 3], src_rgba[..., 3])  # alpha untouched
+    assert Image.open(out / "bw.jpg").mode == "L"  # grayscale stays grayscale
+    # nothing but the copies in the input tree
+    assert sorted(p.name for p in src.rglob("*")) == sorted(
+        ["group", "facenetpt_multiface.jpg", "pyfeat_multi_face.jpg", "facerec_two_people.jpg",
+         "rgba.png", "bw.jpg", "notes.txt"])
+
+
+def test_exif_orientation_honoured_and_kept(tmp_path):
+    upright = Image.open(SCENES / "pyfeat_single_face.jpg").convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # sideways on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    src = tmp_path / "sideways.jpg"
+    stored.save(src, exif=exif.tobytes(), quality=95)
+    r = run_json("submit", src, "--task", "identity")
+    assert r["faces"] == 1  # found only if the orientation is applied before detection
+    out = Image.open(tmp_path / "sideways.identity.jpg")
+    assert out.size == stored.size
+    assert out.getexif().get(0x0112) == 6
+
+
+def test_sixteen_bit_png_keeps_depth(tmp_path):
+    img = cv2.imread(str(SCENES / "pyfeat_single_face.jpg"))
+    src = tmp_path / "deep.png"
+    cv2.imwrite(str(src), img.astype(np.uint16) * 257)
+    r = run_json("submit", src, "--task", "denoise")
+    assert r["faces"] == 1
+    out = cv2.imread(str(tmp_path / "deep.denoise.png"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and out.shape == img.shape
+
+
+def test_folder_skip_existing_and_partial_failure(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(SCENES / "pyfeat_single_face.jpg", src / "a.jpg")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    proc = run_cli("submit", src, "--task", "identity")
+    assert proc.returncode == 6 and "broken.png" in proc.stderr
+    proc = run_cli("submit", src, "--task", "identity", "--skip-existing", "--json", check=False)
+    assert proc.returncode == 6  # broken.png still fails, a.jpg is skipped
+    import json
+
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["files"] == {"processed": 0, "skipped": 1, "failed": 1}

@@ -1,0 +1,82 @@
+"""Unit checks of alignment, paste-back, tracking and metadata handling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import align
+from pipeline.faces import Face
+from pipeline.media import add_rgb_delta
+from pipeline.track import FaceTracker
+
+
+def similarity(scale, angle, tx, ty):
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    return np.array([[c, -s, tx], [s, c, ty]])
+
+
+def test_estimate_transform_recovers_a_similarity():
+    t = align.template(128)
+    m = similarity(0.5, 0.3, 40.0, -12.0)  # crop -> frame
+    frame_pts = t @ m[:, :2].T + m[:, 2]
+    est = align.estimate_transform(frame_pts, 128)  # frame -> crop
+    back = frame_pts @ est[:, :2].T + est[:, 2]
+    assert np.allclose(back, t, atol=1e-6)
+
+
+def test_matched_size_grows_with_the_face():
+    t = align.template(1.0)
+    assert align.matched_size(t * 100) == 128
+    assert align.matched_size(t * 300) == 384
+    assert align.matched_size(t * 2000) == 512
+
+
+def test_zero_delta_leaves_frame_bit_exact_and_delta_stays_in_mask():
+    rng = np.random.default_rng(0)
+    yuv = rng.integers(0, 256, (360 * 3 // 2, 640), dtype=np.uint8)
+    before = yuv.copy()
+    lm = align.template(1.0) * 150 + [200, 100]
+    m = align.estimate_transform(lm, 128)
+    rect, d = align.warp_delta(np.zeros((128, 128, 3), np.float32), m, 128, (360, 640))
+    add_rgb_delta(yuv, rect, d)
+    assert np.array_equal(yuv, before)
+    rect, d = align.warp_delta(np.full((128, 128, 3), 40, np.float32), m, 128, (360, 640))
+    add_rgb_delta(yuv, rect, d)
+    changed = np.argwhere(yuv[:360] != before[:360])
+    x0, y0, x1, y1 = rect
+    assert changed.size and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+    # a face-sized change: the crop corners (background) get nothing
+    assert align.feather_mask(128)[0, 0] == 0 and align.feather_mask(128)[64, 64] == pytest.approx(1.0)
+
+
+def test_tracker_fills_gaps_and_smooths_jitter():
+    rng = np.random.default_rng(1)
+    base = align.template(1.0) * 120 + [300, 200]
+    tr = FaceTracker()
+    truth, noisy = [], []
+    for i in range(40):
+        true = base + [i * 2.0, 0]
+        lm = true + rng.normal(0, 2.0, (5, 2))
+        truth.append(true)
+        noisy.append(lm)
+        box = np.array([lm[:, 0].min() - 30, lm[:, 1].min() - 40, lm[:, 0].max() + 30, lm[:, 1].max() + 40])
+        faces = [] if i in (10, 11, 12) else [Face(box=box, landmarks=lm, score=0.99)]
+        tr.add(i, faces)
+    out = tr.pop_ready() + tr.pop_ready(final=True)
+    assert [i for i, _ in out] == list(range(40))
+    assert all(len(fs) == 1 for _, fs in out)  # the 3-frame gap is filled
+    assert len({fs[0].track for _, fs in out}) == 1  # one track throughout
+    assert out[11][1][0].interpolated
+    err_raw = np.mean([np.abs(n - t).mean() for n, t in zip(noisy, truth)])
+    err_smooth = np.mean([np.abs(fs[0].landmarks - t).mean() for (_, fs), t in zip(out, truth)])
+    assert err_smooth < 0.7 * err_raw
+
+
+def test_jpeg_metadata_copied():
+    from pipeline.images import _copy_jpeg_metadata
+
+    app1 = b"\xff\xe1\x00\x08Exif\x00\x00"
+    src = b"\xff\xd8" + app1 + b"\xff\xdb\x00\x02" + b"\xff\xda"
+    dst = b"\xff\xd8\xff\xdb\x00\x02\xff\xda"
+    assert _copy_jpeg_metadata(src, dst) == b"\xff\xd8" + app1 + dst[2:]

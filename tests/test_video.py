@@ -1,0 +1,122 @@
+"""Videos end to end on the real clips: frames, timing, audio, faces, pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from conftest import VIDEOS, cut, decode_rgb, face_mask, masked_psnr, probe, run_json
+
+
+def assert_same_media(src: Path, out: Path) -> dict:
+    a, b = probe(src), probe(out)
+    assert b["frames"] == a["frames"]
+    assert (b["width"], b["height"]) == (a["width"] + a["width"] % 2, a["height"] + a["height"] % 2)
+    assert b["pts"] == pytest.approx(a["pts"], abs=1e-6)  # same frame timing, frame by frame
+    frame = 1.0 / a["fps"]
+    assert abs((a["pts"][-1] - a["pts"][0]) - (b["pts"][-1] - b["pts"][0])) < frame
+    assert b["audio_codecs"] == a["audio_codecs"]
+    assert b["audio"] == a["audio"]  # every audio packet byte-identical
+    assert b["rotation"] == a["rotation"]
+    return b
+
+
+def test_walking_1080p_identity_round_trip(tmp_path):
+    src = VIDEOS / "walking_1080p.mp4"
+    out = tmp_path / "walking.identity.mp4"
+    r = run_json("submit", src, "--task", "identity", "--output", out)
+    assert r["frames"] == 105
+    assert r["faces"] / r["frames"] >= 2.0  # several people in every frame
+    assert_same_media(src, out)
+    a, b = decode_rgb(src, every=4), decode_rgb(out, every=4)
+    assert masked_psnr(a, b, face_mask(a)) >= 40.0
+
+
+def test_closeup_identity_and_denoise_touch_only_faces(tmp_path):
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)
+    ident = tmp_path / "closeup.identity.mp4"
+    den = tmp_path / "closeup.denoise.mp4"
+    r = run_json("submit", src, "--task", "identity", "--output", ident)
+    assert r["frames_with_faces"] == r["frames"] > 0
+    assert_same_media(src, ident)
+    a, b = decode_rgb(src, every=3), decode_rgb(ident, every=3)
+    faces = face_mask(a)
+    assert masked_psnr(a, b, faces) >= 40.0  # a large face comes back as sharp as it went in
+
+    run_json("submit", src, "--task", "denoise", "--output", den)
+    assert_same_media(src, den)
+    # identity is a plain decode/encode at the same settings (frames without change are
+    # encoded untouched), so it is the reference for pixels outside faces
+    c = decode_rgb(den, every=3)
+    outside = [~m for m in face_mask(a, grow=0.35)]
+    assert masked_psnr(b, c, outside) >= 45.0
+    assert masked_psnr(b, c, faces) < 60.0  # the model did change the faces
+
+
+@pytest.mark.parametrize("name, faces", [("no_face_cartoon.mp4", False), ("selfie_mp3audio.mp4", True)])
+def test_short_clips_pass_through_with_audio(tmp_path, name, faces):
+    src = VIDEOS / name
+    out = tmp_path / f"out{src.suffix}"
+    r = run_json("submit", src, "--task", "identity", "--output", out, "--preset", "veryfast")
+    assert (r["faces"] > 0) == faces
+    b = assert_same_media(src, out)
+    if name.startswith("selfie"):
+        assert b["audio_codecs"] == ["mp3float"] or b["audio_codecs"][0].startswith("mp3")
+
+
+def test_hevc_mov_default_output_name(tmp_path):
+    src = tmp_path / "clip.mov"
+    src.write_bytes((VIDEOS / "face_then_noface_hevc.mov").read_bytes())
+    r = run_json("submit", src, "--task", "identity", "--preset", "veryfast")
+    out = tmp_path / "clip.identity.mov"
+    assert r["output"] == str(out) and out.is_file()
+    assert 0 < r["frames_with_faces"] < r["frames"]  # a face, then a cut to footage with none
+    assert_same_media(src, out)
+
+
+def test_rotation_metadata_kept(tmp_path):
+    src = tmp_path / "rotated.mp4"
+    with av.open(str(VIDEOS / "selfie_mp3audio.mp4")) as c, av.open(str(src), "w") as o:
+        outs = {s.index: o.add_stream_from_template(s) for s in c.streams}
+        outs[c.streams.video[0].index].set_display_rotation(90)
+        for p in c.demux():
+            if p.dts is None:
+                continue
+            p.stream = outs[p.stream.index]
+            o.mux(p)
+    out = tmp_path / "rotated.identity.mp4"
+    run_json("submit", src, "--task", "identity", "--preset", "veryfast")
+    assert probe(src)["rotation"] == 90
+    assert_same_media(src, out)
+
+
+def test_odd_dimensions_padded_and_reported(tmp_path):
+    src = tmp_path / "odd.mkv"
+    frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=12)
+    with av.open(str(src), "w") as o:
+        s = o.add_stream("ffv1", rate=30)
+        s.width, s.height, s.pix_fmt = 321, 181, "yuv444p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:181, :321]), format="rgb24")):
+                o.mux(p)
+        for p in s.encode(None):
+            o.mux(p)
+    r = run_json("submit", src, "--task", "identity", "--preset", "veryfast")
+    out = tmp_path / "odd.identity.mkv"
+    info = probe(out)
+    assert (info["width"], info["height"]) == (322, 182)
+    assert info["frames"] == 12
+    assert any("odd frame size 321x181" in n for n in r["notes"])
+
+
+def test_cancel_leaves_nothing(tmp_path):
+    from pipeline.errors import Cancelled
+    from pipeline.job import Hooks, JobOptions, run_job
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 3.0)
+    opts = JobOptions(task="identity", preset="ultrafast")
+    with pytest.raises(Cancelled):
+        run_job(src, opts, Hooks(cancelled=lambda: True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
