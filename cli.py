@@ -20,7 +20,11 @@ exit codes:
   4  output problem: exists (use --overwrite), equals the input, cannot be written
   5  cancelled
   6  folder job finished but some files failed (listed on stderr)
+  7  broker or job store unreachable (refused, wrong password, TLS)
+  8  no such job id (never submitted, or its record expired)
+  9  wait --timeout expired while the job was still running
   130 interrupted (Ctrl-C); no partial file is left at the output path
+  wait, submit --wait: the job's outcome (0 done, 3/4 its error, 5 cancelled, 6 some files failed)
 """
 
 EXAMPLES = """\
@@ -28,6 +32,9 @@ examples:
   facemend submit clip.mp4 --task denoise               # writes clip.denoise.mp4
   facemend submit photos/ --task enhance --skip-existing  # mirrors into photos.enhance/
   facemend submit face.jpg --task unmask --output out.jpg --preview sheet.png
+  FACEMEND_BROKER_URL=redis://127.0.0.1:6379/0 facemend worker --queues gpu,cpu --device cuda:0
+  facemend --broker redis://127.0.0.1:6379/0 submit clip.mp4 --task denoise --wait
+  facemend status JOB_ID --json; facemend list --state RUNNING; facemend cancel JOB_ID
 """
 
 log = logging.getLogger("facemend")
@@ -43,6 +50,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar, errors only")
+    common.add_argument("--broker", metavar="URL",
+                        help="redis:// or rediss:// URL of the job queue (default: $FACEMEND_BROKER_URL; "
+                             "none: submit runs the job in this process)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("submit", help="restore faces in a video, an image or a folder", parents=[common],
@@ -61,14 +71,48 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=18, help="video quality, lower is better (default 18)")
     p.add_argument("--preset", default="medium", help="encoder speed preset (default medium)")
     p.add_argument("--min-face", type=int, default=40, help="smallest face to restore, in pixels (default 40)")
+    p.add_argument("--detect-every", type=int, default=1, metavar="K",
+                   help="video: detect faces on every K-th frame, track in between (1-6, default 1)")
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")
     p.add_argument("--preview", type=Path, metavar="PATH.png",
                    help="write a before/after sheet of up to 16 face crops")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--wait", action="store_true", help="queued: follow the job until it finishes")
+    p.add_argument("--segment-seconds", type=float, metavar="S",
+                   help="queued videos: segment length (default: $FACEMEND_SEGMENT_SECONDS or 30)")
     p.set_defaults(func=cmd_submit)
+    add_job_commands(sub, common)
     return parser
+
+
+def add_job_commands(sub, common: argparse.ArgumentParser) -> None:
+    """status, list, wait, cancel and worker (the distributed mode; need a broker)."""
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("status", help="a queued job's state, progress and segments", parents=[common, js])
+    p.add_argument("id", help="job id (printed by submit)")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("list", help="recent jobs, newest first", parents=[common, js])
+    p.add_argument("--state", type=str.upper, choices=["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"])
+    p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("wait", help="follow a job with a progress bar; exit code by outcome",
+                       parents=[common, js], epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit 9)")
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("cancel", help="stop a job: running segments stop, queued ones are revoked",
+                       parents=[common, js])
+    p.add_argument("id")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("worker", help="run a Celery worker (prefork, one process per GPU)", parents=[common])
+    p.add_argument("--queues", default=None, help="queues to serve (default: gpu,cpu)")
+    p.add_argument("--device", help="device of this worker: cpu, cuda:0, ... (default: the job's)")
+    p.add_argument("-n", "--hostname", help="node name (default: facemend-PID@%%h)")
+    p.add_argument("-c", "--concurrency", type=int, default=1, help="pool processes (default 1: one per GPU)")
+    p.set_defaults(func=cmd_worker)
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -106,8 +150,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         task=args.task, output=str(args.output) if args.output else None, overwrite=args.overwrite,
         skip_existing=args.skip_existing, device=args.device, codec=args.codec, crf=args.crf,
         preset=args.preset, min_face=args.min_face, batch_size=args.batch_size,
+        detect_every=args.detect_every,
         colour_match=args.colour_match, preview=str(args.preview) if args.preview else None,
     )
+    settings = get_settings(args, segment_seconds=args.segment_seconds)
+    if settings.queued:
+        return submit_queued(args, opts, settings)
     bar = ProgressBar(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
     try:
         result = run_job(args.input, opts, Hooks(total=bar.total, advance=bar.advance))
@@ -123,6 +171,127 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for item in result.failures:
             print(f"failed: {item['error']}", file=sys.stderr)
     return 6 if result.failures else 0
+
+
+def get_settings(args: argparse.Namespace, **overrides):
+    from worker.settings import Settings
+
+    return Settings.from_env(**overrides).with_broker(args.broker)
+
+
+def job_store(args: argparse.Namespace):
+    from worker.errors import SettingsError
+    from worker.jobs import connect
+
+    settings = get_settings(args)
+    if not settings.queued:
+        raise SettingsError(f"{args.command}: no broker configured (set FACEMEND_BROKER_URL or --broker)")
+    return settings, connect(settings)
+
+
+def submit_queued(args: argparse.Namespace, opts, settings) -> int:
+    from worker.jobs import submit
+
+    job = submit(args.input, opts, settings)
+    if not args.wait:
+        print(json.dumps(job.to_dict()) if args.json else job.id, flush=True)
+        return 0
+    if not args.json:
+        print(job.id, flush=True)
+    from worker.jobs import connect
+
+    return follow_job(args, connect(settings), job.id)
+
+
+def follow_job(args: argparse.Namespace, store, job_id: str, timeout: float | None = None) -> int:
+    from worker.jobs import describe, exit_code, follow
+
+    bar = ProgressBar(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
+    seen = {"total": 0, "done": 0}
+
+    def update(job):
+        if job.total and not seen["total"]:
+            seen["total"] = job.total
+            bar.total(job.total, job.unit)
+        done = min(job.done, job.total)
+        if done > seen["done"]:
+            bar.advance(done - seen["done"])
+            seen["done"] = done
+
+    try:
+        job = follow(store, job_id, on_update=update, timeout=timeout)
+    finally:
+        bar.close()
+    print(json.dumps(job.to_dict()) if args.json else describe(job))
+    if not args.json:
+        for item in job.summary.get("failures", []):
+            print(f"failed: {item['error']}", file=sys.stderr)
+    return exit_code(job)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.jobs import describe
+
+    _, store = job_store(args)
+    job = store.get(args.id)
+    if args.json:
+        print(json.dumps(job.to_dict()))
+        return 0
+    print(describe(job))
+    for p in job.parts:
+        kind = "segment" if job.kind == "video" else "chunk"
+        print(f"  {kind} {p['index']}: {p['state']:<9} {p['start']}..{p['stop']}  done {p['done']}  "
+              f"worker {p['worker'] or '-'}  attempts {p['attempts']}" + (f"  {p['error']}" if p["error"] else ""))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from worker.jobs import describe
+
+    _, store = job_store(args)
+    jobs = store.list(args.state, args.limit)
+    if args.json:
+        print(json.dumps([j.to_dict() for j in jobs]))
+    else:
+        for job in jobs:
+            print(describe(job))
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    _, store = job_store(args)
+    return follow_job(args, store, args.id, timeout=args.timeout)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from worker.jobs import cancel, describe
+
+    settings, store = job_store(args)
+    job = cancel(store, settings, args.id)
+    print(json.dumps(job.to_dict()) if args.json else describe(job))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    settings = get_settings(args)
+    if not settings.queued:
+        from worker.errors import SettingsError
+
+        raise SettingsError("worker: no broker configured (set FACEMEND_BROKER_URL or --broker)")
+    # the Celery app module reads the environment; pool children inherit it
+    os.environ["FACEMEND_BROKER_URL"] = settings.broker_url
+    if args.device:
+        os.environ["FACEMEND_DEVICE"] = args.device
+    from worker.app import app, configure
+
+    configure(get_settings(args))
+    queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
+    level = "WARNING" if args.quiet else ("INFO", "DEBUG")[min(args.verbose, 1)]
+    app.worker_main(["worker", "-P", "prefork", "-c", str(args.concurrency), "-Q", queues,
+                     "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

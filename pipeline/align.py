@@ -113,6 +113,20 @@ def feather_mask(size: int) -> np.ndarray:
     return mask
 
 
+@functools.lru_cache(maxsize=16)
+def colour_region(size: int) -> np.ndarray:
+    """Weights for colour matching: the feathered face above the nose tip.
+
+    The upper face is what no task is meant to change (a mask covers nose and mouth), so its
+    mean colour is a fair reference for every task, unmask included.
+    """
+    t = template(size)
+    region = feather_mask(size).copy()
+    region[int(round(t[2, 1])) :] = 0
+    region.setflags(write=False)
+    return region
+
+
 def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Shift each channel of ``restored`` so its mean under ``mask`` equals the original's.
 

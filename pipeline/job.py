@@ -40,6 +40,7 @@ class JobOptions:
     preset: str = "medium"
     min_face: int = 40
     detect_side: int = 960
+    detect_every: int = 1
     batch_size: int = 16
     colour_match: bool = True
     preview: str | None = None
@@ -218,7 +219,8 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
     with tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent) as tmp:
         part = Path(tmp) / "part0.mp4"
         stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
-                              settings=opts.encoder(), progress=hooks.advance,
+                              settings=opts.encoder(), detect_every=opts.detect_every,
+                              progress=hooks.advance,
                               should_cancel=hooks.cancelled)
         summary = join([part], vplan, dst)
     result.frames += stats.frames

@@ -90,7 +90,7 @@ class FaceRestorer:
                 for (i, f, size_, m, crop), rest in zip(chunk, restored):
                     crop_f = crop.astype(np.float32)
                     if self.colour_match:
-                        rest = align.match_colour(rest, crop_f, align.feather_mask(size_))
+                        rest = align.match_colour(rest, crop_f, align.colour_region(size_))
                     if self.preview is not None:
                         self.preview.offer((i, f.track) if f.track < 0 else f.track, crop,
                                            np.clip(np.rint(rest), 0, 255).astype(np.uint8))

@@ -50,9 +50,13 @@ class FaceTracker:
         self._emitted = first - 1  # last frame handed back
         self._weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
 
-    def add(self, index: int, faces: list[Face]) -> None:
+    def add(self, index: int, faces: list[Face] | None) -> None:
+        """Detections of frame ``index``; None when the frame was not run through the detector
+        (its faces are then interpolated between the detected frames around it)."""
         assert index == self._seen + 1, f"frames must be added in order: got {index} after {self._seen}"
         self._seen = index
+        if faces is None:
+            return
         live = [t for t in self._tracks if index - t.last <= self.max_gap + 1]
         pairs = sorted(
             ((iou(t.last_box(), f.box), ti, fi) for ti, t in enumerate(live) for fi, f in enumerate(faces)),

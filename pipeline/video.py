@@ -69,10 +69,18 @@ def process_range(
     stop: int | None = None,
     context: int | None = None,
     detect_batch: int = 8,
+    detect_every: int = 1,
     progress: Progress | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> RangeStats:
-    """Restore frames ``start <= i < stop`` of the video into ``part`` (renamed when complete)."""
+    """Restore frames ``start <= i < stop`` of the video into ``part`` (renamed when complete).
+
+    detect_every: run the detector on every k-th frame (by absolute index, so segments and a
+    single pass pick the same frames) and on the last frame; faces in between come from the
+    tracker's interpolation. Must stay within the tracker's gap limit.
+    """
+    if not 1 <= detect_every <= FaceTracker().max_gap + 1:
+        raise ValueError(f"detect_every={detect_every} must be between 1 and {FaceTracker().max_gap + 1}")
     stop = vplan.frames if stop is None else min(stop, vplan.frames)
     ctx = FaceTracker().lookahead if context is None else context
     tracker = FaceTracker(first=max(0, start - ctx))
@@ -117,9 +125,13 @@ def process_range(
                 break
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"{vplan.path}: cancelled at frame {batch[0][0]}")
+            chosen = [k for k, (i, _) in enumerate(batch) if i % detect_every == 0 or i == vplan.frames - 1]
             with clock("detect"):
-                found = detector.detect([i420_to_rgb(y) for _, y in batch])
-            for (i, yuv), fs in zip(batch, found):
+                found = detector.detect([i420_to_rgb(batch[k][1]) for k in chosen])
+            per_frame: list = [None] * len(batch)
+            for k, fs in zip(chosen, found):
+                per_frame[k] = fs
+            for (i, yuv), fs in zip(batch, per_frame):
                 pending[i] = yuv
                 tracker.add(i, fs)
             batch = []
