@@ -1,0 +1,34 @@
+"""Loaded detectors and models of one worker child, reused by every task it runs."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from pipeline.errors import FacemendError
+from pipeline.job import Engine, JobOptions
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_engines: dict[tuple, Engine] = {}
+KEEP = 2  # engines kept per child (a detector and one model each)
+
+
+def engine_for(opts: JobOptions, settings: Settings) -> Engine:
+    """The Engine for a job's task and detector options on this worker's device."""
+    opts = replace(opts, device=settings.device or opts.device, preview=None)
+    key = (opts.task, opts.device, opts.min_face, opts.detect_side, opts.batch_size, opts.colour_match)
+    if key not in _engines:
+        if len(_engines) >= KEEP:
+            _engines.pop(next(iter(_engines)))
+        _engines[key] = Engine(opts)
+    return _engines[key]
+
+
+def preload(settings: Settings) -> None:
+    for task in settings.preload_tasks:
+        try:
+            engine_for(JobOptions(task=task), settings)
+        except FacemendError as e:  # a model still training must not stop the worker
+            log.warning("preload of %r skipped: %s", task, e)

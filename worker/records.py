@@ -1,0 +1,293 @@
+"""Job records in Redis: what a job is, where it stands, and each of its parts.
+
+Celery's results expire (``result_expires``); these records are facemend's own and live for
+``record_ttl``. Keys, with ``P`` the key prefix:
+
+- ``P:job:ID``        hash: id, kind, task, input, output, options (JSON), state, unit, done,
+                      total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
+                      chunk_files, files (JSON), created, started, finished, updated (UNIX s)
+- ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
+                      ``I.stop``, ``I.error``, ``I.task_id`` for segment or chunk I
+- ``P:job:ID:finished`` set of the part indices that completed (a redelivered part counts once)
+- ``P:job:ID:files``  hash: file -> JSON outcome (folder and image jobs)
+- ``P:job:ID:plan``   the video plan (JSON)
+- ``P:jobs``          sorted set of job ids by creation time (for ``list``)
+
+A terminal state (DONE, FAILED, CANCELLED) is never overwritten: state changes go through one
+Lua script that checks the current state first.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from .errors import BrokerUnavailable, JobNotFound
+from .settings import Settings, redact
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+TERMINAL = (DONE, FAILED, CANCELLED)
+
+_SET_STATE = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur or cur == 'DONE' or cur == 'FAILED' or cur == 'CANCELLED' then return 0 end
+if ARGV[1] == 'RUNNING' and cur ~= 'QUEUED' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 2))
+return 1
+"""
+
+# a part starts (again): count the attempt, take back the frames an earlier attempt reported
+_START_PART = """
+local i = ARGV[1]
+local old = tonumber(redis.call('HGET', KEYS[2], i .. '.done') or '0')
+if old > 0 then redis.call('HINCRBY', KEYS[1], 'done', -old) end
+redis.call('HSET', KEYS[2], i .. '.done', 0, i .. '.state', 'RUNNING', i .. '.worker', ARGV[2],
+           i .. '.started', ARGV[3])
+return redis.call('HINCRBY', KEYS[2], i .. '.attempts', 1)
+"""
+
+
+@dataclass
+class Job:
+    """A job record as read back from Redis."""
+
+    id: str
+    kind: str
+    task: str
+    input: str
+    output: str
+    state: str
+    options: dict = field(default_factory=dict)
+    unit: str = "frames"
+    done: int = 0
+    total: int = 0
+    parts: list = field(default_factory=list)  # [{"index", "state", "worker", "attempts", ...}]
+    error: str | None = None
+    exit_code: int = 0
+    summary: dict = field(default_factory=dict)
+    cancel: bool = False
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    updated: float | None = None
+    segment_seconds: float = 30.0
+    chunk_files: int = 16
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["done"] = min(self.done, self.total) if self.total else self.done
+        return d
+
+
+def _num(v, kind=float):
+    return kind(v) if v not in (None, "") else None
+
+
+class JobStore:
+    """Reads and writes job records; one per process (thread-safe connection pool)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.ttl = settings.record_ttl
+        if client is None:
+            kwargs = {}
+            url = settings.store_url
+            if url.startswith("rediss://"):
+                kwargs["ssl_cert_reqs"] = settings.ssl_cert_reqs
+                if settings.ssl_ca_certs:
+                    kwargs["ssl_ca_certs"] = settings.ssl_ca_certs
+            client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=5,
+                                          health_check_interval=30, **kwargs)
+        self.r = client
+        self._set_state = self.r.register_script(_SET_STATE)
+        self._start_part = self.r.register_script(_START_PART)
+
+    # keys
+    def key(self, job_id: str, sub: str = "") -> str:
+        return f"{self.prefix}:job:{job_id}" + (f":{sub}" if sub else "")
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def ping(self) -> None:
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"{redact(self.settings.store_url)}: cannot reach Redis ({e})") from None
+
+    # creating and reading
+    def create(self, job_id: str, *, kind: str, task: str, input: str, output: str, options: dict,
+               segment_seconds: float, chunk_files: int) -> None:
+        now = time.time()
+        unit = "frames" if kind == "video" else "files"
+        with self.r.pipeline() as p:
+            p.hset(self.key(job_id), mapping={
+                "id": job_id, "kind": kind, "task": task, "input": input, "output": output,
+                "options": json.dumps(options), "state": QUEUED, "unit": unit, "done": 0,
+                "total": 0, "parts": 0, "exit_code": 0, "created": now, "updated": now,
+                "segment_seconds": segment_seconds, "chunk_files": chunk_files,
+            })
+            p.expire(self.key(job_id), self.ttl)
+            p.zadd(self.index_key, {job_id: now})
+            p.execute()
+
+    def get(self, job_id: str) -> Job:
+        try:
+            with self.r.pipeline() as p:
+                p.hgetall(self.key(job_id))
+                p.hgetall(self.key(job_id, "parts"))
+                h, parts = p.execute()
+        except redis.RedisError as e:
+            raise BrokerUnavailable(f"{redact(self.settings.store_url)}: cannot reach Redis ({e})") from None
+        if not h:
+            raise JobNotFound(f"{job_id}: no such job (never submitted, or its record expired)")
+        return self._job(h, parts)
+
+    def _job(self, h: dict, parts: dict) -> Job:
+        n = int(h.get("parts") or 0)
+        plist = []
+        for i in range(n):
+            g = lambda k, i=i: parts.get(f"{i}.{k}")  # noqa: E731
+            plist.append({"index": i, "state": g("state") or QUEUED, "worker": g("worker"),
+                          "attempts": int(g("attempts") or 0), "done": int(g("done") or 0),
+                          "start": _num(g("start"), int), "stop": _num(g("stop"), int),
+                          "error": g("error"), "task_id": g("task_id")})
+        return Job(
+            id=h["id"], kind=h.get("kind", ""), task=h.get("task", ""), input=h.get("input", ""),
+            output=h.get("output", ""), state=h.get("state", QUEUED),
+            options=json.loads(h.get("options") or "{}"), unit=h.get("unit", "frames"),
+            done=max(0, int(h.get("done") or 0)), total=int(h.get("total") or 0), parts=plist,
+            error=h.get("error") or None, exit_code=int(h.get("exit_code") or 0),
+            summary=json.loads(h.get("summary") or "{}"), cancel=h.get("cancel") == "1",
+            created=float(h.get("created") or 0), started=_num(h.get("started")),
+            finished=_num(h.get("finished")), updated=_num(h.get("updated")),
+            segment_seconds=float(h.get("segment_seconds") or 30), chunk_files=int(h.get("chunk_files") or 16),
+        )
+
+    def state(self, job_id: str) -> tuple[str | None, bool]:
+        """(state, cancel flag) in one round trip: what a running part checks between batches."""
+        state, cancel = self.r.hmget(self.key(job_id), "state", "cancel")
+        return state, cancel == "1"
+
+    def list(self, state: str | None = None, limit: int = 20) -> list[Job]:
+        ids = self.r.zrevrange(self.index_key, 0, -1)
+        jobs: list[Job] = []
+        for job_id in ids:
+            h = self.r.hgetall(self.key(job_id))
+            if not h:
+                self.r.zrem(self.index_key, job_id)  # the record expired
+                continue
+            if state and h.get("state") != state:
+                continue
+            jobs.append(self._job(h, self.r.hgetall(self.key(job_id, "parts"))))
+            if len(jobs) >= limit:
+                break
+        return jobs
+
+    # state changes
+    def set_state(self, job_id: str, state: str, **fields) -> bool:
+        """Move a job to ``state`` unless it is already terminal. True if it moved."""
+        now = time.time()
+        fields["updated"] = now
+        if state == RUNNING:
+            fields.setdefault("started", now)
+        if state in TERMINAL:
+            fields.setdefault("finished", now)
+        args = [state]
+        for k, v in fields.items():
+            args += [k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+        moved = bool(self._set_state(keys=[self.key(job_id)], args=args))
+        if moved and state in TERMINAL:
+            self.expire(job_id)
+        return moved
+
+    def fail(self, job_id: str, error: str, exit_code: int = 1) -> bool:
+        return self.set_state(job_id, FAILED, error=error.splitlines()[0] if error else "failed",
+                              exit_code=exit_code)
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Raise the cancel flag and mark the job CANCELLED (unless it already finished)."""
+        moved = self.set_state(job_id, CANCELLED, cancel=1, exit_code=5, error="cancelled by request")
+        return moved
+
+    def update(self, job_id: str, **fields) -> None:
+        fields["updated"] = time.time()
+        self.r.hset(self.key(job_id), mapping={
+            k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()})
+
+    def expire(self, job_id: str) -> None:
+        with self.r.pipeline() as p:
+            for sub in ("", "parts", "finished", "files", "plan"):
+                p.expire(self.key(job_id, sub), self.ttl)
+            p.execute()
+
+    # parts (video segments, folder chunks)
+    def add_parts(self, job_id: str, parts: list[dict], *, total: int) -> None:
+        """Record the planned parts ({"start", "stop", "task_id"}) and the job's total."""
+        mapping = {}
+        for i, part in enumerate(parts):
+            mapping.update({f"{i}.{k}": v for k, v in part.items()})
+            mapping[f"{i}.state"] = QUEUED
+            mapping[f"{i}.attempts"] = 0
+        with self.r.pipeline() as p:
+            if mapping:
+                p.hset(self.key(job_id, "parts"), mapping=mapping)
+            p.hset(self.key(job_id), mapping={"parts": len(parts), "total": total, "updated": time.time()})
+            for sub in ("", "parts"):
+                p.expire(self.key(job_id, sub), self.ttl)
+            p.execute()
+
+    def start_part(self, job_id: str, index: int, worker: str) -> int:
+        """Count one more attempt of part ``index`` (by ``worker``); returns the attempt number."""
+        return int(self._start_part(keys=[self.key(job_id), self.key(job_id, "parts")],
+                                    args=[index, worker, time.time()]))
+
+    def set_part(self, job_id: str, index: int, **fields) -> None:
+        self.r.hset(self.key(job_id, "parts"), mapping={f"{index}.{k}": v for k, v in fields.items()})
+
+    def progress(self, job_id: str, index: int, n: int) -> None:
+        """Add ``n`` finished frames (or files) to the job and to part ``index``."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hincrby(self.key(job_id), "done", n)
+            p.hincrby(self.key(job_id, "parts"), f"{index}.done", n)
+            p.hset(self.key(job_id), "updated", time.time())
+            p.execute()
+
+    def finish_part(self, job_id: str, index: int, **fields) -> int:
+        """Mark part ``index`` DONE; returns how many distinct parts have finished."""
+        fields = {f"{index}.{k}": v for k, v in fields.items()}
+        fields[f"{index}.state"] = DONE
+        with self.r.pipeline() as p:
+            p.hset(self.key(job_id, "parts"), mapping=fields)
+            p.sadd(self.key(job_id, "finished"), index)
+            p.expire(self.key(job_id, "finished"), self.ttl)
+            p.scard(self.key(job_id, "finished"))
+            return int(p.execute()[-1])
+
+    # payloads
+    def save_plan(self, job_id: str, plan: dict) -> None:
+        self.r.set(self.key(job_id, "plan"), json.dumps(plan), ex=self.ttl)
+
+    def load_plan(self, job_id: str) -> dict:
+        raw = self.r.get(self.key(job_id, "plan"))
+        if raw is None:
+            raise JobNotFound(f"{job_id}: the job's video plan is missing from Redis")
+        return json.loads(raw)
+
+    def file_result(self, job_id: str, file: str, outcome: dict) -> None:
+        with self.r.pipeline() as p:
+            p.hset(self.key(job_id, "files"), file, json.dumps(outcome))
+            p.expire(self.key(job_id, "files"), self.ttl)
+            p.execute()
+
+    def file_results(self, job_id: str) -> dict[str, dict]:
+        return {k: json.loads(v) for k, v in self.r.hgetall(self.key(job_id, "files")).items()}

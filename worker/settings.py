@@ -1,0 +1,172 @@
+"""Every setting of the distributed worker, read once from the environment.
+
+``Settings.from_env()`` is the only place that reads ``FACEMEND_*`` variables; a bad value raises
+``SettingsError`` naming the variable. No broker URL means the embedded default (jobs run in the
+submitting process); a broker URL means jobs are queued to Celery workers.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import SettingsError
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str | None = None
+    """FACEMEND_BROKER_URL: ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS).
+    Unset: the embedded default, no queue."""
+
+    result_backend: str | None = None
+    """FACEMEND_RESULT_BACKEND: where Celery keeps task results (default: the broker URL)."""
+
+    records_url: str | None = None
+    """FACEMEND_RECORDS_URL: the Redis that holds job records (default: the broker URL)."""
+
+    gpu_queue: str = "gpu"
+    """FACEMEND_GPU_QUEUE: queue of the model work (video segments, image chunks)."""
+
+    cpu_queue: str = "cpu"
+    """FACEMEND_CPU_QUEUE: queue of the light work (plan, join, folder summary)."""
+
+    segment_seconds: float = 30.0
+    """FACEMEND_SEGMENT_SECONDS: target length of a video segment; cuts snap to a keyframe
+    within a quarter of it when there is one."""
+
+    chunk_files: int = 16
+    """FACEMEND_CHUNK_FILES: files of a folder job per task."""
+
+    storage_roots: tuple[str, ...] = ()
+    """FACEMEND_STORAGE_ROOTS: allowed folders for inputs and outputs, separated by ``:``
+    (the shared storage every worker mounts at the same path). Empty: any path."""
+
+    visibility_timeout: int = 6 * 3600
+    """FACEMEND_VISIBILITY_TIMEOUT: seconds before Redis gives an unacknowledged task (its worker
+    died) to another worker. Must stay far above the longest segment's run time."""
+
+    soft_time_limit: int = 3600
+    """FACEMEND_SOFT_TIME_LIMIT: seconds a segment or chunk may run before it is asked to stop."""
+
+    time_limit: int = 3900
+    """FACEMEND_TIME_LIMIT: seconds before the worker child running a task is killed."""
+
+    max_attempts: int = 3
+    """FACEMEND_MAX_ATTEMPTS: attempts of one segment or chunk (crashes and kills included)
+    before the job is FAILED."""
+
+    result_expires: int = 24 * 3600
+    """FACEMEND_RESULT_EXPIRES: seconds Celery keeps task results."""
+
+    record_ttl: int = 30 * 24 * 3600
+    """FACEMEND_RECORD_TTL: seconds job records are kept (far beyond Celery's results)."""
+
+    progress_interval: float = 1.0
+    """FACEMEND_PROGRESS_INTERVAL: seconds between progress writes of a running task."""
+
+    key_prefix: str = "facemend"
+    """FACEMEND_KEY_PREFIX: prefix of the job record keys in Redis."""
+
+    device: str | None = None
+    """FACEMEND_DEVICE: device of this worker (``cuda:0``, ``cpu``); overrides the job's."""
+
+    preload_tasks: tuple[str, ...] = ("denoise",)
+    """FACEMEND_PRELOAD_TASKS: models loaded when a worker child starts (comma-separated)."""
+
+    torch_threads: int = 0
+    """FACEMEND_TORCH_THREADS: CPU threads per worker child (0: torch's default)."""
+
+    ssl_cert_reqs: str = "required"
+    """FACEMEND_SSL_CERT_REQS: ``required``, ``optional`` or ``none`` for ``rediss://`` URLs."""
+
+    ssl_ca_certs: str | None = None
+    """FACEMEND_SSL_CA_CERTS: CA bundle for ``rediss://`` URLs (default: the system's)."""
+
+    @property
+    def queued(self) -> bool:
+        return bool(self.broker_url)
+
+    @property
+    def backend_url(self) -> str | None:
+        return self.result_backend or self.broker_url
+
+    @property
+    def store_url(self) -> str | None:
+        return self.records_url or self.broker_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        for f in fields(cls):
+            name = f"FACEMEND_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(name, raw.strip(), f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        s.check()
+        return s
+
+    def with_broker(self, url: str | None) -> "Settings":
+        if not url:
+            return self
+        s = replace(self, broker_url=url)
+        s.check()
+        return s
+
+    def check(self) -> None:
+        for var, url in (("FACEMEND_BROKER_URL", self.broker_url),
+                         ("FACEMEND_RESULT_BACKEND", self.result_backend),
+                         ("FACEMEND_RECORDS_URL", self.records_url)):
+            if url and urlsplit(url).scheme not in ("redis", "rediss"):
+                raise SettingsError(f"{var}={_redact(url)}: must be a redis:// or rediss:// URL")
+        if self.segment_seconds <= 0:
+            raise SettingsError(f"FACEMEND_SEGMENT_SECONDS={self.segment_seconds}: must be > 0")
+        if self.chunk_files < 1:
+            raise SettingsError(f"FACEMEND_CHUNK_FILES={self.chunk_files}: must be >= 1")
+        if self.max_attempts < 1:
+            raise SettingsError(f"FACEMEND_MAX_ATTEMPTS={self.max_attempts}: must be >= 1")
+        if self.time_limit <= self.soft_time_limit:
+            raise SettingsError(f"FACEMEND_TIME_LIMIT={self.time_limit}: must exceed "
+                                f"FACEMEND_SOFT_TIME_LIMIT={self.soft_time_limit}")
+        if self.visibility_timeout <= 0:
+            raise SettingsError(f"FACEMEND_VISIBILITY_TIMEOUT={self.visibility_timeout}: must be > 0")
+        if self.ssl_cert_reqs not in ("required", "optional", "none"):
+            raise SettingsError(f"FACEMEND_SSL_CERT_REQS={self.ssl_cert_reqs!r}: "
+                                "use required, optional or none")
+        for root in self.storage_roots:
+            if not Path(root).is_absolute():
+                raise SettingsError(f"FACEMEND_STORAGE_ROOTS: {root!r} is not an absolute path")
+
+
+def _parse(name: str, raw: str, default):
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            sep = ":" if name == "FACEMEND_STORAGE_ROOTS" else ","
+            return tuple(p.strip() for p in raw.split(sep) if p.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected a {type(default).__name__}") from None
+    return raw
+
+
+def _redact(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+redact = _redact

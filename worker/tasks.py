@@ -1,0 +1,349 @@
+"""The Celery tasks of a job: plan -> segment x N -> join (videos), plan -> chunk x N -> summarise
+(images and folders).
+
+Every task reads its job record first and does nothing once the job is terminal. Parts are
+idempotent: a segment whose part file is already complete only reports it, so a redelivered
+message (its worker died, or the visibility timeout passed) never corrupts the output. Each
+start of a part counts an attempt in the job record; past ``max_attempts`` the job is FAILED,
+whatever killed the earlier attempts. The last part to finish (counted as distinct indices in a
+Redis set) sends the join.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from pipeline import media
+from pipeline.errors import Cancelled, FacemendError, OutputError
+from pipeline.job import JobOptions, JobResult, _is_fresh, check_paths, mirrored_output, process_file, scan_folder
+from pipeline.video import process_range
+
+from .app import app
+from .engines import engine_for
+from .records import CANCELLED, DONE, FAILED, RUNNING, Job, JobStore
+from .segments import part_path, parts_dir, split
+from .storage import check_roots
+
+log = logging.getLogger(__name__)
+
+_store: JobStore | None = None
+
+
+def store() -> JobStore:
+    global _store
+    if _store is None:
+        _store = JobStore(app.facemend_settings)
+    return _store
+
+
+class Progress:
+    """progress(n) callback that writes to Redis at most every ``interval`` seconds."""
+
+    def __init__(self, job_id: str, index: int, interval: float) -> None:
+        self.job_id, self.index, self.interval = job_id, index, interval
+        self.pending, self.last = 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.pending += n
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            store().progress(self.job_id, self.index, self.pending)
+            self.pending = 0
+        self.last = time.monotonic()
+
+
+def stop_requested(job_id: str):
+    """should_cancel() for a part: the job was cancelled or failed elsewhere."""
+
+    def check() -> bool:
+        try:
+            state, cancel = store().state(job_id)
+        except Exception:  # Redis hiccup: keep working; the next batch asks again
+            log.warning("%s: cannot read the cancel flag", job_id, exc_info=True)
+            return False
+        return cancel or state in (CANCELLED, FAILED)
+
+    return check
+
+
+def fail(job: Job, error: str, exit_code: int = 1) -> None:
+    log.error("job %s FAILED: %s", job.id, error)
+    store().fail(job.id, error, exit_code)
+    cleanup(job)
+
+
+def cleanup(job: Job) -> None:
+    """Remove a video job's parts (the job is over, whichever way)."""
+    if job.kind == "video" and job.output:
+        shutil.rmtree(parts_dir(Path(job.output), job.id), ignore_errors=True)
+
+
+# ---- plan ---------------------------------------------------------------------------------
+
+@app.task(name="facemend.plan", bind=True)
+def plan_job(self, job_id: str) -> dict:
+    """Validate the input, plan the parts and send them."""
+    job = store().get(job_id)
+    if job.terminal:
+        return {"skipped": job.state}
+    store().set_state(job_id, RUNNING)
+    settings = app.facemend_settings
+    src, dst = Path(job.input), Path(job.output)
+    opts = JobOptions(**job.options)
+    try:
+        check_roots(src, dst, settings)
+        if job.parts:  # a redelivered plan: send what is not done yet
+            return _send_parts(job, [p["index"] for p in job.parts if p["state"] != DONE])
+        kind = check_paths(src, dst, opts)
+        if kind == "video":
+            opts.encoder(joinable=True)
+            vplan = media.plan(src)
+            ranges = split(vplan, job.segment_seconds)
+            store().save_plan(job_id, vplan.to_dict())
+            parts = [{"start": a, "stop": b, "task_id": f"{job_id}-s{i}"} for i, (a, b) in enumerate(ranges)]
+            store().add_parts(job_id, parts, total=vplan.frames)
+            parts_dir(dst, job_id).mkdir(parents=True, exist_ok=True)
+        else:
+            if kind == "image":
+                pairs, ignored = [(src, dst)], []
+            else:
+                files, ignored = scan_folder(src)
+                pairs = [(p, mirrored_output(p, src, dst)) for p in files]
+            n = job.chunk_files
+            parts = [{"start": i, "stop": min(i + n, len(pairs)), "task_id": f"{job_id}-c{i // n}"}
+                     for i in range(0, len(pairs), n)]
+            store().update(job_id, files=[[str(a), str(b)] for a, b in pairs], ignored=ignored)
+            store().add_parts(job_id, parts, total=len(pairs))
+    except FacemendError as e:
+        fail(job, str(e), e.exit_code)
+        return {"failed": str(e)}
+    return _send_parts(store().get(job_id), range(len(parts)))
+
+
+def _send_parts(job: Job, indices) -> dict:
+    sent = []
+    for i in indices:
+        task = segment if job.kind == "video" else chunk
+        task.apply_async((job.id, i), task_id=job.parts[i]["task_id"])
+        sent.append(i)
+    log.info("job %s: %d %s sent", job.id, len(sent), "segments" if job.kind == "video" else "chunks")
+    return {"parts": len(job.parts), "sent": sent}
+
+
+def _begin_part(task, job_id: str, index: int) -> tuple[Job | None, int]:
+    """Read the job, count an attempt; (None, 0) when there is nothing to do."""
+    job = store().get(job_id)
+    if job.terminal:
+        cleanup(job)
+        return None, 0
+    attempt = store().start_part(job_id, index, task.request.hostname or "?")
+    limit = app.facemend_settings.max_attempts
+    if attempt > limit:
+        last = job.parts[index].get("error") or "the worker was lost (killed, crashed or out of memory)"
+        store().set_part(job_id, index, state=FAILED)
+        fail(job, f"{'segment' if job.kind == 'video' else 'chunk'} {index} did not finish in "
+                  f"{limit} attempts; last: {last}")
+        return None, 0
+    return job, attempt
+
+
+def _part_failed(task, job: Job, index: int, attempt: int, e: Exception) -> dict:
+    """An unexpected error: try again (a new message) until the attempts run out."""
+    error = f"{type(e).__name__}: {e}".splitlines()[0]
+    store().set_part(job.id, index, state=FAILED, error=error)
+    if attempt < app.facemend_settings.max_attempts:
+        log.warning("job %s part %d attempt %d failed (%s); retrying", job.id, index, attempt, error)
+        raise task.retry(exc=e, countdown=1, max_retries=None)
+    fail(job, f"part {index} failed on attempt {attempt}: {error}")
+    return {"failed": error}
+
+
+def _part_finished(job: Job, index: int, worker: str, seconds: float) -> None:
+    finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2))
+    state, _ = store().state(job.id)
+    if state in (CANCELLED, FAILED):
+        cleanup(job)
+    elif finished == len(job.parts):
+        last = join_job if job.kind == "video" else summarise
+        last.apply_async((job.id,), task_id=f"{job.id}-{last.name.split('.')[-1]}")
+
+
+# ---- video --------------------------------------------------------------------------------
+
+def part_complete(path: Path, frames: int) -> bool:
+    """A part at its final path was renamed there complete; check its frame count anyway."""
+    if not path.exists():
+        return False
+    try:
+        with av.open(str(path)) as c:
+            n = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    except (av.error.FFmpegError, IndexError):
+        n = -1
+    if n != frames:
+        log.warning("%s: has %d frames, expected %d; redoing it", path, n, frames)
+        path.unlink(missing_ok=True)
+        return False
+    return True
+
+
+@app.task(name="facemend.segment", bind=True)
+def segment(self, job_id: str, index: int) -> dict:
+    """Restore one frame range of the video into its part file (a no-op if already there)."""
+    job, attempt = _begin_part(self, job_id, index)
+    if job is None:
+        return {"skipped": True}
+    t0 = time.perf_counter()
+    part = job.parts[index]
+    start, stop = part["start"], part["stop"]
+    path = part_path(Path(job.output), job_id, index)
+    progress = Progress(job_id, index, app.facemend_settings.progress_interval)
+    try:
+        if part_complete(path, stop - start):
+            progress(stop - start)
+            stats = {"frames": stop - start, "reused": True}
+        else:
+            opts = JobOptions(**job.options)
+            vplan = media.VideoPlan.from_dict(store().load_plan(job_id))
+            engine = engine_for(opts, app.facemend_settings)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            extra = {"detect_every": opts.detect_every} if getattr(opts, "detect_every", 1) != 1 else {}
+            r = process_range(vplan, path, detector=engine.detector, restorer=engine.restorer,
+                              settings=opts.encoder(joinable=True), start=start, stop=stop,
+                              progress=progress, should_cancel=stop_requested(job_id), **extra)
+            stats = {"frames": r.frames, "faces": r.faces, "seconds": round(r.seconds, 2)}
+        progress.flush()
+    except Cancelled:
+        progress.flush()
+        store().set_part(job_id, index, state=CANCELLED)
+        cleanup(job)
+        return {"cancelled": True}
+    except FacemendError as e:  # bad data: another attempt cannot help
+        store().set_part(job_id, index, state=FAILED, error=str(e))
+        fail(job, str(e), e.exit_code)
+        return {"failed": str(e)}
+    except Exception as e:
+        return _part_failed(self, job, index, attempt, e)
+    _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
+    return stats
+
+
+def check_output(dst: Path, vplan: media.VideoPlan) -> None:
+    """The joined file has the plan's frame count and duration (within one frame)."""
+    with av.open(str(dst)) as c:
+        v = c.streams.video[0]
+        pts = sorted(p.pts for p in c.demux(v) if p.size and p.pts is not None)
+        tb = v.time_base
+    if len(pts) != vplan.frames:
+        raise OutputError(f"{dst}: has {len(pts)} frames, the plan has {vplan.frames}")
+    frame = 1 / vplan.fps if vplan.fps else 0.1
+    duration = float((pts[-1] - pts[0]) * tb) + frame
+    if abs(duration - vplan.duration_s) > 1.5 * frame:
+        raise OutputError(f"{dst}: lasts {duration:.3f} s, the plan {vplan.duration_s:.3f} s")
+    first = float(pts[0] * tb)
+    want = float(vplan.pts[0] * Fraction(vplan.time_base))
+    if abs(first - want) > frame / 2:
+        raise OutputError(f"{dst}: starts at {first:.3f} s, the source at {want:.3f} s")
+
+
+@app.task(name="facemend.join", bind=True)
+def join_job(self, job_id: str) -> dict:
+    """Remux the parts and every source audio stream into the output; check it; DONE."""
+    job = store().get(job_id)
+    if job.terminal:
+        cleanup(job)
+        return {"skipped": job.state}
+    dst = Path(job.output)
+    vplan = media.VideoPlan.from_dict(store().load_plan(job_id))
+    paths = [part_path(dst, job_id, p["index"]) for p in job.parts]
+    try:
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise OutputError(f"{dst}: parts missing at join: {', '.join(missing)}")
+        summary = media.join(paths, vplan, dst)
+        check_output(dst, vplan)
+    except FacemendError as e:
+        fail(job, str(e), e.exit_code)
+        return {"failed": str(e)}
+    workers = sorted({p["worker"] for p in job.parts if p["worker"]})
+    summary.update(segments=len(paths), workers=workers)
+    if not store().set_state(job_id, DONE, summary=summary, done=vplan.frames):
+        dst.unlink(missing_ok=True)  # cancelled while joining: leave nothing at the output
+    cleanup(job)
+    log.info("job %s DONE: %s (%d frames, %d segments)", job_id, dst, summary["frames"], len(paths))
+    return summary
+
+
+# ---- images and folders -------------------------------------------------------------------
+
+@app.task(name="facemend.chunk", bind=True)
+def chunk(self, job_id: str, index: int) -> dict:
+    """Restore a chunk of a folder job's files (or a single image), one outcome per file."""
+    job, attempt = _begin_part(self, job_id, index)
+    if job is None:
+        return {"skipped": True}
+    t0 = time.perf_counter()
+    part = job.parts[index]
+    pairs = json.loads(store().r.hget(store().key(job_id), "files"))[part["start"]:part["stop"]]
+    opts = JobOptions(**job.options)
+    seen = store().file_results(job_id)
+    progress = Progress(job_id, index, app.facemend_settings.progress_interval)
+    cancelled = stop_requested(job_id)
+    try:
+        for src, out in pairs:
+            if cancelled():
+                store().set_part(job_id, index, state=CANCELLED)
+                return {"cancelled": True}
+            if src not in seen:
+                store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
+            progress(1)
+        progress.flush()
+    except Exception as e:
+        progress.flush()
+        return _part_failed(self, job, index, attempt, e)
+    _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
+    return {"files": len(pairs)}
+
+
+def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
+    if opts.skip_existing and _is_fresh(src, out):
+        return {"status": "skipped", "output": str(out), "reason": "output is newer than input"}
+    result = JobResult(str(src), str(out), "file", opts.task)
+    try:
+        process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
+    except FacemendError as e:
+        log.warning("%s", e)
+        return {"status": "failed", "output": str(out), "error": str(e), "exit_code": e.exit_code}
+    return {"status": "processed", "output": str(out), "faces": result.faces}
+
+
+@app.task(name="facemend.summarise")
+def summarise(job_id: str) -> dict:
+    """Count processed / skipped / failed files; DONE (or FAILED for a single image)."""
+    job = store().get(job_id)
+    if job.terminal:
+        return {"skipped": job.state}
+    results = store().file_results(job_id)
+    by = {s: {f: r for f, r in results.items() if r["status"] == s} for s in ("processed", "skipped", "failed")}
+    summary = {
+        "processed": len(by["processed"]), "skipped": len(by["skipped"]), "failed": len(by["failed"]),
+        "faces": sum(r.get("faces", 0) for r in by["processed"].values()),
+        "failures": [{"file": f, "error": r["error"]} for f, r in by["failed"].items()],
+        "skipped_files": [{"file": f, "reason": r["reason"]} for f, r in by["skipped"].items()],
+    }
+    if job.kind == "image" and by["failed"]:
+        (f, r), = by["failed"].items()
+        fail(job, r["error"], r.get("exit_code", 3))
+    else:
+        store().set_state(job_id, DONE, summary=summary, done=len(results),
+                          exit_code=6 if by["failed"] else 0)
+    return summary
+
