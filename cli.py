@@ -33,7 +33,7 @@ examples:
   facemend submit photos/ --task enhance --skip-existing  # mirrors into photos.enhance/
   facemend submit face.jpg --task unmask --output out.jpg --preview sheet.png
   FACEMEND_BROKER_URL=redis://127.0.0.1:6379/0 facemend worker --queues gpu,cpu --device cuda:0
-  facemend --broker redis://127.0.0.1:6379/0 submit clip.mp4 --task denoise --wait
+  facemend submit clip.mp4 --task denoise --broker redis://127.0.0.1:6379/0 --wait
   facemend status JOB_ID --json; facemend list --state RUNNING; facemend cancel JOB_ID
 """
 
