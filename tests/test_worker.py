@@ -1,0 +1,244 @@
+"""Distributed jobs end to end: real Redis, real worker processes started with ``cli.py worker``.
+
+Redis: ``$FACEMEND_TEST_REDIS`` (default redis://127.0.0.1:6379/13), emptied before and after
+each test. No Redis is a failure, never a skip (CI starts one). Workers run ``--task identity``
+jobs (fast, no trained weights needed) and are killed (process group) after each test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from conftest import ROOT, UTKFACE, VIDEOS, cut, probe
+
+REDIS_URL = os.environ.get("FACEMEND_TEST_REDIS", "redis://127.0.0.1:6379/13")
+FAST = ("--task", "identity", "--preset", "ultrafast")
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FACEMEND_")}
+    e.update(FACEMEND_BROKER_URL=REDIS_URL, FACEMEND_PRELOAD_TASKS="identity", FACEMEND_TORCH_THREADS="1",
+             FACEMEND_PROGRESS_INTERVAL="0.3", PYTHONUNBUFFERED="1")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def cli(*args, timeout: float = 120, **extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout, env=env(**extra))
+
+
+def cli_json(*args, timeout: float = 120, **extra) -> dict:
+    p = cli(*args, "--json", timeout=timeout, **extra)
+    assert p.stdout.strip(), f"cli {args} exited {p.returncode}: {p.stderr[-2000:]}"
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+class Workers:
+    """Worker processes (``cli.py worker``), each in its own process group, logs in tmp_path."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, *names: str, timeout: float = 90, **extra) -> None:
+        for name in names:
+            log = open(self.logs / f"{name}.log", "w")
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"{name}@%h"], cwd=ROOT,
+                stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while "loading identity" not in self.log(name):
+                assert self.procs[name].poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
+                assert time.monotonic() < deadline, f"worker {name} not ready:\n{self.log(name)[-3000:]}"
+                time.sleep(0.3)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+
+@pytest.fixture
+def db():
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis at {REDIS_URL} is not reachable ({e}); set FACEMEND_TEST_REDIS or start Redis")
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture
+def workers(db, tmp_path):
+    (tmp_path / "logs").mkdir()
+    w = Workers(tmp_path / "logs")
+    yield w
+    w.stop_all()
+
+
+def status(job_id: str) -> dict:
+    return cli_json("status", job_id)
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def record(db, job_id: str) -> dict:
+    """The job record straight from Redis (cheaper than a CLI call, for polling)."""
+    h = {k.decode(): v.decode() for k, v in db.hgetall(f"facemend:job:{job_id}").items()}
+    parts = {k.decode(): v.decode() for k, v in db.hgetall(f"facemend:job:{job_id}:parts").items()}
+    h["parts"] = [{k.split(".", 1)[1]: v for k, v in parts.items() if k.split(".")[0] == str(i)}
+                  for i in range(int(h.get("parts") or 0))]
+    return h
+
+
+def same_media(a: dict, b: dict) -> None:
+    assert b["frames"] == a["frames"]
+    assert b["pts"] == pytest.approx(a["pts"], abs=1e-6)
+    assert b["audio"] == a["audio"] and len(b["audio"][0]) > 0  # audio packets byte-identical
+
+
+def test_two_workers_share_a_video_and_match_the_embedded_output(workers, tmp_path):
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 9.0)
+    workers.start("w1", "w2")
+    out = tmp_path / "closeup.queued.mp4"
+    sub = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3)
+    job_id = sub["id"]
+    assert sub["state"] == "QUEUED"
+    p = cli("wait", job_id, "--timeout", 300, timeout=320)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = status(job_id)
+    assert job["state"] == "DONE" and job["done"] == job["total"] == 216
+    assert len(job["parts"]) == 3
+    assert [(s["start"], s["stop"]) for s in job["parts"]] == [(0, 72), (72, 144), (144, 216)]  # keyframes
+    assert all(s["state"] == "DONE" for s in job["parts"])
+    assert {s["worker"].split("@")[0] for s in job["parts"]} == {"w1", "w2"}  # both took segments
+    assert not list(tmp_path.glob(".facemend-*"))  # the parts are gone
+
+    ref = tmp_path / "closeup.embedded.mp4"
+    emb = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", src, *FAST, "-o", ref, "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={k: v for k, v in env().items() if k != "FACEMEND_BROKER_URL"})
+    assert emb.returncode == 0, emb.stderr
+    same_media(probe(ref), probe(out))
+    same_media(probe(src), probe(out))
+
+
+def test_sigkill_of_a_worker_mid_segment_the_job_still_completes(workers, db, tmp_path):
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)  # 72 frames
+    short = {"FACEMEND_VISIBILITY_TIMEOUT": 12}
+    workers.start("w1", "w2", **short)
+    out = tmp_path / "out.mp4"
+    job_id = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 1, **short)["id"]
+
+    def w1_mid_segment():
+        for i, s in enumerate(record(db, job_id)["parts"]):
+            if s.get("state") == "RUNNING" and s.get("worker", "").startswith("w1@") and int(s.get("done", 0)) > 0:
+                return i + 1
+    victim = wait_until(w1_mid_segment, 120, "w1 to be inside a segment") - 1
+    workers.kill("w1")
+    p = cli("wait", job_id, "--timeout", 240, timeout=260)
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = status(job_id)
+    seg = job["parts"][victim]
+    assert seg["state"] == "DONE" and seg["worker"].startswith("w2@")
+    assert seg["attempts"] >= 2  # counted in the job record
+    assert job["done"] == job["total"] == 72
+    same_media(probe(src), probe(out))  # frame-exact: every frame once, source timing, audio
+    assert not list(tmp_path.glob(".facemend-*"))
+
+
+def test_cancel_mid_job_leaves_nothing(workers, db, tmp_path):
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 9.0)
+    workers.start("w1")
+    out = tmp_path / "out.mp4"
+    job_id = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3)["id"]
+    wait_until(lambda: int(record(db, job_id).get("done", 0)) > 0, 120, "the first frames")
+    p = cli("cancel", job_id)
+    assert p.returncode == 0, p.stderr
+    assert cli("wait", job_id).returncode == 5
+    # the running segment stops within a batch; the queued ones never start
+    wait_until(lambda: record(db, job_id)["parts"][0].get("state") == "CANCELLED", 30, "segment 0 to stop")
+    job = status(job_id)
+    assert job["state"] == "CANCELLED"
+    assert [s["attempts"] for s in job["parts"][1:]] == [0, 0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["closeup.mp4", "logs"]
+
+
+def test_folder_twice_with_skip_existing_does_nothing_the_second_time(workers, tmp_path):
+    src = tmp_path / "faces"
+    (src / "sub").mkdir(parents=True)
+    names = sorted(p.name for p in UTKFACE.iterdir())[:4]
+    for i, name in enumerate(names):
+        shutil.copy(UTKFACE / name, (src / "sub" if i % 2 else src) / name)
+    (src / "notes.txt").write_text("not an image")
+    workers.start("w1")
+    first = cli_json("submit", src, "--task", "identity", "--skip-existing", "--wait", FACEMEND_CHUNK_FILES=2)
+    assert first["state"] == "DONE", first
+    assert len(first["parts"]) == 2  # two chunks of two files
+    assert (first["summary"]["processed"], first["summary"]["skipped"], first["summary"]["failed"]) == (4, 0, 0)
+    out = Path(first["output"])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == sorted(
+        str(p.relative_to(src)) for p in src.rglob("*.jpg"))
+    p = cli("submit", src, "--task", "identity", "--skip-existing", "--wait")
+    assert p.returncode == 0, p.stderr
+    assert "processed 0, skipped 4, failed 0" in p.stdout and "nothing to do" in p.stdout
+
+
+def test_corrupt_input_fails_and_the_workers_keep_serving(workers, tmp_path):
+    bad = tmp_path / "broken.mp4"
+    data = (VIDEOS / "closeup_pexels.mp4").read_bytes()
+    bad.write_bytes(data[: len(data) // 3])  # truncated: the moov box is cut off
+    good = tmp_path / "face.jpg"
+    shutil.copy(UTKFACE / sorted(p.name for p in UTKFACE.iterdir())[0], good)
+    workers.start("w1")
+    p = cli("submit", bad, *FAST, "--wait", "--json")
+    job = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 3, p.stderr
+    assert job["state"] == "FAILED" and str(bad) in job["error"] and "\n" not in job["error"]
+    ok = cli_json("submit", good, "--task", "identity", "--wait")
+    assert ok["state"] == "DONE" and Path(ok["output"]).is_file()
+    assert "w1" in " ".join(workers.procs)  # the same worker, still running
+    assert workers.procs["w1"].poll() is None
+
+
+def test_commands_need_a_broker_and_report_unknown_jobs(db, tmp_path):
+    p = cli("status", "nope", FACEMEND_BROKER_URL="")
+    assert p.returncode == 2 and "FACEMEND_BROKER_URL" in p.stderr
+    assert cli("status", "nope").returncode == 8
+    assert cli("list", "--json").stdout.strip() == "[]"
+    p = cli("list", "--broker", "redis://127.0.0.1:1/0")
+    assert p.returncode == 7
+    p = cli("list", FACEMEND_SEGMENT_SECONDS="soon")
+    assert p.returncode == 2 and "FACEMEND_SEGMENT_SECONDS" in p.stderr
