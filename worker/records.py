@@ -7,7 +7,7 @@ Celery's results expire (``result_expires``); these records are facemend's own a
                       total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
                       chunk_files, files (JSON), created, started, finished, updated (UNIX s)
 - ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
-                      ``I.stop``, ``I.error``, ``I.task_id`` for segment or chunk I
+                      ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent`` for segment or chunk I
 - ``P:job:ID:finished`` set of the part indices that completed (a redelivered part counts once)
 - ``P:job:ID:files``  hash: file -> JSON outcome (folder and image jobs)
 - ``P:job:ID:plan``   the video plan (JSON)
@@ -160,7 +160,7 @@ class JobStore:
             plist.append({"index": i, "state": g("state") or QUEUED, "worker": g("worker"),
                           "attempts": int(g("attempts") or 0), "done": int(g("done") or 0),
                           "start": _num(g("start"), int), "stop": _num(g("stop"), int),
-                          "error": g("error"), "task_id": g("task_id")})
+                          "error": g("error"), "task_id": g("task_id"), "sent": g("sent") == "1"})
         return Job(
             id=h["id"], kind=h.get("kind", ""), task=h.get("task", ""), input=h.get("input", ""),
             output=h.get("output", ""), state=h.get("state", QUEUED),

@@ -101,8 +101,8 @@ def plan_job(self, job_id: str) -> dict:
     opts = JobOptions(**job.options)
     try:
         check_roots(src, dst, settings)
-        if job.parts:  # a redelivered plan: send what is not done yet
-            return _send_parts(job, [p["index"] for p in job.parts if p["state"] != DONE])
+        if job.parts:  # a redelivered plan (its worker died, or the visibility timeout passed)
+            return _send_parts(job, [p["index"] for p in job.parts if not p["sent"]])
         kind = check_paths(src, dst, opts)
         if kind == "video":
             opts.encoder(joinable=True)
@@ -134,6 +134,7 @@ def _send_parts(job: Job, indices) -> dict:
     for i in indices:
         task = segment if job.kind == "video" else chunk
         task.apply_async((job.id, i), task_id=job.parts[i]["task_id"])
+        store().set_part(job.id, i, sent=1)
         sent.append(i)
     log.info("job %s: %d %s sent", job.id, len(sent), "segments" if job.kind == "video" else "chunks")
     return {"parts": len(job.parts), "sent": sent}
