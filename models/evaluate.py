@@ -2,6 +2,7 @@
 
     python -m models.evaluate --task denoise                 # validation split of the crop cache
     python -m models.evaluate --task unmask --data DIR --limit 100 --json
+    python -m models.evaluate --task enhance --whole    # README framing: whole photo at 128
 
 Faces are aligned to 128x128 crops exactly as at inference (FaceDetector + pipeline.align), then
 degraded by the task's fixed evaluation degradation (``models.degrade.degrade_eval``, seed 0 per
@@ -99,6 +100,21 @@ def evaluate(
     return result
 
 
+def whole_photos(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]:
+    """Whole photos resized to 128x128 (INTER_AREA), no detection or alignment: the framing of
+    the reference figures in ../shared/data/README.md (UTKFace photos are already centred)."""
+    if data is None:
+        paths = [p for p in D.list_images(D.UTKFACE_DIR) if D.is_val(p.name)]
+        source = f"validation split of {D.UTKFACE_DIR}, whole photos resized"
+    else:
+        paths, source = D.list_images(data), f"{data}, whole photos resized"
+    ims = [D.read_rgb(p) for p in paths[:limit]]
+    size = D.CROP_SIZE
+    crops = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
+                      for im in ims if im is not None])
+    return crops, source
+
+
 def crops_from(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]:
     """Clean crops to evaluate on and a description of where they came from."""
     if data is None:
@@ -137,6 +153,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N crops")
     p.add_argument("--weights", type=Path, default=None,
                    help="a .safetensors file instead of the shipped weights")
+    p.add_argument("--whole", action="store_true",
+                   help="resize whole photos to 128x128 instead of detecting and aligning faces"
+                        " (the framing of the data README's reference figures)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -145,7 +164,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = make_argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    crops, source = crops_from(a.data, a.limit)
+    crops, source = whole_photos(a.data, a.limit) if a.whole else crops_from(a.data, a.limit)
     model = None
     if a.weights is not None:
         from .nets import load_net

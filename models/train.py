@@ -38,14 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Per-task network and patch settings. Denoise and enhance are local: trained on 64x64 patches.
-# Unmask must see the whole lower face: trained on full crops, one level deeper.
+# Unmask must see the whole lower face: trained on full crops, one level deeper, and its stem
+# unshuffles by 4 (the filled-in region is smooth anyway), which makes a step ~3x cheaper.
 PRESETS: dict[str, dict] = {
     "denoise": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
                 "patch": 64, "batch": 16},
     "enhance": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
                 "patch": 64, "batch": 16},
-    "unmask": {"net": NetConfig(widths=(32, 64, 128, 192), enc_blocks=(1, 2, 2, 3),
-                                dec_blocks=(1, 1, 2)),
+    "unmask": {"net": NetConfig(unshuffle=4, widths=(32, 64, 128, 192), enc_blocks=(2, 2, 2, 3),
+                                dec_blocks=(1, 2, 2)),
                "patch": 128, "batch": 8},
 }
 
