@@ -185,7 +185,11 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     kind = check_paths(src, dst, opts)
     t0 = time.perf_counter()
     result = JobResult(str(src), str(dst), kind, opts.task)
-    if kind == "video":
+    if kind != "folder" and opts.skip_existing and _is_fresh(src, dst):
+        result.files["skipped"] = 1
+        result.skipped.append({"file": str(src), "reason": "output is newer than input"})
+        log.info("%s: skipped (output %s is newer)", src, dst)
+    elif kind == "video":
         vplan = plan(src)  # validate before loading models
         engine = engine or Engine(opts)
         hooks.total(vplan.frames, "frames")
