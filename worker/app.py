@@ -100,3 +100,4 @@ def _load_models(**_) -> None:
     log.info("worker child %d: loading %s on %s", os.getpid(), ",".join(s.preload_tasks) or "nothing",
              s.device or "auto")
     preload(s)
+    log.info("worker child %d: models loaded", os.getpid())

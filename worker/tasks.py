@@ -18,6 +18,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
 
 from pipeline import media
 from pipeline.errors import Cancelled, FacemendError, OutputError
@@ -87,10 +89,52 @@ def cleanup(job: Job) -> None:
         shutil.rmtree(parts_dir(Path(job.output), job.id), ignore_errors=True)
 
 
+class PartTask(Task):
+    """A segment or chunk. A hard time limit kills the child without running our handlers; this
+    hook (run by the worker's main process) records it and sends the part again, or fails the
+    job once its attempts are spent."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        job_id, index = args
+        job = store().get(job_id)
+        if job.terminal:
+            return
+        error = f"hard time limit exceeded ({exc})"
+        store().set_part(job_id, index, state=FAILED, error=error)
+        if job.parts[index]["attempts"] < app.facemend_settings.max_attempts:
+            self.apply_async(args, task_id=task_id)
+        else:
+            fail(job, f"part {index}: {error} on every attempt")
+
+
+def guarded(fn):
+    """Run a plan/join/summarise body; any unexpected error FAILS the job instead of leaving it
+    RUNNING forever (the traceback goes to the worker log)."""
+
+    def run(job_id: str) -> dict:
+        try:
+            return fn(job_id)
+        except FacemendError:
+            raise
+        except Exception as e:
+            log.exception("job %s: %s failed", job_id, fn.__name__)
+            try:
+                fail(store().get(job_id), f"{fn.__name__}: {type(e).__name__}: {e}")
+            except Exception:  # Redis itself is gone: nothing more to record
+                pass
+            return {"failed": str(e)}
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 # ---- plan ---------------------------------------------------------------------------------
 
-@app.task(name="facemend.plan", bind=True)
-def plan_job(self, job_id: str) -> dict:
+@app.task(name="facemend.plan")
+@guarded
+def plan_job(job_id: str) -> dict:
     """Validate the input, plan the parts and send them."""
     job = store().get(job_id)
     if job.terminal:
@@ -196,7 +240,7 @@ def part_complete(path: Path, frames: int) -> bool:
     return True
 
 
-@app.task(name="facemend.segment", bind=True)
+@app.task(name="facemend.segment", bind=True, base=PartTask)
 def segment(self, job_id: str, index: int) -> dict:
     """Restore one frame range of the video into its part file (a no-op if already there)."""
     job, attempt = _begin_part(self, job_id, index)
@@ -255,8 +299,9 @@ def check_output(dst: Path, vplan: media.VideoPlan) -> None:
         raise OutputError(f"{dst}: starts at {first:.3f} s, the source at {want:.3f} s")
 
 
-@app.task(name="facemend.join", bind=True)
-def join_job(self, job_id: str) -> dict:
+@app.task(name="facemend.join")
+@guarded
+def join_job(job_id: str) -> dict:
     """Remux the parts and every source audio stream into the output; check it; DONE."""
     job = store().get(job_id)
     if job.terminal:
@@ -285,7 +330,7 @@ def join_job(self, job_id: str) -> dict:
 
 # ---- images and folders -------------------------------------------------------------------
 
-@app.task(name="facemend.chunk", bind=True)
+@app.task(name="facemend.chunk", bind=True, base=PartTask)
 def chunk(self, job_id: str, index: int) -> dict:
     """Restore a chunk of a folder job's files (or a single image), one outcome per file."""
     job, attempt = _begin_part(self, job_id, index)
@@ -327,6 +372,7 @@ def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
 
 
 @app.task(name="facemend.summarise")
+@guarded
 def summarise(job_id: str) -> dict:
     """Count processed / skipped / failed files; DONE (or FAILED for a single image)."""
     job = store().get(job_id)
