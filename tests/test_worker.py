@@ -242,3 +242,38 @@ def test_commands_need_a_broker_and_report_unknown_jobs(db, tmp_path):
     assert p.returncode == 7
     p = cli("list", FACEMEND_SEGMENT_SECONDS="soon")
     assert p.returncode == 2 and "FACEMEND_SEGMENT_SECONDS" in p.stderr
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """A second Redis with a password, TLS only (self-signed certificate), on a free port."""
+    import socket
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", certs / "key.pem",
+                    "-out", certs / "cert.pem"], check=True, capture_output=True, timeout=60)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", certs / "cert.pem", "--tls-key-file", certs / "key.pem",
+                             "--tls-ca-cert-file", certs / "cert.pem", "--tls-auth-clients", "no",
+                             "--requirepass", "s3cret pass", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(0.5)
+    yield f"rediss://:s3cret%20pass@127.0.0.1:{port}/0", certs / "cert.pem"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def test_password_and_tls_urls(workers, tls_redis, tmp_path):
+    url, ca = tls_redis
+    good = tmp_path / "face.jpg"
+    shutil.copy(UTKFACE / sorted(p.name for p in UTKFACE.iterdir())[0], good)
+    tls = {"FACEMEND_BROKER_URL": url, "FACEMEND_SSL_CA_CERTS": ca}
+    workers.start("tls1", **tls)
+    job = cli_json("submit", good, "--task", "identity", "--wait", timeout=120, **tls)
+    assert job["state"] == "DONE" and Path(job["output"]).is_file()
+    assert cli("list", **{**tls, "FACEMEND_BROKER_URL": url.replace("s3cret%20pass", "wrong")}).returncode == 7
