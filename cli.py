@@ -80,6 +80,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="write a before/after sheet of up to 16 face crops")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--wait", action="store_true", help="queued: follow the job until it finishes")
+    p.add_argument("--queue", metavar="NAME",
+                   help="queued: queue of the job's segments/chunks (default: $FACEMEND_GPU_QUEUE or gpu)")
     p.add_argument("--segment-seconds", type=float, metavar="S",
                    help="queued videos: segment length (default: $FACEMEND_SEGMENT_SECONDS or 30)")
     p.set_defaults(func=cmd_submit)
@@ -192,7 +194,7 @@ def job_store(args: argparse.Namespace):
 def submit_queued(args: argparse.Namespace, opts, settings) -> int:
     from worker.jobs import submit
 
-    job = submit(args.input, opts, settings)
+    job = submit(args.input, opts, settings, queue=args.queue)
     if not args.wait:
         print(json.dumps(job.to_dict()) if args.json else job.id, flush=True)
         return 0

@@ -33,8 +33,9 @@ def connect(settings: Settings) -> JobStore:
     return store
 
 
-def submit(src: Path, opts: JobOptions, settings: Settings) -> Job:
-    """Queue a job for ``src``; returns its record (state QUEUED)."""
+def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None = None) -> Job:
+    """Queue a job for ``src``; returns its record (state QUEUED). ``queue``: where its segments
+    or chunks go (default FACEMEND_GPU_QUEUE), e.g. a nightly archive queue of its own."""
     from .app import app, configure
 
     src = Path(src).absolute()
@@ -46,7 +47,8 @@ def submit(src: Path, opts: JobOptions, settings: Settings) -> Job:
     job_id = uuid.uuid4().hex[:16]
     opts = JobOptions(**{**asdict(opts), "output": str(dst), "preview": None})
     store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
-                 segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files)
+                 segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,
+                 queue=queue or "")
     try:
         app.send_task("facemend.plan", (job_id,), task_id=f"{job_id}-plan")
     except Exception as e:  # kombu's OperationalError and friends

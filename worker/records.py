@@ -5,7 +5,7 @@ Celery's results expire (``result_expires``); these records are facemend's own a
 
 - ``P:job:ID``        hash: id, kind, task, input, output, options (JSON), state, unit, done,
                       total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
-                      chunk_files, files (JSON), created, started, finished, updated (UNIX s)
+                      chunk_files, queue, files (JSON), created, started, finished, updated
 - ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
                       ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent`` for segment or chunk I
 - ``P:job:ID:finished`` set of the part indices that completed (a redelivered part counts once)
@@ -75,6 +75,7 @@ class Job:
     updated: float | None = None
     segment_seconds: float = 30.0
     chunk_files: int = 16
+    queue: str = ""  # queue of the segments/chunks ("": the gpu queue)
 
     @property
     def terminal(self) -> bool:
@@ -126,7 +127,7 @@ class JobStore:
 
     # creating and reading
     def create(self, job_id: str, *, kind: str, task: str, input: str, output: str, options: dict,
-               segment_seconds: float, chunk_files: int) -> None:
+               segment_seconds: float, chunk_files: int, queue: str = "") -> None:
         now = time.time()
         unit = "frames" if kind == "video" else "files"
         with self.r.pipeline() as p:
@@ -134,7 +135,7 @@ class JobStore:
                 "id": job_id, "kind": kind, "task": task, "input": input, "output": output,
                 "options": json.dumps(options), "state": QUEUED, "unit": unit, "done": 0,
                 "total": 0, "parts": 0, "exit_code": 0, "created": now, "updated": now,
-                "segment_seconds": segment_seconds, "chunk_files": chunk_files,
+                "segment_seconds": segment_seconds, "chunk_files": chunk_files, "queue": queue,
             })
             p.expire(self.key(job_id), self.ttl)
             p.zadd(self.index_key, {job_id: now})
@@ -171,6 +172,7 @@ class JobStore:
             created=float(h.get("created") or 0), started=_num(h.get("started")),
             finished=_num(h.get("finished")), updated=_num(h.get("updated")),
             segment_seconds=float(h.get("segment_seconds") or 30), chunk_files=int(h.get("chunk_files") or 16),
+            queue=h.get("queue") or "",
         )
 
     def state(self, job_id: str) -> tuple[str | None, bool]:

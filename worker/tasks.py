@@ -177,7 +177,8 @@ def _send_parts(job: Job, indices) -> dict:
     sent = []
     for i in indices:
         task = segment if job.kind == "video" else chunk
-        task.apply_async((job.id, i), task_id=job.parts[i]["task_id"])
+        route = {"queue": job.queue} if job.queue else {}
+        task.apply_async((job.id, i), task_id=job.parts[i]["task_id"], **route)
         store().set_part(job.id, i, sent=1)
         sent.append(i)
     log.info("job %s: %d %s sent", job.id, len(sent), "segments" if job.kind == "video" else "chunks")
