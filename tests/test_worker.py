@@ -216,7 +216,7 @@ def test_folder_twice_with_skip_existing_does_nothing_the_second_time(workers, t
     assert "processed 0, skipped 4, failed 0" in p.stdout and "nothing to do" in p.stdout
 
 
-def test_corrupt_input_fails_and_the_workers_keep_serving(workers, tmp_path):
+def test_bad_inputs_fail_and_the_workers_keep_serving(workers, tmp_path):
     bad = tmp_path / "broken.mp4"
     data = (VIDEOS / "closeup_pexels.mp4").read_bytes()
     bad.write_bytes(data[: len(data) // 3])  # truncated: the moov box is cut off
@@ -227,6 +227,13 @@ def test_corrupt_input_fails_and_the_workers_keep_serving(workers, tmp_path):
     job = json.loads(p.stdout.strip().splitlines()[-1])
     assert p.returncode == 3, p.stderr
     assert job["state"] == "FAILED" and str(bad) in job["error"] and "\n" not in job["error"]
+    # a part that fails on every attempt stops after FACEMEND_MAX_ATTEMPTS (3), counted in the record
+    clip = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)
+    p = cli("submit", clip, "--task", "identity", "--preset", "no-such-preset", "--wait", "--json")
+    job = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 1 and job["state"] == "FAILED", p.stderr
+    assert job["parts"][0]["attempts"] == 3 and "attempt 3" in job["error"]
+    assert not (tmp_path / "closeup.identity.mp4").exists()
     ok = cli_json("submit", good, "--task", "identity", "--wait")
     assert ok["state"] == "DONE" and Path(ok["output"]).is_file()
     assert "w1" in " ".join(workers.procs)  # the same worker, still running
