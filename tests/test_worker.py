@@ -58,7 +58,7 @@ class Workers:
                 stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
         deadline = time.monotonic() + timeout
         for name in names:
-            while "loading identity" not in self.log(name):
+            while "models loaded" not in self.log(name):
                 assert self.procs[name].poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
                 assert time.monotonic() < deadline, f"worker {name} not ready:\n{self.log(name)[-3000:]}"
                 time.sleep(0.3)

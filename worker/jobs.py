@@ -45,6 +45,8 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     store = connect(settings)
     configure(settings)
     job_id = uuid.uuid4().hex[:16]
+    if opts.preview:
+        log.warning("--preview is not made for queued jobs (run the job embedded for a preview sheet)")
     opts = JobOptions(**{**asdict(opts), "output": str(dst), "preview": None})
     store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
                  segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,

@@ -3,23 +3,19 @@
 
 Every task reads its job record first and does nothing once the job is terminal. Parts are
 idempotent: a segment whose part file is already complete only reports it, so a redelivered
-message (its worker died, or the visibility timeout passed) never corrupts the output. Each
-start of a part counts an attempt in the job record; past ``max_attempts`` the job is FAILED,
-whatever killed the earlier attempts. The last part to finish (counted as distinct indices in a
-Redis set) sends the join.
+message (its worker died, or the visibility timeout passed) never corrupts the output. Attempts,
+progress and the cancel check are in ``parts``. The last part to finish (counted as distinct
+indices in a Redis set) sends the join.
 """
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import av
-from celery import Task
-from celery.exceptions import TimeLimitExceeded
 
 from pipeline import media
 from pipeline.errors import Cancelled, FacemendError, OutputError
@@ -28,106 +24,12 @@ from pipeline.video import process_range
 
 from .app import app
 from .engines import engine_for
-from .records import CANCELLED, DONE, FAILED, RUNNING, Job, JobStore
+from .parts import PartTask, Progress, begin_part, cleanup, fail, guarded, part_failed, stop_requested, store
+from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
 from .storage import check_roots
 
 log = logging.getLogger(__name__)
-
-_store: JobStore | None = None
-
-
-def store() -> JobStore:
-    global _store
-    if _store is None:
-        _store = JobStore(app.facemend_settings)
-    return _store
-
-
-class Progress:
-    """progress(n) callback that writes to Redis at most every ``interval`` seconds."""
-
-    def __init__(self, job_id: str, index: int, interval: float) -> None:
-        self.job_id, self.index, self.interval = job_id, index, interval
-        self.pending, self.last = 0, time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.pending += n
-        if time.monotonic() - self.last >= self.interval:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            store().progress(self.job_id, self.index, self.pending)
-            self.pending = 0
-        self.last = time.monotonic()
-
-
-def stop_requested(job_id: str):
-    """should_cancel() for a part: the job was cancelled or failed elsewhere."""
-
-    def check() -> bool:
-        try:
-            state, cancel = store().state(job_id)
-        except Exception:  # Redis hiccup: keep working; the next batch asks again
-            log.warning("%s: cannot read the cancel flag", job_id, exc_info=True)
-            return False
-        return cancel or state in (CANCELLED, FAILED)
-
-    return check
-
-
-def fail(job: Job, error: str, exit_code: int = 1) -> None:
-    log.error("job %s FAILED: %s", job.id, error)
-    store().fail(job.id, error, exit_code)
-    cleanup(job)
-
-
-def cleanup(job: Job) -> None:
-    """Remove a video job's parts (the job is over, whichever way)."""
-    if job.kind == "video" and job.output:
-        shutil.rmtree(parts_dir(Path(job.output), job.id), ignore_errors=True)
-
-
-class PartTask(Task):
-    """A segment or chunk. A hard time limit kills the child without running our handlers; this
-    hook (run by the worker's main process) records it and sends the part again, or fails the
-    job once its attempts are spent."""
-
-    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        if not isinstance(exc, TimeLimitExceeded):
-            return
-        job_id, index = args
-        job = store().get(job_id)
-        if job.terminal:
-            return
-        error = f"hard time limit exceeded ({exc})"
-        store().set_part(job_id, index, state=FAILED, error=error)
-        if job.parts[index]["attempts"] < app.facemend_settings.max_attempts:
-            self.apply_async(args, task_id=task_id)
-        else:
-            fail(job, f"part {index}: {error} on every attempt")
-
-
-def guarded(fn):
-    """Run a plan/join/summarise body; any unexpected error FAILS the job instead of leaving it
-    RUNNING forever (the traceback goes to the worker log)."""
-
-    def run(job_id: str) -> dict:
-        try:
-            return fn(job_id)
-        except FacemendError:
-            raise
-        except Exception as e:
-            log.exception("job %s: %s failed", job_id, fn.__name__)
-            try:
-                fail(store().get(job_id), f"{fn.__name__}: {type(e).__name__}: {e}")
-            except Exception:  # Redis itself is gone: nothing more to record
-                pass
-            return {"failed": str(e)}
-
-    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
-    return run
 
 
 # ---- plan ---------------------------------------------------------------------------------
@@ -185,33 +87,6 @@ def _send_parts(job: Job, indices) -> dict:
     return {"parts": len(job.parts), "sent": sent}
 
 
-def _begin_part(task, job_id: str, index: int) -> tuple[Job | None, int]:
-    """Read the job, count an attempt; (None, 0) when there is nothing to do."""
-    job = store().get(job_id)
-    if job.terminal:
-        cleanup(job)
-        return None, 0
-    attempt = store().start_part(job_id, index, task.request.hostname or "?")
-    limit = app.facemend_settings.max_attempts
-    if attempt > limit:
-        last = job.parts[index].get("error") or "the worker was lost (killed, crashed or out of memory)"
-        store().set_part(job_id, index, state=FAILED)
-        fail(job, f"{'segment' if job.kind == 'video' else 'chunk'} {index} did not finish in "
-                  f"{limit} attempts; last: {last}")
-        return None, 0
-    return job, attempt
-
-
-def _part_failed(task, job: Job, index: int, attempt: int, e: Exception) -> dict:
-    """An unexpected error: try again (a new message) until the attempts run out."""
-    error = f"{type(e).__name__}: {e}".splitlines()[0]
-    store().set_part(job.id, index, state=FAILED, error=error)
-    if attempt < app.facemend_settings.max_attempts:
-        log.warning("job %s part %d attempt %d failed (%s); retrying", job.id, index, attempt, error)
-        raise task.retry(exc=e, countdown=1, max_retries=None)
-    fail(job, f"part {index} failed on attempt {attempt}: {error}")
-    return {"failed": error}
-
 
 def _part_finished(job: Job, index: int, worker: str, seconds: float) -> None:
     finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2))
@@ -244,7 +119,7 @@ def part_complete(path: Path, frames: int) -> bool:
 @app.task(name="facemend.segment", bind=True, base=PartTask)
 def segment(self, job_id: str, index: int) -> dict:
     """Restore one frame range of the video into its part file (a no-op if already there)."""
-    job, attempt = _begin_part(self, job_id, index)
+    job, attempt = begin_part(self, job_id, index)
     if job is None:
         return {"skipped": True}
     t0 = time.perf_counter()
@@ -277,7 +152,7 @@ def segment(self, job_id: str, index: int) -> dict:
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
     except Exception as e:
-        return _part_failed(self, job, index, attempt, e)
+        return part_failed(self, job, index, attempt, e)
     _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
     return stats
 
@@ -334,7 +209,7 @@ def join_job(job_id: str) -> dict:
 @app.task(name="facemend.chunk", bind=True, base=PartTask)
 def chunk(self, job_id: str, index: int) -> dict:
     """Restore a chunk of a folder job's files (or a single image), one outcome per file."""
-    job, attempt = _begin_part(self, job_id, index)
+    job, attempt = begin_part(self, job_id, index)
     if job is None:
         return {"skipped": True}
     t0 = time.perf_counter()
@@ -355,7 +230,7 @@ def chunk(self, job_id: str, index: int) -> dict:
         progress.flush()
     except Exception as e:
         progress.flush()
-        return _part_failed(self, job, index, attempt, e)
+        return part_failed(self, job, index, attempt, e)
     _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
     return {"files": len(pairs)}
 
