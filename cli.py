@@ -222,6 +222,11 @@ def follow_job(args: argparse.Namespace, store, job_id: str, timeout: float | No
 
     try:
         job = follow(store, job_id, on_update=update, timeout=timeout)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"facemend: stopped following {job_id}; the job goes on "
+              f"(facemend cancel {job_id} stops it)", file=sys.stderr)
+        return 130
     finally:
         bar.close()
     print(json.dumps(job.to_dict()) if args.json else describe(job))
