@@ -214,6 +214,12 @@ def test_folder_twice_with_skip_existing_does_nothing_the_second_time(workers, t
     p = cli("submit", src, "--task", "identity", "--skip-existing", "--wait")
     assert p.returncode == 0, p.stderr
     assert "processed 0, skipped 4, failed 0" in p.stdout and "nothing to do" in p.stdout
+    # a single video whose output is newer than it is skipped too, as in the embedded run
+    clip = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "clip.mp4", 3.0)
+    (tmp_path / "clip.identity.mp4").write_bytes(b"done before")
+    job = cli_json("submit", clip, "--task", "identity", "--skip-existing", "--wait")
+    assert job["state"] == "DONE" and job["summary"]["skipped"] == 1 and job["done"] == 0
+    assert (tmp_path / "clip.identity.mp4").read_bytes() == b"done before"
 
 
 def test_bad_inputs_fail_and_the_workers_keep_serving(workers, tmp_path):

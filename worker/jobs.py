@@ -107,8 +107,8 @@ def describe(job: Job) -> str:
     """One line for a person: id, state, progress, output or error."""
     pct = f" {100 * min(job.done, job.total) / job.total:.0f}%" if job.total else ""
     line = f"{job.id}  {job.state:<9} {job.kind:<6} {min(job.done, job.total)}/{job.total} {job.unit}{pct}"
-    if job.state == DONE and job.kind in ("folder", "image"):
-        s = job.summary
+    s = job.summary
+    if job.state == DONE and (job.kind in ("folder", "image") or "skipped" in s):
         line += f"  processed {s.get('processed', 0)}, skipped {s.get('skipped', 0)}, failed {s.get('failed', 0)}"
         if not s.get("processed") and not s.get("failed") and s.get("skipped"):
             line += " (nothing to do: every output is newer than its input)"

@@ -50,6 +50,11 @@ def plan_job(job_id: str) -> dict:
         if job.parts:  # a redelivered plan (its worker died, or the visibility timeout passed)
             return _send_parts(job, [p["index"] for p in job.parts if not p["sent"]])
         kind = check_paths(src, dst, opts)
+        if kind == "video" and opts.skip_existing and _is_fresh(src, dst):  # as the embedded run
+            store().set_state(job_id, DONE, summary={
+                "processed": 0, "skipped": 1, "failed": 0,
+                "skipped_files": [{"file": str(src), "reason": "output is newer than input"}]})
+            return {"skipped": str(src)}
         if kind == "video":
             opts.encoder(joinable=True)
             vplan = media.plan(src)
