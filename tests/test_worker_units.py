@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import ssl
 
+import numpy as np
 import pytest
 
-from conftest import VIDEOS
+from conftest import VIDEOS, cut
 from pipeline.media import plan
 from worker.app import celery_config
 from worker.errors import SettingsError
@@ -77,3 +78,39 @@ def test_segments_without_keyframes_cut_by_time():
 def test_part_paths_are_deterministic(tmp_path):
     a = part_path(tmp_path / "out.mp4", "abc", 3)
     assert a == part_path(tmp_path / "out.mp4", "abc", 3) and a.parent.name == ".facemend-abc"
+
+
+class RecordingRestorer:
+    """Wraps a FaceRestorer; keeps the landmarks of every face it is asked to restore, in order."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seen = inner, []
+
+    def deltas(self, images, faces):
+        self.seen += [np.array([f.landmarks for f in fs]) for fs in faces]
+        return self.inner.deltas(images, faces)
+
+
+def test_faces_do_not_jump_at_a_segment_cut(tmp_path):
+    """Two segments see the same (tracked, smoothed) landmarks as one pass: the context frames
+    each segment decodes beyond its ends give the tracker the same neighbours at the cut."""
+    from pipeline.job import Engine, JobOptions
+    from pipeline.video import process_range
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 3.0)
+    vplan = plan(src)
+    opts = JobOptions(task="identity", device="cpu", preset="ultrafast")
+    engine = Engine(opts)
+
+    def run(ranges):
+        rec = RecordingRestorer(engine.restorer)
+        for a, b in ranges:
+            process_range(vplan, tmp_path / f"p{a}-{b}.mp4", detector=engine.detector, restorer=rec,
+                          settings=opts.encoder(joinable=True), start=a, stop=b)
+        return rec.seen
+
+    one, two = run([(0, 48)]), run([(0, 24), (24, 48)])
+    assert len(one) == len(two) == 48  # a face in every frame, each frame once
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert a.shape == b.shape, f"frame {i}: {len(a)} faces in one pass, {len(b)} in segments"
+        assert np.abs(a - b).max() < 0.5, f"frame {i}: landmarks moved by {np.abs(a - b).max():.2f} px"
