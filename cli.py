@@ -281,6 +281,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
+    from dataclasses import replace
 
     settings = get_settings(args)
     if not settings.queued:
@@ -293,8 +294,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["FACEMEND_DEVICE"] = args.device
     from worker.app import app, configure
 
-    configure(get_settings(args))
+    settings = get_settings(args)  # again: now with FACEMEND_DEVICE
     queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
+    if settings.gpu_queue not in queues.split(","):  # plan/join only: no model to load
+        settings = replace(settings, preload_tasks=())
+    configure(settings)
     level = "WARNING" if args.quiet else ("INFO", "DEBUG")[min(args.verbose, 1)]
     app.worker_main(["worker", "-P", "prefork", "-c", str(args.concurrency), "-Q", queues,
                      "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])
