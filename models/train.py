@@ -190,7 +190,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "steps": state["step"],
             "batch": cfg.batch,
             "patch": cfg.patch,
-            "wall_time_s": round(state["elapsed"], 1),
+            "train_time_s": round(state["elapsed"], 1),  # excluding validation passes
+            "wall_time_s": round(state.get("wall", state["elapsed"]), 1),  # including them
             "lr": cfg.lr,
             "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
                     f" + {cfg.ssim_weight} * (1 - SSIM)",
@@ -328,7 +329,9 @@ def train(
     last_val = last_export = last_ckpt = state["elapsed"]
     loss_avg = None
     t_prev = time.time()
+    t_wall = time.time() - state.get("wall", 0.0)
     while not done():
+        state["wall"] = time.time() - t_wall
         net.train()
         clean_np, bad_np, mask_np = batches.next()
         clean = D.to_tensor(clean_np).to(device, non_blocking=True)
@@ -374,6 +377,7 @@ def train(
             last_ckpt = state["elapsed"]
     bar.close()
     evaluate_now()
+    state["wall"] = time.time() - t_wall
     save_ckpt()
     if cfg.export:
         export()
