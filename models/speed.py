@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from . import load
-from .registry import TASKS, WEIGHTS_DIR
+from . import TASKS, load
+from .registry import WEIGHTS_DIR
 
 
 @torch.inference_mode()
