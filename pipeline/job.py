@@ -109,7 +109,7 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
         if dst.exists() and any(dst.iterdir()) and not (opts.overwrite or opts.skip_existing):
             raise OutputExists(f"{dst}: the output folder exists (use --overwrite or --skip-existing)")
         return "folder"
-    if dst.exists() and not opts.overwrite and not (opts.skip_existing and _is_fresh(src, dst)):
+    if dst.exists() and not opts.overwrite and not (opts.skip_existing and is_fresh(src, dst)):
         raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
     if is_video_path(src):
         return "video"
@@ -140,7 +140,7 @@ def mirrored_output(p: Path, src: Path, dst: Path) -> Path:
     return dst / rel
 
 
-def _is_fresh(src: Path, dst: Path) -> bool:
+def is_fresh(src: Path, dst: Path) -> bool:
     """True when ``dst`` exists and is newer than ``src`` (skip-existing)."""
     try:
         return dst.stat().st_mtime >= src.stat().st_mtime
@@ -185,7 +185,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     kind = check_paths(src, dst, opts)
     t0 = time.perf_counter()
     result = JobResult(str(src), str(dst), kind, opts.task)
-    if kind != "folder" and opts.skip_existing and _is_fresh(src, dst):
+    if kind != "folder" and opts.skip_existing and is_fresh(src, dst):
         result.files["skipped"] = 1
         result.skipped.append({"file": str(src), "reason": "output is newer than input"})
         log.info("%s: skipped (output %s is newer)", src, dst)
@@ -245,7 +245,7 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
         if hooks.cancelled():
             raise Cancelled(f"{src}: cancelled after {result.files['processed']} files")
         out = mirrored_output(p, src, dst)
-        if out.exists() and opts.skip_existing and _is_fresh(p, out):
+        if out.exists() and opts.skip_existing and is_fresh(p, out):
             result.files["skipped"] += 1
             result.skipped.append({"file": str(p), "reason": "output is newer than input"})
             hooks.advance(1)

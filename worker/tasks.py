@@ -19,7 +19,7 @@ import av
 
 from pipeline import media
 from pipeline.errors import Cancelled, FacemendError, OutputError
-from pipeline.job import JobOptions, JobResult, _is_fresh, check_paths, mirrored_output, process_file, scan_folder
+from pipeline.job import JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder
 from pipeline.video import process_range
 
 from .app import app
@@ -50,7 +50,7 @@ def plan_job(job_id: str) -> dict:
         if job.parts:  # a redelivered plan (its worker died, or the visibility timeout passed)
             return _send_parts(job, [p["index"] for p in job.parts if not p["sent"]])
         kind = check_paths(src, dst, opts)
-        if kind == "video" and opts.skip_existing and _is_fresh(src, dst):  # as the embedded run
+        if kind == "video" and opts.skip_existing and is_fresh(src, dst):  # as the embedded run
             store().set_state(job_id, DONE, summary={
                 "processed": 0, "skipped": 1, "failed": 0,
                 "skipped_files": [{"file": str(src), "reason": "output is newer than input"}]})
@@ -241,7 +241,7 @@ def chunk(self, job_id: str, index: int) -> dict:
 
 
 def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
-    if opts.skip_existing and _is_fresh(src, out):
+    if opts.skip_existing and is_fresh(src, out):
         return {"status": "skipped", "output": str(out), "reason": "output is newer than input"}
     result = JobResult(str(src), str(out), "file", opts.task)
     try:
