@@ -23,7 +23,7 @@ import av
 import cv2
 import numpy as np
 
-from .errors import CorruptInput, InputError, InputNotFound, OutputError, UnsupportedInput
+from .errors import CorruptInput, InputNotFound, OutputError, UnsupportedInput
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ lookahead, however long the video.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
