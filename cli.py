@@ -32,6 +32,9 @@ examples:
   facemend submit clip.mp4 --task denoise               # writes clip.denoise.mp4
   facemend submit photos/ --task enhance --skip-existing  # mirrors into photos.enhance/
   facemend submit face.jpg --task unmask --output out.jpg --preview sheet.png
+  facemend submit clip.mp4 --task age --amount +30      # FaceMath: every face 30 years older
+  facemend submit a.jpg --task morph --to b.jpg --frames 48 --output morph.gif
+  facemend generate --count 16 --output grid.png        # random faces from the VAE's prior
   FACEMEND_BROKER_URL=redis://127.0.0.1:6379/0 facemend worker --queues gpu,cpu --device cuda:0
   facemend submit clip.mp4 --task denoise --broker redis://127.0.0.1:6379/0 --wait
   facemend status JOB_ID --json; facemend list --state RUNNING; facemend cancel JOB_ID
@@ -78,6 +81,15 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="do not match restored faces' mean colour to the original")
     p.add_argument("--preview", type=Path, metavar="PATH.png",
                    help="write a before/after sheet of up to 16 face crops")
+    fm = p.add_argument_group("FaceMath tasks (age, gender, morph)")
+    fm.add_argument("--amount", type=float, metavar="X",
+                    help="age: years to add (+30) or remove (-20), default +30; "
+                         "gender: +1.0 toward female-typical features, -1.0 toward male, default +1.0")
+    fm.add_argument("--to", type=Path, metavar="IMAGE", help="morph: the face to morph into")
+    fm.add_argument("--frames", type=int, default=48, help="morph: number of frames (default 48)")
+    fm.add_argument("--fps", type=float, default=24.0, help="morph: frames per second (default 24)")
+    fm.add_argument("--sharpen", action="store_true",
+                    help="unsharp-mask the VAE decoder's output (crisper, noisier; default off)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--wait", action="store_true", help="queued: follow the job until it finishes")
     p.add_argument("--queue", metavar="NAME",
@@ -85,6 +97,18 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment-seconds", type=float, metavar="S",
                    help="queued videos: segment length (default: $FACEMEND_SEGMENT_SECONDS or 30)")
     p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("generate", help="new random faces from FaceMath's VAE, as a grid image", parents=[common])
+    p.add_argument("--count", type=int, default=16, help="number of faces (default 16)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="grid image to write (.png, .jpg)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0: same faces every run)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="spread of the codes drawn from the prior (default 0.8; 1.0 = the prior)")
+    p.add_argument("--face-size", type=int, default=128, help="pixels per face in the grid (default 128)")
+    p.add_argument("--columns", type=int, default=0, help="faces per row (default: a square-ish grid)")
+    p.add_argument("--sharpen", action="store_true", help="unsharp-mask the decoder's output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.set_defaults(func=cmd_generate)
     add_job_commands(sub, common)
     return parser
 
@@ -154,7 +178,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         preset=args.preset, min_face=args.min_face, batch_size=args.batch_size,
         detect_every=args.detect_every,
         colour_match=args.colour_match, preview=str(args.preview) if args.preview else None,
+        amount=args.amount, sharpen=args.sharpen, to=str(args.to) if args.to else None,
+        frames=args.frames, fps=args.fps,
     )
+    check_facemath_args(args)
     settings = get_settings(args, segment_seconds=args.segment_seconds)
     if settings.queued:
         return submit_queued(args, opts, settings)
@@ -167,12 +194,51 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         per = f", {result.faces / max(result.frames, 1):.2f} faces/frame" if result.kind == "video" else ""
-        unit = "frames" if result.kind == "video" else "files"
+        unit = "frames" if result.kind in ("video", "morph") else "files"
         print(f"{result.output}: {result.frames} {unit}, {result.faces} faces{per}, "
               f"{result.seconds:.1f} s")
         for item in result.failures:
             print(f"failed: {item['error']}", file=sys.stderr)
     return 6 if result.failures else 0
+
+
+def check_facemath_args(args: argparse.Namespace) -> None:
+    """Options that only mean something for some tasks: refuse them elsewhere (exit 3)."""
+    from pipeline.errors import InputError
+
+    if args.task != "morph" and args.to is not None:
+        raise InputError(f"--to is for --task morph (the task is {args.task})")
+    if args.task == "morph" and args.frames < 2:
+        raise InputError(f"--frames {args.frames}: a morph needs at least 2 frames")
+    if args.amount is not None and args.task not in ("age", "gender"):
+        raise InputError(f"--amount is for --task age or gender (the task is {args.task})")
+    if args.fps <= 0:
+        raise InputError(f"--fps {args.fps}: must be positive")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.errors import InputError, ModelError, OutputError, OutputExists
+    from pipeline.generate import write_grid
+    from pipeline.job import pick_device
+
+    if not 1 <= args.count <= 1024:
+        raise InputError(f"--count {args.count}: choose 1 to 1024 faces")
+    if not 16 <= args.face_size <= 1024:
+        raise InputError(f"--face-size {args.face_size}: choose 16 to 1024 pixels")
+    if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise OutputError(f"{args.output}: the grid is written as .png, .jpg or .webp")
+    if args.output.exists() and not args.overwrite:
+        raise OutputExists(f"{args.output}: the output exists (use --overwrite to replace it)")
+    try:
+        from models.facemath import FaceMath
+
+        fm = FaceMath.load(pick_device(args.device))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ModelError(f"generate: {e}") from None
+    n = write_grid(fm, args.output, count=args.count, seed=args.seed, temperature=args.temperature,
+                   face_size=args.face_size, columns=args.columns, crisp=args.sharpen)
+    print(f"{args.output}: {n} faces (seed {args.seed}, temperature {args.temperature:g})")
+    return 0
 
 
 def get_settings(args: argparse.Namespace, **overrides):

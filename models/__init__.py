@@ -10,16 +10,18 @@ import torch (the CLI lists tasks without it); ``load`` does.
 """
 from __future__ import annotations
 
-from .tasks import ALIASES, TASKS, TaskSpec, resolve, task_names
+from .tasks import ALIASES, LATENT_TASKS, TASKS, TaskSpec, resolve, task_names
 
-__all__ = ["ALIASES", "TASKS", "TaskSpec", "Restorer", "load", "resolve", "task_names"]
+__all__ = ["ALIASES", "LATENT_TASKS", "TASKS", "TaskSpec", "Restorer", "load", "resolve", "task_names"]
 
 
-def load(task: str, device="cpu", *, half: bool = False):
-    """The ``Restorer`` for ``task`` on ``device`` (see ``models.registry.load``)."""
+def load(task: str, device="cpu", *, half: bool = False, amount: float | None = None,
+         sharpen: bool = False):
+    """The ``Restorer`` (or FaceMath ``FaceEditor``) for ``task`` on ``device`` (see
+    ``models.registry.load``)."""
     from .registry import load as _load
 
-    return _load(task, device, half=half)
+    return _load(task, device, half=half, amount=amount, sharpen=sharpen)
 
 
 def __getattr__(name: str):

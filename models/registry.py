@@ -38,13 +38,21 @@ class Restorer(nn.Module):
         return self.net(x).clamp_(0.0, 1.0)
 
 
-def load(task: str, device: str | torch.device = "cpu", *, half: bool = False) -> Restorer:
-    """The restoration model for ``task`` on ``device``, in eval mode, weights from safetensors.
+def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
+         amount: float | None = None, sharpen: bool = False):
+    """The model for ``task`` on ``device``, in eval mode, weights from safetensors.
 
+    Restoration tasks give a ``Restorer``; FaceMath tasks (age, gender, morph) a
+    ``models.facemath.FaceEditor`` with the same calling convention, editing by ``amount``
+    (default: the task's) and unsharp-masking the decoder's output when ``sharpen``.
     Raises ValueError for an unknown task and FileNotFoundError when the task's shipped weights
     are missing from models/weights.
     """
     spec = resolve(task)
+    if spec.latent:
+        from .facemath import load_editor
+
+        return load_editor(spec.name, device, amount=amount, sharpen=sharpen).eval()
     if spec.weights is None:
         return Restorer(spec, None).eval()
     from .nets import load_net  # the networks module is only needed for learned tasks

@@ -19,6 +19,8 @@ class TaskSpec:
     native: bool
     size: int = 128
     weights: str | None = None  # file name in models/weights, None for identity
+    latent: bool = False  # a FaceMath edit of the VAE's code (models.facemath), not a restoration
+    default_amount: float = 0.0  # latent edits: the --amount used when none is given
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -29,8 +31,16 @@ TASKS: dict[str, TaskSpec] = {
                         weights="enhance.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
                        weights="unmask.safetensors"),
+    "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
+                    weights="facemath.safetensors", latent=True, default_amount=30.0),
+    "gender": TaskSpec("gender", "adds (--amount > 0) or removes (< 0) female-typical features"
+                       " (FaceMath)", False, weights="facemath.safetensors", latent=True,
+                       default_amount=1.0),
+    "morph": TaskSpec("morph", "a video or GIF morphing the input image's face into --to's (FaceMath)",
+                      False, weights="facemath.safetensors", latent=True),
 }
 ALIASES = {"deblur": "enhance"}
+LATENT_TASKS = tuple(name for name, spec in TASKS.items() if spec.latent)
 
 
 def task_names() -> list[str]:

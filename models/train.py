@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # torch threads (0: torch default)
     net: dict = field(default_factory=dict)  # NetConfig overrides
+    init: str = ""  # start from these weights (safetensors) instead of random
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +283,16 @@ def train(
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed)
 
     ckpt = out / "last.pt"
+    if cfg.init and not ckpt.is_file():  # fine-tune from shipped weights (their config wins)
+        start = load_net(cfg.init, device=device)
+        net = start.train().to(device)
+        ema = copy.deepcopy(net).eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+        if cuda:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        log.info("initialised from %s", cfg.init)
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
         net.load_state_dict(saved["net"])
@@ -421,11 +432,19 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default="")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", default="", help="start from these weights (e.g. models/weights/denoise.safetensors)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    i = argv.index("--task") if "--task" in argv else -1
+    if 0 <= i < len(argv) - 1 and argv[i + 1] == "facemath":  # the VAE has its own trainer
+        from .train_vae import main as train_vae
+
+        return train_vae(argv[:i] + argv[i + 2 :])
     a = make_argument_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.steps <= 0 and a.minutes <= 0:
@@ -434,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         task=a.task, steps=a.steps, minutes=a.minutes, batch=a.batch, patch=a.patch, lr=a.lr,
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
-        device=a.device, threads=a.threads, net=json.loads(a.net),
+        device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init,
     )
     train(cfg)
 

@@ -18,6 +18,7 @@ from .errors import Cancelled, FacemendError, ModelError, InputError, InputNotFo
 from .faces import FaceDetector
 from .images import is_image_path, restore_image
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
+from .morph import check_morph, write_morph
 from .restore import FaceRestorer, PreviewSink
 from .video import process_range
 
@@ -44,6 +45,12 @@ class JobOptions:
     batch_size: int = 16
     colour_match: bool = True
     preview: str | None = None
+    # FaceMath tasks (age, gender, morph)
+    amount: float | None = None  # age: years (+ older, - younger); gender: + female, - male
+    sharpen: bool = False  # unsharp-mask the VAE decoder's output
+    to: str | None = None  # morph: the second face's image
+    frames: int = 48  # morph: frames in the output
+    fps: float = 24.0  # morph: frame rate of the output
 
     def encoder(self, *, joinable: bool = False) -> EncoderSettings:
         codec = self.codec
@@ -83,6 +90,8 @@ class JobResult:
 
 
 def default_output(src: Path, task: str) -> Path:
+    if task == "morph":
+        return src.with_name(f"{src.stem}.morph.mp4")
     if src.is_dir():
         return src.with_name(f"{src.name}.{task}")
     ext = src.suffix if (is_image_path(src) or src.suffix.lower() in KEEP_VIDEO_EXT) else ".mp4"
@@ -99,6 +108,13 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
         raise InputNotFound(f"{src}: no such file or folder")
     if src.resolve() == dst.resolve():
         raise OutputError(f"{dst}: the output path is the input; choose another --output")
+    if opts.task == "morph":
+        other = check_morph(src, opts.to, dst)
+        if other.resolve() == dst.resolve():
+            raise OutputError(f"{dst}: the output path is the --to image; choose another --output")
+        if dst.exists() and not opts.overwrite and not (opts.skip_existing and is_fresh(src, dst)):
+            raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
+        return "image"
     if src.is_dir():
         if dst.resolve().is_relative_to(src.resolve()):
             raise OutputError(f"{dst}: the output folder is inside the input folder {src}")
@@ -166,7 +182,7 @@ class Engine:
         self.device = pick_device(opts.device)
         if model is None:
             try:
-                model = models.load(opts.task, self.device)
+                model = models.load(opts.task, self.device, amount=opts.amount, sharpen=opts.sharpen)
             except (FileNotFoundError, OSError, ValueError) as e:
                 raise ModelError(f"task {opts.task!r}: {e}") from None
         self.model = model
@@ -184,7 +200,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     dst = resolve_output(src, opts)
     kind = check_paths(src, dst, opts)
     t0 = time.perf_counter()
-    result = JobResult(str(src), str(dst), kind, opts.task)
+    result = JobResult(str(src), str(dst), "morph" if opts.task == "morph" else kind, opts.task)
     if kind != "folder" and opts.skip_existing and is_fresh(src, dst):
         result.files["skipped"] = 1
         result.skipped.append({"file": str(src), "reason": "output is newer than input"})
@@ -197,8 +213,8 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     elif kind == "image":
         engine = engine or Engine(opts)
         hooks.total(1, "files")
-        r = restore_image(src, dst, detector=engine.detector, restorer=engine.restorer)
-        result.frames, result.faces, result.frames_with_faces = 1, r.faces, int(r.faces > 0)
+        process_file(src, dst, opts, engine, result)
+        result.items = []
         result.files["processed"] = 1
         hooks.advance(1)
     else:
@@ -220,6 +236,7 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
         log.warning(note)
         result.notes.append(note)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
     with tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent) as tmp:
         part = Path(tmp) / "part0.mp4"
         stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
@@ -263,7 +280,14 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
 def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: JobResult) -> None:
     """One file of a folder job into ``out`` (parent folders created)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if is_image_path(p):
+    if opts.task == "morph":
+        m = write_morph(p, Path(opts.to), out, detector=engine.detector, fm=engine.model.fm,
+                        frames=opts.frames, fps=opts.fps, crisp=opts.sharpen, crf=opts.crf)
+        result.frames += m.frames
+        result.faces += 2
+        result.frames_with_faces += m.frames
+        faces = 2
+    elif is_image_path(p):
         r = restore_image(p, out, detector=engine.detector, restorer=engine.restorer)
         result.frames += 1
         result.faces += r.faces

@@ -55,11 +55,19 @@ class FaceRestorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_crop = max_crop
-        self.colour_match = colour_match
+        # FaceMath edits change colour on purpose (grey hair, skin tone): never undo that
+        self.colour_match = colour_match and not getattr(self.spec, "latent", False)
+        self.uses_tracks = getattr(model, "uses_tracks", False)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
         self.identity = getattr(model, "net", None) is None
         self.faces_restored = 0
+
+    def reset(self) -> None:
+        """Forget per-track state (a FaceMath edit's smoothed codes); call before each video."""
+        reset = getattr(self.model, "reset", None)
+        if reset is not None:
+            reset()
 
     def crop_size(self, face: Face) -> int:
         if not self.spec.native:
@@ -86,7 +94,8 @@ class FaceRestorer:
         for size, idxs in by_size.items():
             for k in range(0, len(idxs), self.batch_size):
                 chunk = [jobs[j] for j in idxs[k : k + self.batch_size]]
-                restored = self._run([c[4] for c in chunk])
+                keys = [c[1].track if c[1].track >= 0 else -1 for c in chunk] if self.uses_tracks else None
+                restored = self._run([c[4] for c in chunk], keys)
                 for (i, f, size_, m, crop), rest in zip(chunk, restored):
                     crop_f = crop.astype(np.float32)
                     if self.colour_match:
@@ -102,16 +111,16 @@ class FaceRestorer:
                         out[i].append(placed)
         return out
 
-    def _run(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+    def _run(self, crops: list[np.ndarray], keys: list | None = None) -> list[np.ndarray]:
         """Crops (S, S, 3) uint8 -> restored (S, S, 3) float32 in 0..255."""
         with self._torch.inference_mode():
-            return self._forward(crops)
+            return self._forward(crops, keys)
 
-    def _forward(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+    def _forward(self, crops: list[np.ndarray], keys: list | None = None) -> list[np.ndarray]:
         torch = self._torch
         x = torch.from_numpy(np.stack(crops)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
         if self.half:
             x = x.half()
-        y = self.model(x).float().mul_(255.0)
+        y = (self.model(x) if keys is None else self.model(x, keys)).float().mul_(255.0)
         return list(y.permute(0, 2, 3, 1).cpu().numpy())

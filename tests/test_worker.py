@@ -32,13 +32,13 @@ def env(**extra) -> dict:
     return e
 
 
-def cli(*args, timeout: float = 120, **extra) -> subprocess.CompletedProcess:
+def cli(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout, env=env(**extra))
+                          text=True, cwd=cwd, timeout=timeout, env=env(**extra))
 
 
-def cli_json(*args, timeout: float = 120, **extra) -> dict:
-    p = cli(*args, "--json", timeout=timeout, **extra)
+def cli_json(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> dict:
+    p = cli(*args, "--json", timeout=timeout, cwd=cwd, **extra)
     assert p.stdout.strip(), f"cli {args} exited {p.returncode}: {p.stderr[-2000:]}"
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -293,3 +293,22 @@ def test_password_and_tls_urls(workers, tls_redis, tmp_path):
     job = cli_json("submit", good, "--task", "identity", "--wait", timeout=120, **tls)
     assert job["state"] == "DONE" and Path(job["output"]).is_file()
     assert cli("list", **{**tls, "FACEMEND_BROKER_URL": url.replace("s3cret%20pass", "wrong")}).returncode == 7
+
+
+def test_facemath_tasks_run_queued(workers, tmp_path):
+    """age on a photo and a morph between two photos, through Redis and a real worker."""
+    from conftest import SCENES
+
+    a, b = tmp_path / "a.jpg", tmp_path / "b.png"
+    shutil.copy(SCENES / "pyfeat_single_face.jpg", a)
+    shutil.copy(SCENES / "facerec_lin-manuel-miranda.png", b)
+    workers.start("w1")
+    job = cli_json("submit", a, "--task", "age", "--amount", "25", "--wait")
+    assert job["state"] == "DONE" and job["summary"]["processed"] == 1, job
+    assert Path(job["output"]).name == "a.age.jpg" and Path(job["output"]).stat().st_size > 0
+    job = cli_json("submit", a, "--task", "morph", "--to", b.name, "--frames", "8", "--wait", cwd=tmp_path)
+    assert job["state"] == "DONE", job
+    out = Path(job["output"])
+    assert out == tmp_path / "a.morph.mp4" and probe(out)["frames"] == 8
+    opts = job["options"] if isinstance(job["options"], dict) else json.loads(job["options"])
+    assert opts["to"] == str(b)  # --to made absolute for workers on other machines

@@ -39,8 +39,12 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     from .app import app, configure
 
     src = Path(src).absolute()
+    if opts.to:  # morph's second image: workers on other machines need an absolute path too
+        opts = JobOptions(**{**asdict(opts), "to": str(Path(opts.to).absolute())})
     dst = resolve_output(src, opts).absolute()
     check_roots(src, dst, settings)
+    if opts.to:
+        check_roots(Path(opts.to), dst, settings)
     kind = check_paths(src, dst, opts)
     store = connect(settings)
     configure(settings)

@@ -47,6 +47,8 @@ def plan_job(job_id: str) -> dict:
     opts = JobOptions(**job.options)
     try:
         check_roots(src, dst, settings)
+        if opts.to:
+            check_roots(Path(opts.to), dst, settings)
         if job.parts:  # a redelivered plan (its worker died, or the visibility timeout passed)
             return _send_parts(job, [p["index"] for p in job.parts if not p["sent"]])
         kind = check_paths(src, dst, opts)
@@ -142,6 +144,7 @@ def segment(self, job_id: str, index: int) -> dict:
             engine = engine_for(opts, app.facemend_settings)
             path.parent.mkdir(parents=True, exist_ok=True)
             extra = {"detect_every": opts.detect_every} if getattr(opts, "detect_every", 1) != 1 else {}
+            engine.restorer.reset()  # FaceMath's smoothed codes belong to one range of one video
             r = process_range(vplan, path, detector=engine.detector, restorer=engine.restorer,
                               settings=opts.encoder(joinable=True), start=start, stop=stop,
                               progress=progress, should_cancel=stop_requested(job_id), **extra)

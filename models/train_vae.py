@@ -1,0 +1,304 @@
+"""Train FaceMath's face VAE on aligned UTKFace crops (the restoration models' crop cache).
+
+    python -m models.train_vae --minutes 60 --export
+    python -m models.train --task facemath --minutes 60 --export      # the same, via models.train
+
+The 128 px cache crops are average-pooled to 64 px, exactly as ``models.facemath`` does at
+inference time. Loss: per-pixel MSE + a KL weight annealed linearly from 0 over the first
+``anneal`` steps (so the decoder learns to reconstruct before the prior pulls the codes in).
+State goes to runs/facemath/last.pt and is resumed automatically; ``--export`` writes the best
+weights (by validation reconstruction PSNR of an EMA of the weights, decoding the mean) to
+models/weights/facemath.safetensors with a model card facemath.json. Run
+``python -m models.facemath attributes`` afterwards: the attribute vectors depend on the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import data as D
+from .train import hardware
+from .vae import FaceVAE, VAEConfig, kl_divergence, save_vae
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 0
+    minutes: float = 0.0
+    batch: int = 32
+    lr: float = 2e-3
+    kl_weight: float = 0.004  # weight of KL per pixel-channel relative to the per-pixel MSE
+    anneal: int = 2000  # steps of linear KL warm-up
+    ema: float = 0.999
+    seed: int = 0
+    val_count: int = 256
+    val_every_min: float = 3.0
+    export_every_min: float = 5.0
+    ckpt_every_min: float = 2.0
+    out: str = ""
+    export: bool = False
+    export_dir: str = ""
+    device: str = "cpu"
+    threads: int = 0
+    net: dict = field(default_factory=dict)
+
+
+def pool64(crops: np.ndarray, size: int = 64) -> np.ndarray:
+    """(N, 128, 128, 3) uint8 -> (N, size, size, 3) uint8 by area averaging."""
+    n, h, w, c = crops.shape
+    f = h // size
+    out = np.empty((n, size, size, c), np.uint8)
+    for i in range(0, n, 1024):
+        x = np.asarray(crops[i : i + 1024], dtype=np.float32)
+        x = x.reshape(-1, size, f, size, f, c).mean((2, 4))
+        out[i : i + 1024] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
+
+
+def load_faces(split: str, size: int = 64) -> tuple[np.ndarray, list[dict]]:
+    """The cache's ``split`` crops pooled to ``size`` px, and their index entries."""
+    crops, items = D.load_cache(split)
+    return pool64(crops, size), items
+
+
+def to_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def psnr_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def reconstruction_scores(vae: FaceVAE, faces: np.ndarray, device: str = "cpu", batch: int = 128) -> dict:
+    """Mean PSNR (dB) of decode(mu) against uint8-rounded faces, and mean KL (nats)."""
+    vae.eval()
+    ps, kls = [], []
+    for i in range(0, len(faces), batch):
+        x = to_tensor(faces[i : i + batch]).to(device)
+        mu, logvar = vae.encode(x)
+        y = torch.round(vae.decode(mu) * 255) / 255
+        ps.append(psnr_batch(y, x).cpu())
+        kls.append(kl_divergence(mu, logvar).cpu())
+    return {"psnr": round(float(torch.cat(ps).mean()), 3), "kl": round(float(torch.cat(kls).mean()), 1)}
+
+
+def lr_at(cfg: VAETrainConfig, step: int, elapsed: float) -> float:
+    warm = min(1.0, (step + 1) / 200)
+    fracs = ([step / cfg.steps] if cfg.steps else []) + ([elapsed / (cfg.minutes * 60)] if cfg.minutes else [])
+    frac = min(1.0, max(fracs)) if fracs else 0.0
+    return cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def make_card(cfg: VAETrainConfig, vae: FaceVAE, state: dict, n_train: int) -> dict:
+    return {
+        "task": "facemath",
+        "weights": "facemath.safetensors",
+        "format": "safetensors fp16; VAEConfig as JSON in the 'config' metadata key",
+        "architecture": "convolutional VAE: strided-conv encoder with residual blocks -> linear"
+                        " (mu, logvar); linear -> upsample+conv decoder with residual blocks,"
+                        " pixel-shuffle output",
+        "config": asdict(vae.config),
+        "params": sum(p.numel() for p in vae.parameters()),
+        "input": "pipeline-aligned 128 px crop, 2x2 average-pooled to 64 px",
+        "data": {
+            "source": "UTKFace (../shared/data/faces/utkface), largest MTCNN face aligned to the"
+                      " pipeline.align template",
+            "train_crops": n_train,
+            "split": "validation = sha1(file name) % 1000 < 50 (~5%), never trained on",
+            "license": "UTKFace is for non-commercial research only; image copyright stays with"
+                       " the owners. These weights inherit that restriction.",
+        },
+        "training": {
+            "steps": state["step"],
+            "batch": cfg.batch,
+            "lr": cfg.lr,
+            "loss": f"MSE + {cfg.kl_weight} * KL / (3*64*64), KL weight annealed over {cfg.anneal} steps",
+            "ema": cfg.ema,
+            "seed": cfg.seed,
+            "augment": "horizontal flip",
+            "train_time_s": round(state["elapsed"], 1),
+            "wall_time_s": round(state.get("wall", state["elapsed"]), 1),
+            "hardware": hardware(cfg.device, cfg.threads),
+            "torch": torch.__version__,
+        },
+        "validation": {"n": cfg.val_count, "metric": "PSNR of decode(mu), uint8-rounded, 64 px",
+                       **state["best_scores"]},
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
+          val_faces: np.ndarray | None = None) -> dict:
+    """Train (or resume) the VAE per ``cfg``; faces default to the UTKFace cache, pooled."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = cfg.device
+    out = Path(cfg.out or ROOT / "runs" / "facemath")
+    out.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(cfg.export_dir or WEIGHTS_DIR)
+    if train_faces is None:
+        train_faces, _ = load_faces("train")
+    if val_faces is None:
+        val_all, _ = load_faces("val")
+        pick = np.linspace(0, len(val_all) - 1, min(cfg.val_count, len(val_all))).astype(int)
+        val_faces = val_all[pick]
+    cfg.val_count = len(val_faces)
+    vcfg = VAEConfig(**cfg.net)
+    vae = FaceVAE(vcfg).to(device)
+    ema = copy.deepcopy(vae).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
+    ckpt = out / "last.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
+        vae.load_state_dict(saved["net"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        rng.bit_generator.state = saved["rng"]
+        log.info("resumed %s at step %d", ckpt, state["step"])
+
+    def save_ckpt() -> None:
+        tmp = ckpt.with_name("last.partial.pt")
+        torch.save({"net": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "state": state, "rng": rng.bit_generator.state, "config": asdict(cfg)}, tmp)
+        tmp.replace(ckpt)
+
+    def evaluate_now() -> None:
+        scores = reconstruction_scores(ema, val_faces, device)
+        scores.update(step=state["step"], elapsed=round(state["elapsed"], 1))
+        state["history"].append(scores)
+        log.info("step %d  val recon PSNR %.2f dB  KL %.1f", state["step"], scores["psnr"], scores["kl"])
+        if scores["psnr"] > state["best"]:
+            state["best"], state["best_scores"] = scores["psnr"], dict(scores)
+            save_vae(ema, out / "best.safetensors", metadata={"step": state["step"]})
+
+    def export() -> None:
+        from .vae import load_vae
+
+        best = load_vae(out / "best.safetensors")
+        card = make_card(cfg, best, state, len(train_faces))
+        save_vae(best, export_dir / "facemath.safetensors", metadata={"card": card})
+        (export_dir / "facemath.json").write_text(json.dumps(card, indent=2) + "\n")
+        log.info("exported %s (val recon PSNR %.2f dB)", export_dir / "facemath.safetensors", state["best"])
+
+    def done() -> bool:
+        return bool((cfg.steps and state["step"] >= cfg.steps)
+                    or (cfg.minutes and state["elapsed"] >= cfg.minutes * 60))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps or None, initial=state["step"], desc="facemath", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 60.0, file=sys.stderr)
+    last_val = last_export = last_ckpt = state["elapsed"]
+    pixels = 3 * vcfg.size * vcfg.size
+    loss_avg = None
+    t_prev = time.time()
+    t_wall = time.time() - state.get("wall", 0.0)
+    while not done():
+        state["wall"] = time.time() - t_wall
+        vae.train()
+        idx = rng.integers(0, len(train_faces), cfg.batch)
+        xb = train_faces[np.sort(idx)]
+        flip = rng.random(cfg.batch) < 0.5
+        xb = np.where(flip[:, None, None, None], xb[:, :, ::-1], xb)
+        x = to_tensor(xb).to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, state["step"], state["elapsed"])
+        recon, mu, logvar = vae(x)
+        mse = F.mse_loss(recon, x)
+        kl = kl_divergence(mu, logvar).mean()
+        beta = cfg.kl_weight * min(1.0, state["step"] / max(1, cfg.anneal))
+        loss = mse + beta * kl / pixels
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + state["step"]) / (10 + state["step"]))
+            for pe, pn in zip(ema.parameters(), vae.parameters()):
+                pe.lerp_(pn.detach(), 1 - decay)
+        state["step"] += 1
+        now = time.time()
+        state["elapsed"] += now - t_prev
+        t_prev = now
+        lv = float(mse.detach())
+        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+        bar.update(1)
+        bar.set_postfix(psnr=f"{-10 * math.log10(max(loss_avg, 1e-10)):.2f}", kl=f"{float(kl.detach()):.0f}",
+                        val=f"{state['best']:.2f}", refresh=False)
+        if state["elapsed"] - last_val >= cfg.val_every_min * 60:
+            evaluate_now()
+            last_val = state["elapsed"]
+            t_prev = time.time()
+        if cfg.export and state["best"] > 0 and state["elapsed"] - last_export >= cfg.export_every_min * 60:
+            export()
+            last_export = state["elapsed"]
+        if state["elapsed"] - last_ckpt >= cfg.ckpt_every_min * 60:
+            save_ckpt()
+            last_ckpt = state["elapsed"]
+    bar.close()
+    evaluate_now()
+    state["wall"] = time.time() - t_wall
+    save_ckpt()
+    if cfg.export:
+        export()
+    log.info("done: %d steps, %.0f s, best val recon PSNR %.2f dB", state["step"], state["elapsed"], state["best"])
+    return state
+
+
+def make_argument_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train FaceMath's face VAE on the UTKFace crop cache.")
+    p.add_argument("--steps", type=int, default=0, help="step budget (0: none)")
+    p.add_argument("--minutes", type=float, default=0.0, help="training wall-time budget (0: none)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=0.004)
+    p.add_argument("--anneal", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-count", type=int, default=256)
+    p.add_argument("--val-every", type=float, default=3.0, help="minutes between validations")
+    p.add_argument("--out", default="", help="run folder (default runs/facemath)")
+    p.add_argument("--export", action="store_true", help="write models/weights/facemath.*")
+    p.add_argument("--export-dir", default="")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--net", default="{}", help='VAEConfig overrides as JSON, e.g. \'{"latent": 128}\'')
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = make_argument_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.steps <= 0 and a.minutes <= 0:
+        raise SystemExit("give --steps or --minutes (or both)")
+    train(VAETrainConfig(steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
+                         anneal=a.anneal, seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
+                         out=a.out, export=a.export, export_dir=a.export_dir, device=a.device,
+                         threads=a.threads, net=json.loads(a.net)))
+
+
+if __name__ == "__main__":
+    main()
