@@ -36,6 +36,10 @@ class FastMTCNN(torch.nn.Module):
         self.factor = factor
         self.device = torch.device(device)
         self.to(self.device).eval()
+        # channels-last runs the three networks' convolutions and max-pools about twice as fast
+        # on CPU (oneDNN); the results are the same up to float rounding
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def _crops(self, imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, size: int) -> torch.Tensor:
         h, w = imgs.shape[2:4]
@@ -43,7 +47,7 @@ class FastMTCNN(torch.nn.Module):
         rois = torch.tensor(np.stack([inds.cpu().numpy(), x - 1, y - 1, ex, ey], 1), dtype=imgs.dtype,
                             device=imgs.device)
         out = roi_align(imgs, rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        return (out - 127.5) * 0.0078125
+        return ((out - 127.5) * 0.0078125).contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def detect(self, batch: np.ndarray):
@@ -61,7 +65,7 @@ class FastMTCNN(torch.nn.Module):
         boxes, image_inds = [], []
         for scale in scales:
             im = interpolate(imgs, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-            reg, probs = self.pnet((im - 127.5) * 0.0078125)
+            reg, probs = self.pnet(((im - 127.5) * 0.0078125).contiguous(memory_format=self.memory_format))
             b, ii = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
             pick = batched_nms(b[:, :4], b[:, 4], ii, 0.5)
             boxes.append(b[pick])
