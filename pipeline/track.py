@@ -5,6 +5,12 @@ final (``pop_ready``): a frame is final once the tracker has seen ``lookahead`` 
 enough to fill gaps up to ``max_gap`` frames and to smooth landmarks with a Gaussian over
 ``radius`` frames on both sides (the window KEEP uses for video). Memory stays bounded by the
 lookahead, however long the video.
+
+Association is greedy by IoU between a detection and the track's box, taken both where the
+track last was and where its last two detections' velocity puts it now (a face 90 px wide that
+moves 35 px a frame overlaps its box of two frames before by IoU 0.14 only). Detections and
+tracks still unpaired then pair by centre distance (at most half a box width per frame of gap,
+widths within 1.5x), so that a fast face keeps its track across a detection gap.
 """
 from __future__ import annotations
 
@@ -23,14 +29,29 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def _centre_distance(a: np.ndarray, b: np.ndarray, gap: int) -> float:
+    """Distance of the box centres in widths of ``a`` per frame of ``gap``; inf when the sizes
+    differ by more than 1.5x."""
+    wa, wb = a[2] - a[0], b[2] - b[0]
+    if wa <= 0 or wb <= 0 or max(wa, wb) > 1.5 * min(wa, wb):
+        return float("inf")
+    d = np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
+    return float(d / (wa * max(1, gap)))
+
+
 @dataclass
 class _Track:
     id: int
     faces: dict[int, Face] = field(default_factory=dict)  # frame index -> face (detected/filled)
     last: int = -1
+    velocity: np.ndarray | None = None  # box change per frame between the last two detections
 
     def last_box(self) -> np.ndarray:
         return self.faces[self.last].box
+
+    def predicted_box(self, index: int) -> np.ndarray:
+        box = self.last_box()
+        return box if self.velocity is None else box + self.velocity * (index - self.last)
 
 
 class FaceTracker:
@@ -47,6 +68,7 @@ class FaceTracker:
         self._next_id = 0
         self._seen = first - 1  # last frame added
         self._emitted = first - 1  # last frame handed back
+        self._detected: int | None = None  # last frame added with detections
         self._weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
 
     def add(self, index: int, faces: list[Face] | None) -> None:
@@ -56,26 +78,57 @@ class FaceTracker:
         self._seen = index
         if faces is None:
             return
+        self._detected = index
         live = [t for t in self._tracks if index - t.last <= self.max_gap + 1]
-        pairs = sorted(
-            ((iou(t.last_box(), f.box), ti, fi) for ti, t in enumerate(live) for fi, f in enumerate(faces)),
-            reverse=True,
-        )
-        used_t, used_f = set(), set()
-        for score, ti, fi in pairs:
-            if score < self.min_iou:
-                break
-            if ti in used_t or fi in used_f:
-                continue
-            used_t.add(ti)
-            used_f.add(fi)
+        pairs = self._pairs(index, live, faces)
+        for ti, fi in pairs:
             self._extend(live[ti], index, faces[fi])
+        used_f = {fi for _, fi in pairs}
         for fi, f in enumerate(faces):
             if fi not in used_f:
                 t = _Track(self._next_id)
                 self._next_id += 1
                 self._extend(t, index, f)
                 self._tracks.append(t)
+
+    def continues(self, index: int, faces: list[Face]) -> bool:
+        """True when ``faces`` (detections of frame ``index``, not added yet) are the faces of
+        the last detected frame, moved: each of its tracks pairs with one of them and none is
+        left over. False means a face appeared or vanished in between (worth detecting the
+        frames in between, rather than leaving them to interpolation)."""
+        if self._detected is None:
+            return not faces
+        there = [t for t in self._tracks if t.last == self._detected]
+        return len(there) == len(faces) == len(self._pairs(index, there, faces))
+
+    def _pairs(self, index: int, live: list[_Track], faces: list[Face]) -> list[tuple[int, int]]:
+        """(track, face) pairs: greedy by IoU (last or predicted box), then by centre distance."""
+        scored = sorted(
+            ((max(iou(t.last_box(), f.box), iou(t.predicted_box(index), f.box)), ti, fi)
+             for ti, t in enumerate(live) for fi, f in enumerate(faces)),
+            reverse=True,
+        )
+        used_t, used_f, out = set(), set(), []
+        for score, ti, fi in scored:
+            if score < self.min_iou:
+                break
+            if ti in used_t or fi in used_f:
+                continue
+            used_t.add(ti)
+            used_f.add(fi)
+            out.append((ti, fi))
+        near = sorted(
+            (d, ti, fi) for ti, t in enumerate(live) if ti not in used_t
+            for fi, f in enumerate(faces) if fi not in used_f
+            for d in [_centre_distance(t.predicted_box(index), f.box, index - t.last)] if d <= 0.5
+        )
+        for d, ti, fi in near:
+            if ti in used_t or fi in used_f:
+                continue
+            used_t.add(ti)
+            used_f.add(fi)
+            out.append((ti, fi))
+        return out
 
     def _extend(self, t: _Track, index: int, face: Face) -> None:
         if t.last >= 0 and 1 < index - t.last <= self.max_gap + 1:
@@ -88,6 +141,8 @@ class FaceTracker:
                     landmarks=(1 - w) * a.landmarks + w * b.landmarks,
                     score=min(a.score, b.score), track=t.id, interpolated=True,
                 )
+        if t.last >= 0:
+            t.velocity = (face.box - t.faces[t.last].box) / (index - t.last)
         face.track = t.id
         t.faces[index] = face
         t.last = index

@@ -80,3 +80,30 @@ def test_jpeg_metadata_copied():
     src = b"\xff\xd8" + app1 + b"\xff\xdb\x00\x02" + b"\xff\xda"
     dst = b"\xff\xd8\xff\xdb\x00\x02\xff\xda"
     assert _copy_jpeg_metadata(src, dst) == b"\xff\xd8" + app1 + dst[2:]
+
+
+def _moving_face(x: float, w: float = 90.0) -> Face:
+    lm = align.template(1.0) * w * 1.4 + [x, 300.0]
+    return Face(box=np.array([x, 280.0, x + w, 400.0]), landmarks=lm, score=0.99)
+
+
+def test_tracker_keeps_a_fast_face_across_a_detection_gap():
+    # 90 px wide, 35 px a frame (walking_1080p's nearest face): frames 3 apart overlap by IoU < 0.1
+    tr = FaceTracker()
+    for i in range(13):
+        tr.add(i, [_moving_face(35.0 * i)] if i % 3 == 0 else None)
+    out = tr.pop_ready(final=True)
+    assert all(len(fs) == 1 for _, fs in out)  # every frame has the face, the gaps interpolated
+    assert len({fs[0].track for _, fs in out}) == 1
+    assert out[4][1][0].interpolated and out[4][1][0].box[0] == pytest.approx(140.0)
+
+
+def test_tracker_continues_tells_when_faces_appear_or_vanish():
+    tr = FaceTracker()
+    tr.add(0, [_moving_face(0.0)])
+    tr.add(1, None)
+    tr.add(2, None)
+    assert tr.continues(3, [_moving_face(105.0)])  # the same face, moved
+    assert not tr.continues(3, [])  # it vanished
+    assert not tr.continues(3, [_moving_face(105.0), _moving_face(900.0)])  # another appeared
+    assert FaceTracker().continues(0, []) and not FaceTracker().continues(0, [_moving_face(0.0)])

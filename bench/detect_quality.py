@@ -1,0 +1,184 @@
+"""What detecting every K-th frame costs in faces: the tracker's output at K against K = 1.
+
+    python -m bench.detect_quality --input CLIP [--frames 60] [--every 1,2,3] [--json]
+
+Decodes the first N frames, runs the detector on every frame once (batches of 8, as the
+pipeline does), then feeds the tracker as ``process_range`` does for each K: the detections of
+frames ``i % K == 0`` and of the last frame; the frames between two of them get ``None`` (their
+faces come from the tracker's interpolation) unless the faces of the two differ, when their own
+detections are used (``--no-refine``: always ``None``). Each K's final faces (gap-filled, landmarks smoothed) are matched
+per frame to the K = 1 faces (greedy by box IoU >= 0.5) and reported as:
+
+- faces, faces_per_frame; recall (reference faces matched) and precision (faces matched);
+- tracks_found: share of reference tracks (>= 3 frames) with >= 90 % of their frames matched;
+- iou_mean / iou_p5 / iou_min of matched boxes, and the same on interpolated frames only;
+- lm_nme_mean / lm_nme_p95: landmark error of matched faces over the reference inter-ocular
+  distance (what alignment sees), interpolated frames only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: int = 960,
+               batch: int = 8) -> tuple[list, dict]:
+    """Per-frame detections of the first ``frames`` frames, and timing."""
+    from pipeline.faces import FaceDetector
+    from pipeline.media import i420_to_rgb, iter_frames, plan
+
+    vplan = plan(clip)
+    n = min(frames or vplan.frames, vplan.frames)
+    det = FaceDetector(min_face=min_face, max_side=max_side)
+    found: list = []
+    chunk: list = []
+    t = 0.0
+    for _, yuv in iter_frames(vplan, 0, n):
+        chunk.append(i420_to_rgb(yuv))
+        if len(chunk) == batch:
+            t0 = time.perf_counter()
+            found += det.detect(chunk)
+            t += time.perf_counter() - t0
+            chunk = []
+    if chunk:
+        t0 = time.perf_counter()
+        found += det.detect(chunk)
+        t += time.perf_counter() - t0
+    return found, {"frames": n, "size": f"{vplan.width}x{vplan.height}",
+                   "detect_s_per_frame": round(t / max(1, n), 4)}
+
+
+def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set[int]]:
+    """The tracker's final faces per frame when only every ``every``-th frame (and the last) is
+    detected, as ``process_range`` does: with ``refine``, the frames between two detected
+    frames whose faces differ (``FaceTracker.continues``) are detected too. Returns the faces
+    and the set of frames detected."""
+    from pipeline.track import FaceTracker
+
+    tr = FaceTracker()
+    n = len(found)
+    detected: set[int] = set()
+    out: list = []
+    gap: list[int] = []
+    for i in range(n):
+        if not (i % every == 0 or i == n - 1):
+            gap.append(i)
+            continue
+        faces = [_copy(f) for f in found[i]]
+        fill = bool(gap) and refine and not tr.continues(i, faces)
+        for g in gap:
+            tr.add(g, [_copy(f) for f in found[g]] if fill else None)
+            detected.update([g] if fill else [])
+        tr.add(i, faces)
+        detected.add(i)
+        gap = []
+        out += tr.pop_ready()
+    out += tr.pop_ready(final=True)
+    assert [i for i, _ in out] == list(range(n))
+    return [fs for _, fs in out], detected
+
+
+def _copy(f):
+    from pipeline.faces import Face
+
+    return Face(box=f.box.copy(), landmarks=f.landmarks.copy(), score=f.score)
+
+
+def _match(ref: list, got: list, min_iou: float = 0.5) -> list[tuple[int, int, float]]:
+    from pipeline.track import iou
+
+    pairs = sorted(((iou(a.box, b.box), ri, gi) for ri, a in enumerate(ref) for gi, b in enumerate(got)),
+                   reverse=True)
+    used_r, used_g, out = set(), set(), []
+    for s, ri, gi in pairs:
+        if s < min_iou:
+            break
+        if ri in used_r or gi in used_g:
+            continue
+        used_r.add(ri)
+        used_g.add(gi)
+        out.append((ri, gi, s))
+    return out
+
+
+def compare(ref: list[list], got: list[list], detected: set[int]) -> dict:
+    """Figures of ``got`` (one K) against ``ref`` (K = 1), frame by frame."""
+    n_ref = sum(map(len, ref))
+    n_got = sum(map(len, got))
+    matched = 0
+    ious, ious_interp, nme = [], [], []
+    track_frames: dict[int, list[int]] = {}  # reference track -> [frames, matched frames]
+    for i, (rf, gf) in enumerate(zip(ref, got)):
+        m = _match(rf, gf)
+        matched += len(m)
+        for f in rf:
+            track_frames.setdefault(f.track, [0, 0])[0] += 1
+        for ri, gi, s in m:
+            track_frames[rf[ri].track][1] += 1
+            ious.append(s)
+            if i not in detected:
+                ious_interp.append(s)
+                a, b = rf[ri].landmarks, gf[gi].landmarks
+                iod = max(1e-6, float(np.linalg.norm(a[1] - a[0])))
+                nme.append(float(np.linalg.norm(a - b, axis=1).mean()) / iod)
+    tracks = [v for v in track_frames.values() if v[0] >= 3]
+    found = sum(1 for v in tracks if v[1] >= 0.9 * v[0])
+
+    def stat(xs, f, nd=4):
+        return round(float(f(xs)), nd) if xs else None
+
+    return {
+        "faces": n_got, "faces_per_frame": round(n_got / max(1, len(ref)), 3),
+        "recall": round(matched / max(1, n_ref), 4), "precision": round(matched / max(1, n_got), 4),
+        "tracks": len(tracks), "tracks_found": round(found / max(1, len(tracks)), 4),
+        "iou_mean": stat(ious, np.mean), "iou_p5": stat(ious, lambda x: np.percentile(x, 5)),
+        "iou_min": stat(ious, np.min),
+        "interpolated_faces": len(ious_interp),
+        "iou_interp_mean": stat(ious_interp, np.mean),
+        "iou_interp_p5": stat(ious_interp, lambda x: np.percentile(x, 5)),
+        "lm_nme_mean": stat(nme, np.mean), "lm_nme_p95": stat(nme, lambda x: np.percentile(x, 95)),
+    }
+
+
+def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: bool = True, **kw) -> dict:
+    found, info = detect_all(Path(clip), frames, **kw)
+    ref, _ = track(found, 1)
+    res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
+           "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
+    for k in every:
+        got, detected = track(found, k, refine)
+        res["every"][str(k)] = {"detected_frames": len(detected), **compare(ref, got, detected)}
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", required=True, type=Path)
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--every", default="1,2,3", help="comma list of K")
+    ap.add_argument("--min-face", type=int, default=40)
+    ap.add_argument("--detect-side", type=int, default=960)
+    ap.add_argument("--no-refine", action="store_true",
+                    help="interpolate between detected frames even where the faces differ")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    res = quality(a.input, a.frames, [int(k) for k in a.every.split(",")], not a.no_refine,
+                  min_face=a.min_face, max_side=a.detect_side)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            if k != "every":
+                print(f"{k:>20}: {v}")
+        for k, v in res["every"].items():
+            print(f"{'every ' + k:>20}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
