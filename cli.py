@@ -74,8 +74,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=18, help="video quality, lower is better (default 18)")
     p.add_argument("--preset", default="medium", help="encoder speed preset (default medium)")
     p.add_argument("--min-face", type=int, default=40, help="smallest face to restore, in pixels (default 40)")
-    p.add_argument("--detect-every", type=int, default=1, metavar="K",
-                   help="video: detect faces on every K-th frame, track in between (1-6, default 1)")
+    p.add_argument("--detect-every", type=int, default=3, metavar="K",
+                   help="video: detect faces on every K-th frame (and on the frames between two whose "
+                        "faces differ), track in between (1-6, default 3)")
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")

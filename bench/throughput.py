@@ -1,6 +1,7 @@
 """Throughput of the embedded pipeline against its floor and against the anchors' per-face loop.
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
+        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,restore]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
@@ -27,6 +28,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_transcode(vplan, settings, out_dir: Path, stop: int) -> dict:
     from pipeline.media import VideoEncoder, iter_frames, join
 
@@ -40,7 +47,7 @@ def run_transcode(vplan, settings, out_dir: Path, stop: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "frames": stop}
 
 
-def run_pipeline(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
+def run_pipeline(vplan, opts, engine, out_dir: Path, stop: int, io_queue: int | None = None) -> dict:
     from pipeline.media import join
     from pipeline.video import process_range
 
@@ -48,10 +55,11 @@ def run_pipeline(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     part = out_dir / "pipeline.part.mp4"
     stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
                           settings=opts.encoder(), stop=stop, detect_every=opts.detect_every,
-                          detect_batch=8)
+                          detect_batch=8, **({} if io_queue is None else {"io_queue": io_queue}))
     if stop == vplan.frames:
         join([part], vplan, out_dir / "pipeline.mp4")
     return {"seconds": time.perf_counter() - t0, "frames": stats.frames, "faces": stats.faces,
+            "detected_frames": stats.detected,
             "stages": {k: round(v, 3) for k, v in stats.stages.items()}}
 
 
@@ -124,7 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=None, help="only the first N frames")
     ap.add_argument("--preset", default="medium")
     ap.add_argument("--crf", type=int, default=18)
-    ap.add_argument("--detect-every", type=int, default=1)
+    ap.add_argument("--detect-every", type=int, default=None, help="default: the job's default")
+    ap.add_argument("--io-queue", type=int, default=None,
+                    help="frames queued to the decode and encode threads (0: none; default: the pipeline's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,restore)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -132,15 +143,21 @@ def main(argv=None) -> int:
     from pipeline.job import Engine, JobOptions
     from pipeline.media import plan
 
-    opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf,
-                      detect_every=args.detect_every)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf)
+    if args.detect_every is not None:
+        opts.detect_every = args.detect_every
     engine = Engine(opts)
     vplan = plan(args.input)
     stop = min(args.frames or vplan.frames, vplan.frames)
     skip = set(filter(None, args.skip.split(",")))
     res: dict = {"input": str(args.input), "device": engine.device, "task": args.task,
                  "frames": stop, "size": f"{vplan.width}x{vplan.height}", "settings": {
-                     "preset": args.preset, "crf": args.crf, "detect_every": args.detect_every}}
+                     "preset": args.preset, "crf": args.crf, "detect_every": opts.detect_every,
+                     "io_queue": args.io_queue, "torch_threads": _threads()}}
     if engine.device.startswith("cuda"):
         import torch
 
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
         rss["transcode"] = peak_rss_mb()
-        runs["pipeline"] = run_pipeline(vplan, opts, engine, tmp, stop)
+        runs["pipeline"] = run_pipeline(vplan, opts, engine, tmp, stop, args.io_queue)
         rss["pipeline"] = peak_rss_mb()
         if "naive" not in skip:
             runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
@@ -163,6 +180,7 @@ def main(argv=None) -> int:
         res["ratios"]["pipeline_over_naive"] = round(fps["pipeline"] / fps["naive"], 3)
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}
     res["faces"] = {k: v.get("faces") for k, v in runs.items() if "faces" in v}
+    res["detected_frames"] = runs["pipeline"]["detected_frames"]
     res["peak_rss_mb_after"] = {k: round(v, 1) for k, v in rss.items()}
     if "restore" not in skip and engine.model.net is not None:
         res["restore_faces_per_s"] = run_restore(engine.model, engine.device)

@@ -41,7 +41,7 @@ class JobOptions:
     preset: str = "medium"
     min_face: int = 40
     detect_side: int = 960
-    detect_every: int = 1
+    detect_every: int = 3  # video: see process_range; bench/detect_quality.py measures it
     batch_size: int = 16
     colour_match: bool = True
     preview: str | None = None

@@ -3,11 +3,15 @@
 ``process_range`` is the unit of work both modes share: the embedded job runs it once over the
 whole video, a distributed job runs it once per segment. It decodes the range plus ``context``
 frames on each side (detected and tracked, never written) so that landmark smoothing and gap
-filling at a segment's edges see the same neighbours as a single pass would.
+filling at a segment's edges see the same neighbours as a single pass would. Decoding and
+encoding run in threads of their own behind bounded queues (``io_queue``), overlapping the
+detector and the restorer; frames keep their order and errors reach the caller.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ class RangeStats:
     frames: int = 0
     faces: int = 0
     frames_with_faces: int = 0
+    detected: int = 0  # frames run through the detector (context frames included)
     seconds: float = 0.0
     stages: dict = field(default_factory=lambda: dict.fromkeys(
         ("decode", "detect", "restore", "paste", "encode"), 0.0))
@@ -58,6 +63,121 @@ class _Clock:
         return _T()
 
 
+class _Prefetch:
+    """Runs ``iter_frames`` in a thread that keeps up to ``size`` decoded frames ready in a
+    bounded queue (PyAV decodes with the GIL released). Iterating gives the same items in the
+    same order; an error in the thread is raised here; ``close`` stops the thread early."""
+
+    _END = object()
+
+    def __init__(self, vplan: VideoPlan, first: int, last: int, size: int) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(vplan, first, last),
+                                        name="facemend-decode", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, vplan: VideoPlan, first: int, last: int) -> None:
+        frames = iter_frames(vplan, first, last)
+        try:
+            for item in frames:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put(_Failure(e))
+        finally:
+            frames.close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._q.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._done = True
+            raise item.error
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Writer:
+    """Hands frames to ``enc.write`` in order, in a thread behind a bounded queue when
+    ``size`` > 0 (PyAV encodes with the GIL released), else at once. An encoder error is raised
+    by the next ``write`` or by ``finish``."""
+
+    _END = object()
+
+    def __init__(self, enc: VideoEncoder, size: int) -> None:
+        self.enc = enc
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = None
+        if size > 0:
+            self._q: queue.Queue = queue.Queue(maxsize=size)
+            self._thread = threading.Thread(target=self._run, name="facemend-encode", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if self._error is None and not self._closing:
+                try:
+                    self.enc.write(*item)
+                except BaseException as e:
+                    self._error = e  # keep draining so that the producer never blocks
+
+    def write(self, index: int, yuv: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self.enc.write(index, yuv)
+        else:
+            self._q.put((index, yuv))
+
+    def finish(self) -> None:
+        """Wait until every frame is written; raise the encoder's error if there was one."""
+        if self._thread is not None:
+            self._q.put(self._END)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Stop the thread, dropping frames not written yet (after an error elsewhere)."""
+        if self._thread is not None:
+            self._closing = True
+            self._q.put(self._END)
+            self._thread.join()
+            self._thread = None
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
 def process_range(
     vplan: VideoPlan,
     part: Path,
@@ -70,6 +190,7 @@ def process_range(
     context: int | None = None,
     detect_batch: int = 8,
     detect_every: int = 1,
+    io_queue: int = 8,
     progress: Progress | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> RangeStats:
@@ -77,7 +198,13 @@ def process_range(
 
     detect_every: run the detector on every k-th frame (by absolute index, so segments and a
     single pass pick the same frames) and on the last frame; faces in between come from the
-    tracker's interpolation. Must stay within the tracker's gap limit.
+    tracker's interpolation, unless the faces of two such frames differ (one appeared or
+    vanished, ``FaceTracker.continues``): then the frames between them are detected too, so
+    that a face is restored from its first frame to its last. Must stay within the tracker's
+    gap limit.
+
+    io_queue: frames decoded ahead and frames waiting for the encoder, each in its own thread
+    behind a queue of this many frames (0: decode and encode in this thread).
     """
     if not 1 <= detect_every <= FaceTracker().max_gap + 1:
         raise ValueError(f"detect_every={detect_every} must be between 1 and {FaceTracker().max_gap + 1}")
@@ -89,7 +216,12 @@ def process_range(
     clock = _Clock(stats.stages)
     t0 = time.perf_counter()
     pending: dict[int, np.ndarray] = {}  # frame index -> I420, awaiting final faces
+
+    def chosen(i: int) -> bool:
+        return i % detect_every == 0 or i == vplan.frames - 1
+
     with VideoEncoder(part, vplan, settings) as enc:
+        writer = _Writer(enc, io_queue)
 
         def finish(ready):
             idx = [i for i, _ in ready if start <= i < stop]
@@ -104,7 +236,7 @@ def process_range(
                         add_rgb_delta(pending[i], rect, d)
             with clock("encode"):
                 for i in idx:
-                    enc.write(i, pending[i])
+                    writer.write(i, pending[i])
             for i, _ in ready:
                 pending.pop(i, None)
             stats.frames += len(idx)
@@ -113,30 +245,57 @@ def process_range(
             if progress and idx:
                 progress(len(idx))
 
-        batch: list[tuple[int, np.ndarray]] = []
-        frames = iter_frames(vplan, first, last)
-        while True:
-            with clock("decode"):
-                for i, yuv in frames:
-                    batch.append((i, yuv))
-                    if len(batch) == detect_batch:
-                        break
-            if not batch:
-                break
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"{vplan.path}: cancelled at frame {batch[0][0]}")
-            chosen = [k for k, (i, _) in enumerate(batch) if i % detect_every == 0 or i == vplan.frames - 1]
-            with clock("detect"):
-                found = detector.detect([i420_to_rgb(batch[k][1]) for k in chosen])
-            per_frame: list = [None] * len(batch)
-            for k, fs in zip(chosen, found):
-                per_frame[k] = fs
-            for (i, yuv), fs in zip(batch, per_frame):
+        def detect(items: list[tuple[int, np.ndarray]]) -> None:
+            if items:
+                stats.detected += len(items)
+                with clock("detect"):
+                    found.update(zip([i for i, _ in items],
+                                     detector.detect([i420_to_rgb(yuv) for _, yuv in items])))
+
+        def add(items: list[tuple[int, np.ndarray]]) -> None:
+            for i, yuv in items:
                 pending[i] = yuv
-                tracker.add(i, fs)
-            batch = []
-            finish(tracker.pop_ready())
-        finish(tracker.pop_ready(final=True))
+                tracker.add(i, found.pop(i, None))
+
+        waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
+        found: dict[int, list] = {}  # detections of waiting frames
+        frames = _Prefetch(vplan, first, last, io_queue) if io_queue > 0 else iter_frames(vplan, first, last)
+        try:
+            more = True
+            while more:
+                new: list[tuple[int, np.ndarray]] = []
+                with clock("decode"):
+                    for item in frames:
+                        new.append(item)
+                        if len(new) == detect_batch:
+                            break
+                more = len(new) == detect_batch
+                if not new:
+                    break
+                if should_cancel is not None and should_cancel():
+                    raise Cancelled(f"{vplan.path}: cancelled at frame {new[0][0]}")
+                waiting += new
+                detect([(i, yuv) for i, yuv in new if chosen(i)])
+                # hand the tracker every frame up to the last detected one; frames after it
+                # wait for the next detected frame (their faces are not known before)
+                while True:
+                    k = next((k for k, (i, _) in enumerate(waiting) if i in found), None)
+                    if k is None:
+                        break
+                    i, _ = waiting[k]
+                    gap = waiting[:k]
+                    if gap and not tracker.continues(i, found[i]):
+                        detect(gap)
+                    add(waiting[: k + 1])
+                    del waiting[: k + 1]
+                finish(tracker.pop_ready())
+            add(waiting)  # after the range's last detected frame: context frames only
+            finish(tracker.pop_ready(final=True))
+            with clock("encode"):
+                writer.finish()
+        finally:
+            frames.close()
+            writer.close()  # on an error: stop the thread before the encoder is aborted
         if stats.frames != stop - start:
             raise RuntimeError(f"{vplan.path}: wrote {stats.frames} frames for range {start}..{stop}")
     stats.seconds = time.perf_counter() - t0

@@ -120,3 +120,100 @@ def test_cancel_leaves_nothing(tmp_path):
     with pytest.raises(Cancelled):
         run_job(src, opts, Hooks(cancelled=lambda: True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]
+
+
+class _Recorder:
+    """An identity restorer that keeps the faces it is given, frame by frame."""
+
+    def __init__(self) -> None:
+        self.faces: list = []
+
+    def deltas(self, images, faces):
+        self.faces += [list(fs) for fs in faces]
+        return [[] for _ in images]
+
+
+def _process(src, out, **kw):
+    from pipeline.faces import FaceDetector
+    from pipeline.media import EncoderSettings, plan
+    from pipeline.video import process_range
+
+    rec = _Recorder()
+    stats = process_range(plan(src), out, detector=kw.pop("detector", None) or FaceDetector(), restorer=rec,
+                          settings=EncoderSettings(preset="ultrafast"), **kw)
+    return stats, rec
+
+
+def test_threaded_io_keeps_order_count_and_pixels(tmp_path):
+    """Decode and encode threads (io_queue) write the same frames, in order, as one thread."""
+    from fractions import Fraction
+
+    from pipeline.media import plan
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 3.0)
+    frames = {}
+    for q in (0, 8):
+        out = tmp_path / f"q{q}.mp4"
+        stats, _ = _process(src, out, start=10, stop=61, io_queue=q, detect_every=3)
+        assert stats.frames == 51
+        with av.open(str(out)) as c:
+            times = [float(f.pts * f.time_base) for f in c.decode(video=0)]
+        vplan = plan(src)
+        tb = Fraction(vplan.time_base)
+        # every frame of the range once, in order, at its source time
+        assert times == pytest.approx([float(p * tb) for p in vplan.pts[10:61]], abs=1e-3)
+        frames[q] = decode_rgb(out)
+    assert all(np.array_equal(a, b) for a, b in zip(frames[0], frames[8]))
+
+
+def test_threaded_io_raises_decoder_and_encoder_errors(tmp_path, monkeypatch):
+    import threading
+
+    import pipeline.video as video
+    from pipeline.errors import CorruptInput
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 3.0)
+    real = video.iter_frames
+    before = threading.active_count()
+
+    def broken(*a, **k):
+        for n, item in enumerate(real(*a, **k)):
+            if n == 20:
+                raise CorruptInput("decoder gave up")
+            yield item
+
+    monkeypatch.setattr(video, "iter_frames", broken)
+    with pytest.raises(CorruptInput, match="decoder gave up"):
+        _process(src, tmp_path / "d.mp4", io_queue=4)
+    monkeypatch.setattr(video, "iter_frames", real)
+
+    def write(self, index, yuv):
+        if index == 12:
+            raise OSError("disk full")
+        self.frames += 1
+
+    monkeypatch.setattr(video.VideoEncoder, "write", write)
+    with pytest.raises(OSError, match="disk full"):
+        _process(src, tmp_path / "e.mp4", io_queue=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.mp4"]  # no part, no partial
+    assert threading.active_count() == before  # the decode and encode threads ended
+
+
+def test_detect_every_3_restores_the_faces_per_frame_detection_does(tmp_path):
+    """The default detect_every (3) hands the restorer the faces that detecting every frame
+    does: same faces per frame (new and vanishing faces included), boxes close."""
+    from bench.detect_quality import compare
+    from pipeline.faces import FaceDetector
+    from pipeline.job import JobOptions
+
+    assert JobOptions().detect_every == 3
+    src = VIDEOS / "walking_1080p.mp4"
+    det = FaceDetector()
+    s1, every1 = _process(src, tmp_path / "k1.mp4", stop=40, detect_every=1, detector=det)
+    s3, every3 = _process(src, tmp_path / "k3.mp4", stop=40, detect_every=3, detector=det)
+    assert s1.frames == s3.frames == 40 and s3.detected < 0.75 * s1.detected
+    ref = [[f for f in fs] for fs in every1.faces]
+    got = [[f for f in fs] for fs in every3.faces]
+    q = compare(ref, got, detected=set())
+    assert q["recall"] >= 0.98 and q["precision"] >= 0.98 and q["tracks_found"] == 1.0, q
+    assert q["iou_mean"] >= 0.85 and q["lm_nme_mean"] <= 0.06, q
