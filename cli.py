@@ -107,6 +107,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-size", type=int, default=128, help="pixels per face in the grid (default 128)")
     p.add_argument("--columns", type=int, default=0, help="faces per row (default: a square-ish grid)")
     p.add_argument("--sharpen", action="store_true", help="unsharp-mask the decoder's output")
+    p.add_argument("--prior", choices=["fitted", "standard"], default="fitted",
+                   help="codes from a Gaussian fitted to real faces' codes (default) or from N(0, I)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.set_defaults(func=cmd_generate)
@@ -237,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelError(f"generate: {e}") from None
     n = write_grid(fm, args.output, count=args.count, seed=args.seed, temperature=args.temperature,
-                   face_size=args.face_size, columns=args.columns, crisp=args.sharpen)
+                   face_size=args.face_size, columns=args.columns, crisp=args.sharpen, prior=args.prior)
     print(f"{args.output}: {n} faces (seed {args.seed}, temperature {args.temperature:g})")
     return 0
 

@@ -26,9 +26,9 @@ def grid(faces: np.ndarray, columns: int = 0, pad: int = 2, fill: int = 255) -> 
 
 
 def write_grid(fm, output: Path, *, count: int = 16, seed: int = 0, temperature: float = 0.8,
-               face_size: int = 128, columns: int = 0, crisp: bool = False) -> int:
-    """Decode ``count`` codes drawn from the prior and write them as a grid to ``output``."""
-    faces = fm.sample(count, seed=seed, temperature=temperature, crisp=crisp)
+               face_size: int = 128, columns: int = 0, crisp: bool = False, prior: str = "fitted") -> int:
+    """Decode ``count`` random codes (see ``FaceMath.sample``) and write them as a grid."""
+    faces = fm.sample(count, seed=seed, temperature=temperature, crisp=crisp, prior=prior)
     faces = np.clip(np.rint(faces.permute(0, 2, 3, 1).cpu().numpy() * 255), 0, 255).astype(np.uint8)
     if face_size != faces.shape[1]:
         interp = cv2.INTER_CUBIC if face_size > faces.shape[1] else cv2.INTER_AREA

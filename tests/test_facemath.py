@@ -206,3 +206,23 @@ def test_shipped_files_load_without_pickle():
         assert (wdir / name).stat().st_size < 20e6
     card = json.loads((wdir / "facemath.json").read_text())
     assert card["training"]["steps"] > 0 and card["validation"]["psnr"] > 0
+
+
+def test_vae_training_smoke_run_exports_and_resumes(tmp_path, val_faces):
+    from models.train_vae import VAETrainConfig, pool64, train
+    from models.vae import load_vae
+
+    crops, _ = val_faces
+    faces = pool64(crops)
+    cfg = VAETrainConfig(steps=2, batch=4, out=str(tmp_path / "run"), export=True, export_dir=str(tmp_path),
+                         val_count=8, net={"latent": 16, "widths": [8, 16, 32, 64]})
+    state = train(cfg, train_faces=faces[:32], val_faces=faces[32:40])
+    assert state["step"] == 2 and state["best"] > 0
+    vae = load_vae(tmp_path / "facemath.safetensors")
+    assert vae.config.latent == 16
+    card = json.loads((tmp_path / "facemath.json").read_text())
+    assert card["training"]["steps"] == 2
+    cfg.steps = 3
+    assert train(cfg, train_faces=faces[:32], val_faces=faces[32:40])["step"] == 3  # resumed, one more
+    mu, logvar = vae.encode(torch.rand(2, 3, 64, 64))
+    assert mu.shape == logvar.shape == (2, 16) and vae.decode(mu).shape == (2, 3, 64, 64)
