@@ -56,12 +56,13 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
 def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set[int]]:
     """The tracker's final faces per frame when only every ``every``-th frame (and the last) is
     detected, as ``process_range`` does: with ``refine``, the frames between two detected
-    frames whose faces differ (``FaceTracker.continues``) are detected too. Returns the faces
+    frames whose faces differ (``track.same_faces``) are detected too. Returns the faces
     and the set of frames detected."""
-    from pipeline.track import FaceTracker
+    from pipeline.track import FaceTracker, same_faces
 
     tr = FaceTracker()
     n = len(found)
+    prev: int | None = None
     detected: set[int] = set()
     out: list = []
     gap: list[int] = []
@@ -70,13 +71,15 @@ def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set
             gap.append(i)
             continue
         faces = [_copy(f) for f in found[i]]
-        fill = bool(gap) and refine and not tr.continues(i, faces)
+        fill = bool(gap) and refine and (not same_faces(found[prev], found[i], i - prev) if prev is not None
+                                         else bool(faces))
         for g in gap:
             tr.add(g, [_copy(f) for f in found[g]] if fill else None)
             detected.update([g] if fill else [])
         tr.add(i, faces)
         detected.add(i)
         gap = []
+        prev = i
         out += tr.pop_ready()
     out += tr.pop_ready(final=True)
     assert [i for i, _ in out] == list(range(n))

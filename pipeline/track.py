@@ -39,6 +39,28 @@ def _centre_distance(a: np.ndarray, b: np.ndarray, gap: int) -> float:
     return float(d / (wa * max(1, gap)))
 
 
+def same_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25) -> bool:
+    """True when ``b`` (faces ``gap`` frames after ``a``) are the faces of ``a``, moved: each
+    face of one pairs with one of the other (IoU >= ``min_iou``, else centre distance as the
+    tracker allows). False means a face appeared or vanished in between."""
+    if len(a) != len(b):
+        return False
+    pairs = sorted(((iou(f.box, g.box), fi, gi) for fi, f in enumerate(a) for gi, g in enumerate(b)),
+                   reverse=True)
+    used_a, used_b = set(), set()
+    for score, fi, gi in pairs:
+        if score >= min_iou and fi not in used_a and gi not in used_b:
+            used_a.add(fi)
+            used_b.add(gi)
+    near = sorted((_centre_distance(a[fi].box, b[gi].box, gap), fi, gi)
+                  for fi in range(len(a)) if fi not in used_a for gi in range(len(b)) if gi not in used_b)
+    for d, fi, gi in near:
+        if d <= 0.5 and fi not in used_a and gi not in used_b:
+            used_a.add(fi)
+            used_b.add(gi)
+    return len(used_a) == len(a)
+
+
 @dataclass
 class _Track:
     id: int
@@ -68,7 +90,6 @@ class FaceTracker:
         self._next_id = 0
         self._seen = first - 1  # last frame added
         self._emitted = first - 1  # last frame handed back
-        self._detected: int | None = None  # last frame added with detections
         self._weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
 
     def add(self, index: int, faces: list[Face] | None) -> None:
@@ -78,7 +99,6 @@ class FaceTracker:
         self._seen = index
         if faces is None:
             return
-        self._detected = index
         live = [t for t in self._tracks if index - t.last <= self.max_gap + 1]
         pairs = self._pairs(index, live, faces)
         for ti, fi in pairs:
@@ -90,16 +110,6 @@ class FaceTracker:
                 self._next_id += 1
                 self._extend(t, index, f)
                 self._tracks.append(t)
-
-    def continues(self, index: int, faces: list[Face]) -> bool:
-        """True when ``faces`` (detections of frame ``index``, not added yet) are the faces of
-        the last detected frame, moved: each of its tracks pairs with one of them and none is
-        left over. False means a face appeared or vanished in between (worth detecting the
-        frames in between, rather than leaving them to interpolation)."""
-        if self._detected is None:
-            return not faces
-        there = [t for t in self._tracks if t.last == self._detected]
-        return len(there) == len(faces) == len(self._pairs(index, there, faces))
 
     def _pairs(self, index: int, live: list[_Track], faces: list[Face]) -> list[tuple[int, int]]:
         """(track, face) pairs: greedy by IoU (last or predicted box), then by centre distance."""

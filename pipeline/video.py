@@ -23,7 +23,7 @@ from .errors import Cancelled
 from .faces import FaceDetector
 from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_to_rgb, iter_frames
 from .restore import FaceRestorer
-from .track import FaceTracker
+from .track import FaceTracker, same_faces
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,11 @@ def process_range(
     detect_every: run the detector on every k-th frame (by absolute index, so segments and a
     single pass pick the same frames) and on the last frame; faces in between come from the
     tracker's interpolation, unless the faces of two such frames differ (one appeared or
-    vanished, ``FaceTracker.continues``): then the frames between them are detected too, so
-    that a face is restored from its first frame to its last. Must stay within the tracker's
-    gap limit.
+    vanished, ``track.same_faces``): then the frames between them are detected too, so that a
+    face is restored from its first frame to its last. The decision depends on those two
+    frames' detections only, so segments and a single pass make the same one. Must stay within
+    the tracker's gap limit. detect_batch: frames per detector call (the frames detected;
+    about detect_batch * detect_every frames are decoded ahead).
 
     io_queue: frames decoded ahead and frames waiting for the encoder, each in its own thread
     behind a queue of this many frames (0: decode and encode in this thread).
@@ -259,35 +261,43 @@ def process_range(
 
         waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
         found: dict[int, list] = {}  # detections of waiting frames
+        prev: tuple[int, list] | None = None  # the last detected frame and its faces
         frames = _Prefetch(vplan, first, last, io_queue) if io_queue > 0 else iter_frames(vplan, first, last)
         try:
-            more = True
-            while more:
+            ended = False
+            while not ended:
                 new: list[tuple[int, np.ndarray]] = []
+                ended = True
                 with clock("decode"):
+                    n = 0
                     for item in frames:
                         new.append(item)
-                        if len(new) == detect_batch:
+                        n += chosen(item[0])
+                        if n == detect_batch:
+                            ended = False
                             break
-                more = len(new) == detect_batch
                 if not new:
                     break
                 if should_cancel is not None and should_cancel():
                     raise Cancelled(f"{vplan.path}: cancelled at frame {new[0][0]}")
                 waiting += new
                 detect([(i, yuv) for i, yuv in new if chosen(i)])
+                # frames between two detected frames whose faces differ are detected too
+                refine: list[tuple[int, np.ndarray]] = []
+                gap: list[tuple[int, np.ndarray]] = []
+                for i, yuv in waiting:
+                    if i not in found:
+                        gap.append((i, yuv))
+                        continue
+                    if gap and not (same_faces(prev[1], found[i], i - prev[0]) if prev else not found[i]):
+                        refine += gap
+                    prev, gap = (i, found[i]), []
+                detect(refine)
                 # hand the tracker every frame up to the last detected one; frames after it
                 # wait for the next detected frame (their faces are not known before)
-                while True:
-                    k = next((k for k, (i, _) in enumerate(waiting) if i in found), None)
-                    if k is None:
-                        break
-                    i, _ = waiting[k]
-                    gap = waiting[:k]
-                    if gap and not tracker.continues(i, found[i]):
-                        detect(gap)
-                    add(waiting[: k + 1])
-                    del waiting[: k + 1]
+                k = max((k for k, (i, _) in enumerate(waiting) if i in found), default=-1)
+                add(waiting[: k + 1])
+                del waiting[: k + 1]
                 finish(tracker.pop_ready())
             add(waiting)  # after the range's last detected frame: context frames only
             finish(tracker.pop_ready(final=True))

@@ -98,12 +98,12 @@ def test_tracker_keeps_a_fast_face_across_a_detection_gap():
     assert out[4][1][0].interpolated and out[4][1][0].box[0] == pytest.approx(140.0)
 
 
-def test_tracker_continues_tells_when_faces_appear_or_vanish():
-    tr = FaceTracker()
-    tr.add(0, [_moving_face(0.0)])
-    tr.add(1, None)
-    tr.add(2, None)
-    assert tr.continues(3, [_moving_face(105.0)])  # the same face, moved
-    assert not tr.continues(3, [])  # it vanished
-    assert not tr.continues(3, [_moving_face(105.0), _moving_face(900.0)])  # another appeared
-    assert FaceTracker().continues(0, []) and not FaceTracker().continues(0, [_moving_face(0.0)])
+def test_same_faces_tells_when_faces_appear_or_vanish():
+    from pipeline.track import same_faces
+
+    a = [_moving_face(0.0)]
+    assert same_faces(a, [_moving_face(105.0)], 3)  # the same face, moved 35 px a frame
+    assert not same_faces(a, [_moving_face(105.0)], 1)  # too far for one frame
+    assert not same_faces(a, [], 3)  # it vanished
+    assert not same_faces(a, [_moving_face(105.0), _moving_face(900.0)], 3)  # another appeared
+    assert same_faces([], [], 3)
