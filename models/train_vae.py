@@ -57,6 +57,7 @@ class VAETrainConfig:
     device: str = "cpu"
     threads: int = 0
     net: dict = field(default_factory=dict)
+    init: str = ""  # start from these weights (a facemend-vae safetensors), fresh optimiser
 
 
 def pool64(crops: np.ndarray, size: int = 64) -> np.ndarray:
@@ -134,6 +135,7 @@ def make_card(cfg: VAETrainConfig, vae: FaceVAE, state: dict, n_train: int) -> d
             "ema": cfg.ema,
             "seed": cfg.seed,
             "augment": "horizontal flip",
+            "init": cfg.init or None,
             "train_time_s": round(state["elapsed"], 1),
             "wall_time_s": round(state.get("wall", state["elapsed"]), 1),
             "hardware": hardware(cfg.device, cfg.threads),
@@ -162,8 +164,15 @@ def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
         pick = np.linspace(0, len(val_all) - 1, min(cfg.val_count, len(val_all))).astype(int)
         val_faces = val_all[pick]
     cfg.val_count = len(val_faces)
-    vcfg = VAEConfig(**cfg.net)
-    vae = FaceVAE(vcfg).to(device)
+    if cfg.init:
+        from .vae import load_vae
+
+        vae = load_vae(cfg.init, device).train()
+        vcfg = vae.config
+        log.info("initialised from %s", cfg.init)
+    else:
+        vcfg = VAEConfig(**cfg.net)
+        vae = FaceVAE(vcfg).to(device)
     ema = copy.deepcopy(vae).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -285,6 +294,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", default="")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", default="", help="start from these VAE weights (fresh optimiser)")
     p.add_argument("--net", default="{}", help='VAEConfig overrides as JSON, e.g. \'{"latent": 128}\'')
     return p
 
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     train(VAETrainConfig(steps=a.steps, minutes=a.minutes, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
                          anneal=a.anneal, seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
                          out=a.out, export=a.export, export_dir=a.export_dir, device=a.device,
-                         threads=a.threads, net=json.loads(a.net)))
+                         threads=a.threads, net=json.loads(a.net), init=a.init))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from .media import partial_name
 log = logging.getLogger(__name__)
 
 MORPH_EXTS = {".mp4", ".mov", ".mkv", ".gif"}
+MAX_SIDE = 1920  # larger first photos are scaled down: a morph is for watching, not archiving
 
 
 @dataclass
@@ -108,16 +109,22 @@ def morph_frames(a: np.ndarray, b: np.ndarray, la: np.ndarray, lb: np.ndarray, f
 def write_morph(src: Path, other: Path, dst: Path, *, detector, fm, frames: int = 48, fps: float = 24.0,
                 crisp: bool = False, crf: int = 18) -> MorphResult:
     """Morph the largest face of ``src`` into that of ``other``; write ``dst`` (.mp4/.mov/.mkv/.gif)
-    under a temporary name, renamed when complete."""
+    under a temporary name, renamed when complete. The output has the first photo's size (its
+    long side capped at ``MAX_SIDE``, even sides for video)."""
     if frames < 2:
         raise InputError(f"{src}: a morph needs at least 2 frames (got {frames})")
     a, b = _upright_rgb(src), _upright_rgb(other)
     fa, fb = _largest_face(detector, a, src), _largest_face(detector, b, other)
+    la = fa.landmarks
+    if max(a.shape[:2]) > MAX_SIDE:
+        s = MAX_SIDE / max(a.shape[:2])
+        a = cv2.resize(a, (round(a.shape[1] * s), round(a.shape[0] * s)), interpolation=cv2.INTER_AREA)
+        la = la * s
     h, w = a.shape[:2]
     if dst.suffix.lower() != ".gif" and (h % 2 or w % 2):  # yuv420p needs even sides
         a = a[: h - h % 2, : w - w % 2]
         h, w = a.shape[:2]
-    it = morph_frames(a, b, fa.landmarks, fb.landmarks, fm, frames, crisp=crisp)
+    it = morph_frames(a, b, la, fb.landmarks, fm, frames, crisp=crisp)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(dst)
     try:
