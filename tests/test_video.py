@@ -217,3 +217,24 @@ def test_detect_every_3_restores_the_faces_per_frame_detection_does(tmp_path):
     q = compare(ref, got, detected=set())
     assert q["recall"] >= 0.98 and q["precision"] >= 0.98 and q["tracks_found"] == 1.0, q
     assert q["iou_mean"] >= 0.85 and q["lm_nme_mean"] <= 0.06, q
+
+
+def test_detect_every_3_segments_see_the_faces_of_one_pass(tmp_path):
+    """With detect_every 3, two segments hand the restorer the landmarks one pass does."""
+    from pipeline.faces import FaceDetector
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 3.0)
+    det = FaceDetector()
+
+    def run(ranges):
+        seen = []
+        for a, b in ranges:
+            _, rec = _process(src, tmp_path / f"p{a}-{b}.mp4", start=a, stop=b, detect_every=3, detector=det)
+            seen += [np.array([f.landmarks for f in fs]) for fs in rec.faces]
+        return seen
+
+    one, two = run([(0, 50)]), run([(0, 25), (25, 50)])
+    assert len(one) == len(two) == 50
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert a.shape == b.shape, f"frame {i}: {len(a)} faces in one pass, {len(b)} in segments"
+        assert np.abs(a - b).max() < 0.5, f"frame {i}: landmarks moved by {np.abs(a - b).max():.2f} px"
