@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -174,6 +175,12 @@ class ProgressBar:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.job import Hooks, JobOptions, run_job
+
+    threads = os.environ.get("FACEMEND_TORCH_THREADS", "")
+    if threads.strip() not in ("", "0"):  # as the worker does; 1 is faster on a crowded CPU
+        import torch
+
+        torch.set_num_threads(int(threads))
 
     opts = JobOptions(
         task=args.task, output=str(args.output) if args.output else None, overwrite=args.overwrite,

@@ -107,3 +107,21 @@ def test_same_faces_tells_when_faces_appear_or_vanish():
     assert not same_faces(a, [], 3)  # it vanished
     assert not same_faces(a, [_moving_face(105.0), _moving_face(900.0)], 3)  # another appeared
     assert same_faces([], [], 3)
+
+
+def test_restorer_channels_last_gives_the_networks_own_output():
+    import torch
+
+    import models
+    from pipeline.restore import FaceRestorer
+
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    plain = models.load("denoise")
+    with torch.inference_mode():
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+        want = plain(x).mul(255).permute(0, 2, 3, 1).numpy()
+    r = FaceRestorer(models.load("denoise"))
+    assert r.channels_last
+    got = np.stack(r._run(crops))
+    assert np.abs(got - want).max() < 1e-3
