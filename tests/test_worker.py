@@ -22,6 +22,10 @@ from conftest import ROOT, UTKFACE, VIDEOS, cut, probe
 
 REDIS_URL = os.environ.get("FACEMEND_TEST_REDIS", "redis://127.0.0.1:6379/13")
 FAST = ("--task", "identity", "--preset", "ultrafast")
+# Fault tests must catch a segment half done, and the pipeline now does a 1-s identity segment
+# faster than a poll: x264 veryslow makes each frame take a while (as a real task would), and
+# detect-every 1 reports progress and checks the cancel flag every 8 frames instead of 24.
+SLOW = ("--task", "identity", "--preset", "veryslow", "--detect-every", "1")
 
 
 def env(**extra) -> dict:
@@ -159,7 +163,7 @@ def test_sigkill_of_a_worker_mid_segment_the_job_still_completes(workers, db, tm
     short = {"FACEMEND_VISIBILITY_TIMEOUT": 12}
     workers.start("w1", "w2", **short)
     out = tmp_path / "out.mp4"
-    job_id = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 1, **short)["id"]
+    job_id = cli_json("submit", src, *SLOW, "-o", out, "--segment-seconds", 1, **short)["id"]
 
     def w1_mid_segment():
         for i, s in enumerate(record(db, job_id)["parts"]):
@@ -182,7 +186,7 @@ def test_cancel_mid_job_leaves_nothing(workers, db, tmp_path):
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 9.0)
     workers.start("w1")
     out = tmp_path / "out.mp4"
-    job_id = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3)["id"]
+    job_id = cli_json("submit", src, *SLOW, "-o", out, "--segment-seconds", 3)["id"]
     wait_until(lambda: int(record(db, job_id).get("done", 0)) > 0, 120, "the first frames")
     p = cli("cancel", job_id)
     assert p.returncode == 0, p.stderr
