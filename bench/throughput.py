@@ -72,7 +72,15 @@ def run_naive(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     import cv2
 
     det = FaceDetector(device=engine.device, min_face=opts.min_face, max_side=100_000, batch_size=1)
-    rest = FaceRestorer(engine.model.float(), device=engine.device, batch_size=1, half=False)
+    import copy
+
+    import torch
+
+    # the anchors run their networks in PyTorch's default layout (NCHW), fp32: no channels-last
+    model = copy.deepcopy(engine.model).float().to(memory_format=torch.contiguous_format)
+    rest = FaceRestorer(model, device=engine.device, batch_size=1, half=False)
+    rest.channels_last = False
+    rest.model = model
     stages = dict.fromkeys(("decode", "detect", "restore", "encode"), 0.0)
     faces = 0
     t0 = time.perf_counter()
