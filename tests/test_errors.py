@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import av
-import pytest
 
 from conftest import SCENES, VIDEOS, run_cli
 
