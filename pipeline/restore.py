@@ -74,6 +74,16 @@ class FaceRestorer:
         if reset is not None:
             reset()
 
+    CPU_BATCH_PIXELS = 16 * 128 * 128
+
+    def batch_for(self, size: int) -> int:
+        """Faces per network call. On CPU, large crops run fastest a few at a time (cache-bound:
+        384 px crops take 0.125 s/face one by one, 0.16 in batches of 16), so the batch is capped
+        at 16 crops' worth of 128 px pixels; on CUDA it is ``batch_size``."""
+        if self.device.type == "cuda":
+            return self.batch_size
+        return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * size)))
+
     def crop_size(self, face: Face) -> int:
         if not self.spec.native:
             return self.spec.size
@@ -97,8 +107,9 @@ class FaceRestorer:
         for j, job in enumerate(jobs):
             by_size.setdefault(job[2], []).append(j)
         for size, idxs in by_size.items():
-            for k in range(0, len(idxs), self.batch_size):
-                chunk = [jobs[j] for j in idxs[k : k + self.batch_size]]
+            step = self.batch_for(size)
+            for k in range(0, len(idxs), step):
+                chunk = [jobs[j] for j in idxs[k : k + step]]
                 keys = [c[1].track if c[1].track >= 0 else -1 for c in chunk] if self.uses_tracks else None
                 restored = self._run([c[4] for c in chunk], keys)
                 for (i, f, size_, m, crop), rest in zip(chunk, restored):
