@@ -74,25 +74,24 @@ def load_age(path: str | Path = WEIGHTS_DIR / "age.safetensors", device: str = "
 
 
 @torch.no_grad()
-def predict(net: AgeNet, faces: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
-    """Predicted ages of (N, 64, 64, 3) uint8 faces (the mean over the face and its mirror)."""
-    net.eval()
+def _mirrored(fn, faces: np.ndarray, device: str, batch: int) -> np.ndarray:
+    """``fn(x)`` over (N, 64, 64, 3) uint8 faces in batches, averaged with their mirrors."""
     out = []
     for i in range(0, len(faces), batch):
         x = to_tensor(faces[i : i + batch]).to(device)
-        out.append(((net(x) + net(x.flip(3))) / 2).cpu().numpy())
+        out.append(((fn(x) + fn(x.flip(3))) / 2).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-@torch.no_grad()
+def predict(net: AgeNet, faces: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
+    """Predicted ages of (N, 64, 64, 3) uint8 faces (the mean over the face and its mirror)."""
+    return _mirrored(net.eval(), faces, device, batch)
+
+
 def predict_gender(net: AgeNet, faces: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
     """Probability that each face is labelled female (mean over the face and its mirror)."""
     net.eval()
-    out = []
-    for i in range(0, len(faces), batch):
-        x = to_tensor(faces[i : i + batch]).to(device)
-        out.append(((torch.sigmoid(net.outputs(x)[1]) + torch.sigmoid(net.outputs(x.flip(3))[1])) / 2).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    return _mirrored(lambda x: torch.sigmoid(net.outputs(x)[1]), faces, device, batch)
 
 
 def train(minutes: float, *, batch: int = 64, lr: float = 2e-3, seed: int = 0, threads: int = 0,

@@ -178,7 +178,8 @@ class FaceEditor(nn.Module):
                     rows.append(z[i])
             z = torch.stack(rows)
         z2 = self.fm.edit(z, self.spec.name, self.amount)
-        change = self.fm.decode(z2, crisp=self.crisp) - self.fm.decode(z, crisp=self.crisp)
+        after, before = self.fm.decode(torch.cat([z2, z]), crisp=self.crisp).chunk(2)
+        change = after - before
         if change.shape[-1] != x.shape[-1]:
             change = F.interpolate(change, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return (x + change).clamp(0.0, 1.0)

@@ -134,12 +134,14 @@ class ResUNet(nn.Module):
 # files
 
 
-def save_net(net: ResUNet, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``net`` as fp16 safetensors; its config and ``metadata`` go in the header as JSON."""
+def save_net(net: nn.Module, path: str | Path, metadata: dict | None = None,
+             fmt: str = "facemend-resunet") -> Path:
+    """Write ``net`` (any module with a dataclass ``config``) as fp16 safetensors; its config,
+    ``fmt`` and ``metadata`` go in the header as JSON. Written under a temporary name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in net.state_dict().items()}
-    meta = {"format": "facemend-resunet", "config": json.dumps(asdict(net.config))}
+    meta = {"format": fmt, "config": json.dumps(asdict(net.config))}
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tmp = path.with_name(path.name + ".partial.tmp")
@@ -154,16 +156,23 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_net(path: str | Path, device: str | torch.device = "cpu") -> ResUNet:
-    """A ResUNet from a safetensors file written by ``save_net``, float32, eval mode."""
+def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header metadata with its config parsed, float32 tensors) of a ``save_net`` file."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors weights are loaded (never pickles)")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = dict(f.metadata() or {})
         if "config" not in meta:
             raise ValueError(f"{path}: no 'config' in the safetensors metadata")
         state = {k: f.get_tensor(k).float() for k in f.keys()}
-    net = ResUNet(NetConfig(**json.loads(meta["config"])))
+    meta["config"] = json.loads(meta["config"])
+    return meta, state
+
+
+def load_net(path: str | Path, device: str | torch.device = "cpu") -> ResUNet:
+    """A ResUNet from a safetensors file written by ``save_net``, float32, eval mode."""
+    meta, state = read_weights(path)
+    net = ResUNet(NetConfig(**meta["config"]))
     net.load_state_dict(state)
     return net.eval().to(device)

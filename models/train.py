@@ -154,7 +154,7 @@ def validate(net: torch.nn.Module, val: tuple[np.ndarray, np.ndarray], device: s
 # training
 
 
-def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+def lr_at(cfg, step: int, elapsed: float) -> float:
     """Linear warm-up over 200 steps, then cosine decay to 2% over the step or time budget."""
     warm = min(1.0, (step + 1) / 200)
     fracs = []
@@ -164,6 +164,14 @@ def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
         fracs.append(elapsed / (cfg.minutes * 60))
     frac = min(1.0, max(fracs)) if fracs else 0.0
     return cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, step: int, decay: float) -> None:
+    """Move ``ema``'s weights toward ``net``'s; the decay ramps up over the first steps."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pn in zip(ema.parameters(), net.parameters()):
+        pe.lerp_(pn.detach(), 1 - d)
 
 
 def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores: dict) -> dict:
@@ -267,11 +275,16 @@ def train(
     val_bad, _ = degrade_batch(task, val_crops, seed=0, evaluation=True)
     val = (val_crops, val_bad)
 
-    netcfg = copy.deepcopy(preset["net"])
-    for k, v in cfg.net.items():
-        setattr(netcfg, k, v)
-    netcfg.__post_init__()
-    net = ResUNet(netcfg).to(device)
+    ckpt = out / "last.pt"
+    if cfg.init and not ckpt.is_file():  # fine-tune from shipped weights (their config wins)
+        net = load_net(cfg.init, device=device).train()
+        log.info("initialised from %s", cfg.init)
+    else:
+        netcfg = copy.deepcopy(preset["net"])
+        for k, v in cfg.net.items():
+            setattr(netcfg, k, v)
+        netcfg.__post_init__()
+        net = ResUNet(netcfg).to(device)
     ema = copy.deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -282,17 +295,6 @@ def train(
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed)
 
-    ckpt = out / "last.pt"
-    if cfg.init and not ckpt.is_file():  # fine-tune from shipped weights (their config wins)
-        start = load_net(cfg.init, device=device)
-        net = start.train().to(device)
-        ema = copy.deepcopy(net).eval()
-        for p in ema.parameters():
-            p.requires_grad_(False)
-        if cuda:
-            net = net.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        log.info("initialised from %s", cfg.init)
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
         net.load_state_dict(saved["net"])
@@ -363,10 +365,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         scaler.step(opt)
         scaler.update()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + state["step"]) / (10 + state["step"]))
-            for pe, pn in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(pn.detach(), 1 - decay)
+        ema_update(ema, net, state["step"], cfg.ema)
         state["step"] += 1
         now = time.time()
         state["elapsed"] += now - t_prev

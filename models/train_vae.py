@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from . import data as D
-from .train import hardware
+from .train import ema_update, hardware, lr_at
 from .vae import FaceVAE, VAEConfig, kl_divergence, save_vae
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,6 @@ def reconstruction_scores(vae: FaceVAE, faces: np.ndarray, device: str = "cpu", 
         ps.append(psnr_batch(y, x).cpu())
         kls.append(kl_divergence(mu, logvar).cpu())
     return {"psnr": round(float(torch.cat(ps).mean()), 3), "kl": round(float(torch.cat(kls).mean()), 1)}
-
-
-def lr_at(cfg: VAETrainConfig, step: int, elapsed: float) -> float:
-    warm = min(1.0, (step + 1) / 200)
-    fracs = ([step / cfg.steps] if cfg.steps else []) + ([elapsed / (cfg.minutes * 60)] if cfg.minutes else [])
-    frac = min(1.0, max(fracs)) if fracs else 0.0
-    return cfg.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def make_card(cfg: VAETrainConfig, vae: FaceVAE, state: dict, n_train: int) -> dict:
@@ -245,10 +238,7 @@ def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + state["step"]) / (10 + state["step"]))
-            for pe, pn in zip(ema.parameters(), vae.parameters()):
-                pe.lerp_(pn.detach(), 1 - decay)
+        ema_update(ema, vae, state["step"], cfg.ema)
         state["step"] += 1
         now = time.time()
         state["elapsed"] += now - t_prev

@@ -12,17 +12,14 @@ features and morphs between faces; codes drawn from the prior N(0, I) give new f
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .nets import ResBlock
+from .nets import ResBlock, read_weights, save_net
 
 
 @dataclass
@@ -117,28 +114,14 @@ def sharpen(x: torch.Tensor, amount: float = 0.8, sigma: float = 1.0) -> torch.T
 
 def save_vae(vae: FaceVAE, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``vae`` as fp16 safetensors with its config (JSON) in the header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in vae.state_dict().items()}
-    meta = {"format": "facemend-vae", "config": json.dumps(asdict(vae.config))}
-    for k, v in (metadata or {}).items():
-        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    tmp = path.with_name(path.name + ".partial.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_net(vae, path, metadata, fmt="facemend-vae")
 
 
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> FaceVAE:
     """A FaceVAE from a safetensors file written by ``save_vae``, float32, eval mode."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only .safetensors weights are loaded (never pickles)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != "facemend-vae":
-            raise ValueError(f"{path}: not a facemend VAE (format {meta.get('format')!r})")
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
-    vae = FaceVAE(VAEConfig(**json.loads(meta["config"])))
+    meta, state = read_weights(path)
+    if meta.get("format") != "facemend-vae":
+        raise ValueError(f"{path}: not a facemend VAE (format {meta.get('format')!r})")
+    vae = FaceVAE(VAEConfig(**meta["config"]))
     vae.load_state_dict(state)
     return vae.eval().to(device)
