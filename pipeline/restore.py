@@ -33,11 +33,13 @@ class PreviewSink:
     pairs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     tracks_seen: set = field(default_factory=set)
 
-    def offer(self, key, before: np.ndarray, after: np.ndarray) -> None:
-        # one pair per track first, so a sheet shows different faces, then fill up
-        if len(self.pairs) >= self.limit or key in self.tracks_seen:
+    def offer(self, track: int, before: np.ndarray, after: np.ndarray) -> None:
+        """One pair per video track, so a sheet shows different people; every face of a still
+        image (track -1) is a different face."""
+        if len(self.pairs) >= self.limit or track in self.tracks_seen:
             return
-        self.tracks_seen.add(key)
+        if track >= 0:
+            self.tracks_seen.add(track)
         self.pairs.append((before.copy(), after.copy()))
 
 
@@ -117,8 +119,7 @@ class FaceRestorer:
                     if self.colour_match:
                         rest = align.match_colour(rest, crop_f, align.colour_region(size_))
                     if self.preview is not None:
-                        self.preview.offer((i, f.track) if f.track < 0 else f.track, crop,
-                                           np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+                        self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
                     delta = rest - crop_f
                     if not np.any(delta):
                         continue

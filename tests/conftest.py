@@ -119,3 +119,23 @@ def cut(src: Path, dst: Path, seconds: float) -> Path:
             p.stream = outs[p.stream.index]
             o.mux(p)
     return dst
+
+
+def sheet_pairs(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (before, after) 128 px tiles of a ``--preview`` contact sheet (cells of 2 tiles with a
+    4 px gap under an 14 px label, on a dark background), empty cells dropped."""
+    import cv2
+
+    sheet = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    tile, gap, label = 128, 4, 14
+    cell_w, cell_h = 2 * tile + gap, tile + 18
+    rows, cols = (sheet.shape[0] - gap) // cell_h, (sheet.shape[1] - gap) // (cell_w + gap)
+    assert (rows * cell_h + gap, cols * (cell_w + gap) + gap) == sheet.shape[:2], sheet.shape
+    pairs = []
+    for r in range(rows):
+        for c in range(cols):
+            y, x = gap + r * cell_h + label, gap + c * (cell_w + gap)
+            before, after = sheet[y : y + tile, x : x + tile], sheet[y : y + tile, x + tile + gap : x + cell_w]
+            if before.std() > 0:  # an unused cell is flat background
+                pairs.append((before, after))
+    return pairs

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from conftest import SCENES, run_cli, run_json
+from conftest import SCENES, psnr, run_cli, run_json, sheet_pairs
 
 
 def test_scenes_folder_mirrored(tmp_path):
@@ -80,3 +80,17 @@ def test_folder_skip_existing_and_partial_failure(tmp_path):
 
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["files"] == {"processed": 0, "skipped": 1, "failed": 1}
+
+
+def test_preview_sheet_shows_each_face_before_and_after(tmp_path):
+    src = tmp_path / "two.jpg"
+    shutil.copy(SCENES / "facerec_two_people.jpg", src)
+    sheet = tmp_path / "sheet.png"
+    r = run_json("submit", src, "--task", "denoise", "--preview", sheet)
+    assert r["faces"] == 2 and sheet.is_file()
+    pairs = sheet_pairs(sheet)
+    assert len(pairs) == 2  # one cell per face
+    for before, after in pairs:
+        assert before.std() > 20  # a face crop, not a blank tile
+        assert 25 < psnr(before, after) < 60  # restored: close to the crop, but not the same pixels
+    assert not list(tmp_path.glob(".*partial*"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from conftest import ROOT, UTKFACE, VIDEOS, cut, probe
+from conftest import ROOT, UTKFACE, VIDEOS, cut, probe, psnr, sheet_pairs
 
 REDIS_URL = os.environ.get("FACEMEND_TEST_REDIS", "redis://127.0.0.1:6379/13")
 FAST = ("--task", "identity", "--preset", "ultrafast")
@@ -136,7 +136,8 @@ def test_two_workers_share_a_video_and_match_the_embedded_output(workers, tmp_pa
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 9.0)
     workers.start("w1", "w2")
     out = tmp_path / "closeup.queued.mp4"
-    sub = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3)
+    sheet = tmp_path / "sheet.png"
+    sub = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3, "--preview", sheet)
     job_id = sub["id"]
     assert sub["state"] == "QUEUED"
     p = cli("wait", job_id, "--timeout", 300, timeout=320)
@@ -148,6 +149,9 @@ def test_two_workers_share_a_video_and_match_the_embedded_output(workers, tmp_pa
     assert all(s["state"] == "DONE" for s in job["parts"])
     assert {s["worker"].split("@")[0] for s in job["parts"]} == {"w1", "w2"}  # both took segments
     assert not list(tmp_path.glob(".facemend-*"))  # the parts are gone
+    pairs = sheet_pairs(sheet)  # --preview works queued too: written by the first segment
+    assert len(pairs) == 1 and pairs[0][0].std() > 20  # the one close-up face
+    assert psnr(*pairs[0]) > 40  # identity task: after is before
 
     ref = tmp_path / "closeup.embedded.mp4"
     emb = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", src, *FAST, "-o", ref, "--json"],

@@ -39,19 +39,20 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     from .app import app, configure
 
     src = Path(src).absolute()
-    if opts.to:  # morph's second image: workers on other machines need an absolute path too
-        opts = JobOptions(**{**asdict(opts), "to": str(Path(opts.to).absolute())})
+    # morph's second image and the preview sheet: workers on other machines need absolute paths
+    absolute = {k: str(Path(getattr(opts, k)).absolute()) for k in ("to", "preview") if getattr(opts, k)}
+    opts = JobOptions(**{**asdict(opts), **absolute})
     dst = resolve_output(src, opts).absolute()
     check_roots(src, dst, settings)
     if opts.to:
         check_roots(Path(opts.to), dst, settings)
+    if opts.preview:
+        check_roots(src, Path(opts.preview), settings)
     kind = check_paths(src, dst, opts)
     store = connect(settings)
     configure(settings)
     job_id = uuid.uuid4().hex[:16]
-    if opts.preview:
-        log.warning("--preview is not made for queued jobs (run the job embedded for a preview sheet)")
-    opts = JobOptions(**{**asdict(opts), "output": str(dst), "preview": None})
+    opts = JobOptions(**{**asdict(opts), "output": str(dst)})
     store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
                  segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,
                  queue=queue or "")

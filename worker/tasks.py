@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import av
 from pipeline import media
 from pipeline.errors import Cancelled, FacemendError, OutputError
 from pipeline.job import JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder
+from pipeline.preview import write_preview
+from pipeline.restore import PreviewSink
 from pipeline.video import process_range
 
 from .app import app
@@ -123,6 +126,22 @@ def part_complete(path: Path, frames: int) -> bool:
     return True
 
 
+@contextmanager
+def preview_sheet(opts: JobOptions, index: int):
+    """``--preview`` in queued mode: while the job's first part runs, the worker's engine offers
+    its before/after crop pairs to a sink; ``done()`` (called once the part has finished) writes
+    the sheet. Other parts, and jobs without ``--preview``, get a no-op."""
+    if not opts.preview or index != 0:
+        yield lambda: None
+        return
+    restorer = engine_for(opts, app.facemend_settings).restorer
+    sink = restorer.preview = PreviewSink()
+    try:
+        yield lambda: write_preview(Path(opts.preview), sink.pairs)
+    finally:
+        restorer.preview = None
+
+
 @app.task(name="facemend.segment", bind=True, base=PartTask)
 def segment(self, job_id: str, index: int) -> dict:
     """Restore one frame range of the video into its part file (a no-op if already there)."""
@@ -145,9 +164,11 @@ def segment(self, job_id: str, index: int) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             extra = {"detect_every": opts.detect_every} if getattr(opts, "detect_every", 1) != 1 else {}
             engine.restorer.reset()  # FaceMath's smoothed codes belong to one range of one video
-            r = process_range(vplan, path, detector=engine.detector, restorer=engine.restorer,
-                              settings=opts.encoder(joinable=True), start=start, stop=stop,
-                              progress=progress, should_cancel=stop_requested(job_id), **extra)
+            with preview_sheet(opts, index) as write_sheet:
+                r = process_range(vplan, path, detector=engine.detector, restorer=engine.restorer,
+                                  settings=opts.encoder(joinable=True), start=start, stop=stop,
+                                  progress=progress, should_cancel=stop_requested(job_id), **extra)
+                write_sheet()
             stats = {"frames": r.frames, "faces": r.faces, "seconds": round(r.seconds, 2)}
         progress.flush()
     except Cancelled:
@@ -228,13 +249,15 @@ def chunk(self, job_id: str, index: int) -> dict:
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
     cancelled = stop_requested(job_id)
     try:
-        for src, out in pairs:
-            if cancelled():
-                store().set_part(job_id, index, state=CANCELLED)
-                return {"cancelled": True}
-            if src not in seen:
-                store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
-            progress(1)
+        with preview_sheet(opts, index) as write_sheet:
+            for src, out in pairs:
+                if cancelled():
+                    store().set_part(job_id, index, state=CANCELLED)
+                    return {"cancelled": True}
+                if src not in seen:
+                    store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
+                progress(1)
+            write_sheet()
         progress.flush()
     except Exception as e:
         progress.flush()
