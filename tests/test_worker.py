@@ -139,7 +139,7 @@ def test_two_workers_share_a_video_and_match_the_embedded_output(workers, tmp_pa
     sheet = tmp_path / "sheet.png"
     sub = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 3, "--preview", sheet)
     job_id = sub["id"]
-    assert sub["state"] == "QUEUED"
+    assert sub["state"] in ("QUEUED", "RUNNING")  # a free worker may have taken it already
     p = cli("wait", job_id, "--timeout", 300, timeout=320)
     assert p.returncode == 0, p.stdout + p.stderr
     job = status(job_id)
