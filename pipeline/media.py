@@ -49,6 +49,9 @@ class VideoPlan:
     codec: str
     audio_streams: int
     other_streams: int
+    # the source's colour description (AVColorPrimaries/TRC/Space/Range codes), copied to the
+    # output so players decode its YUV as they did the source's (0 or 2: unspecified)
+    color: dict = field(default_factory=dict)
 
     @property
     def frames(self) -> int:
@@ -129,22 +132,29 @@ def plan(path: str | Path) -> VideoPlan:
         if not last_dur and len(pts) > 1:
             last_dur = pts[-1] - pts[-2]
         duration = float((pts[-1] + last_dur - pts[0]) * tb)
-        rotation = _first_frame_rotation(c, v, path)
+        rotation, color = _first_frame_info(c, v, path)
         others = len(c.streams) - 1 - len(c.streams.audio)
         w, h = cc.width, cc.height
         return VideoPlan(
             path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
             time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
             pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
-            codec=cc.name, audio_streams=len(c.streams.audio), other_streams=others,
+            codec=cc.name, audio_streams=len(c.streams.audio), other_streams=others, color=color,
         )
 
 
-def _first_frame_rotation(c, v, path: Path) -> int:
+COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
+
+
+def _first_frame_info(c, v, path: Path) -> tuple[int, dict]:
+    """Display rotation (degrees) and colour description of the first decodable frame."""
     c.seek(0, stream=v)
     try:
         for frame in c.decode(v):
-            return int(round(frame.rotation or 0)) % 360
+            color = {k: int(getattr(frame, k)) for k in COLOR_TAGS}
+            if frame.format.name != "yuv420p":  # converted on decode: keep only the description
+                color.pop("color_range")
+            return int(round(frame.rotation or 0)) % 360, color
     except av.error.FFmpegError as e:
         raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
     raise CorruptInput(f"{path}: no video frame could be decoded")
@@ -300,6 +310,8 @@ class VideoEncoder:
             s.options = settings.options()
             if vplan.rotation:
                 s.set_display_rotation(vplan.rotation)
+            for k, code in vplan.color.items():
+                setattr(s.codec_context, k, code)
         except Exception:
             self._out.close()
             self.tmp.unlink(missing_ok=True)

@@ -36,16 +36,18 @@ def run_json(*args) -> dict:
 
 
 def probe(path: Path) -> dict:
-    """What a user checks on a video: frames, pts, duration, audio packets, size, rotation."""
+    """What a user checks on a video: frames, pts, duration, audio packets, size, rotation, and
+    the colour description (primaries, transfer, matrix, range) players decode it with."""
     with av.open(str(path)) as c:
         v = c.streams.video[0]
         tb = v.time_base
         pts = []
-        rotation = None
+        rotation = color = None
         for f in c.decode(v):
             pts.append(f.pts)
             if rotation is None:
                 rotation = int(round(f.rotation or 0)) % 360
+                color = [int(getattr(f, k)) for k in ("color_primaries", "color_trc", "colorspace", "color_range")]
         audio = {}
         for s in c.streams.audio:
             c.seek(0)
@@ -54,7 +56,7 @@ def probe(path: Path) -> dict:
         return {
             "frames": len(pts), "pts": [float(p * tb) for p in sorted(pts)],
             "fps": float(v.average_rate or 0), "width": v.codec_context.width,
-            "height": v.codec_context.height, "rotation": rotation,
+            "height": v.codec_context.height, "rotation": rotation, "color": color,
             "audio": list(audio.values()), "audio_codecs": codecs,
         }
 

@@ -20,6 +20,7 @@ def assert_same_media(src: Path, out: Path) -> dict:
     assert b["audio_codecs"] == a["audio_codecs"]
     assert b["audio"] == a["audio"]  # every audio packet byte-identical
     assert b["rotation"] == a["rotation"]
+    assert b["color"] == a["color"]  # a BT.709 source stays tagged BT.709, so colours do not shift
     return b
 
 
