@@ -125,7 +125,7 @@ def cut(src: Path, dst: Path, seconds: float) -> Path:
 
 def sheet_pairs(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (before, after) 128 px tiles of a ``--preview`` contact sheet (cells of 2 tiles with a
-    4 px gap under an 14 px label, on a dark background), empty cells dropped."""
+    4 px gap under a 14 px label, on a dark background), empty cells dropped."""
     import cv2
 
     sheet = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)

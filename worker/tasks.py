@@ -129,8 +129,8 @@ def part_complete(path: Path, frames: int) -> bool:
 @contextmanager
 def preview_sheet(opts: JobOptions, index: int):
     """``--preview`` in queued mode: while the job's first part runs, the worker's engine offers
-    its before/after crop pairs to a sink; ``done()`` (called once the part has finished) writes
-    the sheet. Other parts, and jobs without ``--preview``, get a no-op."""
+    its before/after crop pairs to a sink; the callable this yields, called once the part has
+    finished, writes the sheet. Other parts, and jobs without ``--preview``, get a no-op."""
     if not opts.preview or index != 0:
         yield lambda: None
         return
