@@ -15,6 +15,7 @@ Prints fps, the ratios pipeline/transcode and pipeline/naive, peak RSS and per-s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import sys
@@ -70,17 +71,13 @@ def run_naive(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     from pipeline.media import VideoEncoder, i420_to_rgb, iter_frames
     from pipeline.restore import FaceRestorer
     import cv2
-
-    det = FaceDetector(device=engine.device, min_face=opts.min_face, max_side=100_000, batch_size=1)
-    import copy
-
     import torch
 
-    # the anchors run their networks in PyTorch's default layout (NCHW), fp32: no channels-last
+    det = FaceDetector(device=engine.device, min_face=opts.min_face, max_side=100_000, batch_size=1)
+    # the anchors run their networks in PyTorch's default layout (NCHW), fp32; a copy, since the
+    # pipeline's restorer made the engine's model channels-last in place
     model = copy.deepcopy(engine.model).float().to(memory_format=torch.contiguous_format)
-    rest = FaceRestorer(model, device=engine.device, batch_size=1, half=False)
-    rest.channels_last = False
-    rest.model = model
+    rest = FaceRestorer(model, device=engine.device, batch_size=1, half=False, channels_last=False)
     stages = dict.fromkeys(("decode", "detect", "restore", "encode"), 0.0)
     faces = 0
     t0 = time.perf_counter()

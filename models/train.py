@@ -276,9 +276,10 @@ def train(
     val = (val_crops, val_bad)
 
     ckpt = out / "last.pt"
-    if cfg.init and not ckpt.is_file():  # fine-tune from shipped weights (their config wins)
+    if cfg.init:  # fine-tune from shipped weights: their config wins, also when resuming
         net = load_net(cfg.init, device=device).train()
-        log.info("initialised from %s", cfg.init)
+        if not ckpt.is_file():
+            log.info("initialised from %s", cfg.init)
     else:
         netcfg = copy.deepcopy(preset["net"])
         for k, v in cfg.net.items():
