@@ -108,6 +108,12 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
         raise InputNotFound(f"{src}: no such file or folder")
     if src.resolve() == dst.resolve():
         raise OutputError(f"{dst}: the output path is the input; choose another --output")
+    if opts.preview:
+        sheet = Path(opts.preview)
+        if not is_image_path(sheet):
+            raise OutputError(f"{sheet}: --preview writes an image; give it a .png or .jpg name")
+        if sheet.resolve() in (src.resolve(), dst.resolve()):
+            raise OutputError(f"{sheet}: --preview would overwrite the input or the output")
     if opts.task == "morph":
         other = check_morph(src, opts.to, dst)
         if other.resolve() == dst.resolve():

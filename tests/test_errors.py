@@ -95,3 +95,15 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_unknown_task_is_a_usage_error(tmp_path):
     proc = run_cli("submit", VIDEOS / "selfie_mp3audio.mp4", "--task", "sharpen-everything")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_bad_preview_path_refused_before_any_work(tmp_path):
+    src = tmp_path / "face.jpg"
+    src.write_bytes((SCENES / "pyfeat_single_face.jpg").read_bytes())
+    before = src.read_bytes()
+    p = run_cli("submit", src, "--task", "identity", "--preview", tmp_path / "sheet.txt")
+    assert_refused(p, 4, "sheet.txt", "--preview")
+    p = run_cli("submit", src, "--task", "identity", "--preview", src)
+    assert_refused(p, 4, "face.jpg", "overwrite the input")
+    only(tmp_path, "face.jpg")  # no output, no sheet, nothing half-written
+    assert src.read_bytes() == before
