@@ -6,7 +6,11 @@
 - ``facemath_age.png``: validation-split UTKFace photos (never trained on) aged by -20 .. +40
   years, through the same detection, alignment and paste-back as ``submit --task age``;
 - ``facemath_gender.png``: the same faces with ``--task gender --amount -1 / +1``;
-- ``facemath_grid.png``: ``generate --count 16`` (random faces from the prior, seed 0).
+- ``facemath_grid.png``: ``generate --count 16`` (random faces from the prior, seed 0);
+- ``restore_examples.png``: per restoration task, validation faces (aligned 128 px crops) with
+  the task's evaluation degradation, the shipped network's output and the original.
+
+    python docs/pictures.py restore      # only the restoration picture (or: facemath)
 """
 from __future__ import annotations
 
@@ -51,7 +55,32 @@ def edited(photo: np.ndarray, det: FaceDetector, restorer: FaceRestorer) -> np.n
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def restoration() -> None:
+    import models
+    from models.degrade import degrade_batch
+    from models.evaluate import run_model
+
+    names = sorted(p.name for p in D.UTKFACE_DIR.iterdir() if D.parse_utkface_name(p.name) and D.is_val(p.name))
+    crops, _ = D.make_crops([D.UTKFACE_DIR / n for n in names[5::97][:6]])
+    crops = crops[:4]
+    tiles = []
+    for task in ("denoise", "enhance", "unmask"):
+        bad, _ = degrade_batch(task, crops, seed=0, evaluation=True)
+        out = run_model(models.load(task), bad)
+        for b, o, c in zip(bad, out, crops):
+            tiles += [label(b, task), label(o, "model"), label(c, "original")]
+    save("restore_examples.png", grid(np.stack(tiles), columns=6))
+
+
 def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if what in ("all", "restore"):
+        restoration()
+    if what in ("all", "facemath"):
+        facemath()
+
+
+def facemath() -> None:
     fm = FaceMath.load("cpu")
     det = FaceDetector()
     # morph strip

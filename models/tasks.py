@@ -12,6 +12,11 @@ class TaskSpec:
     crops at the face's own resolution (denoising is local: noise lives at pixel scale), False
     when it must see faces at ``size`` (deblur, unmask: their degradations are face-relative);
     the pipeline then upsamples the network's change to the face's size.
+    replaces: True when the network paints new content over part of the face (unmask): the
+    pipeline then blends the restored pixels themselves in where the network changed the crop,
+    instead of adding the upsampled change, which would leave the mask's fine texture and edges
+    on faces larger than the crop (``pipeline.align.warp_replace``). Such faces are partly covered,
+    so the pipeline also finds them with ``FaceDetector.MASKED`` (MTCNN scores covered faces low).
     """
 
     name: str
@@ -21,6 +26,7 @@ class TaskSpec:
     weights: str | None = None  # file name in models/weights, None for identity
     latent: bool = False  # a FaceMath edit of the VAE's code (models.facemath), not a restoration
     default_amount: float = 0.0  # latent edits: the --amount used when none is given
+    replaces: bool = False
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -30,7 +36,7 @@ TASKS: dict[str, TaskSpec] = {
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", False,
                         weights="enhance.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
-                       weights="unmask.safetensors"),
+                       weights="unmask.safetensors", replaces=True),
     "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
                     weights="facemath.safetensors", latent=True, default_amount=30.0),
     "gender": TaskSpec("gender", "adds (--amount > 0) or removes (< 0) female-typical features"

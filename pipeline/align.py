@@ -139,16 +139,9 @@ def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -
     return restored + shift.astype(np.float32)
 
 
-def warp_delta(
-    delta: np.ndarray, matrix: np.ndarray, size: int, frame_shape: tuple[int, int]
-) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
-    """Warp a crop's change back into frame coordinates, weighted by the feathered mask.
-
-    delta: (size, size, C) float32 in frame units. Returns ((x0, y0, x1, y1), (h, w, C)
-    float32) covering the face's bounding rectangle in the frame, or None when the face lies
-    outside the frame. The inverse warp is bilinear, which also upsamples a delta computed on a
-    crop smaller than the face.
-    """
+def _frame_rect(matrix: np.ndarray, size: int, frame_shape: tuple[int, int]):
+    """The frame rectangle a ``size`` crop under ``matrix`` covers, clipped to the frame, and the
+    affine map crop -> that rectangle; None when the crop lies outside the frame."""
     h, w = frame_shape[:2]
     inv = cv2.invertAffineTransform(matrix)  # crop -> frame
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
@@ -159,12 +152,79 @@ def warp_delta(
     if x1 <= x0 or y1 <= y0:
         return None
     to_rect = _compose(np.array([[1, 0, -x0], [0, 1, -y0]], np.float64), inv)  # crop -> rect
-    dsize = (int(x1 - x0), int(y1 - y0))
+    return (int(x0), int(y0), int(x1), int(y1)), to_rect
+
+
+def warp_delta(
+    delta: np.ndarray, matrix: np.ndarray, size: int, frame_shape: tuple[int, int]
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """Warp a crop's change back into frame coordinates, weighted by the feathered mask.
+
+    delta: (size, size, C) float32 in frame units. Returns ((x0, y0, x1, y1), (h, w, C)
+    float32) covering the face's bounding rectangle in the frame, or None when the face lies
+    outside the frame. The inverse warp is bilinear, which also upsamples a delta computed on a
+    crop smaller than the face.
+    """
+    placed = _frame_rect(matrix, size, frame_shape)
+    if placed is None:
+        return None
+    rect, to_rect = placed
+    dsize = (rect[2] - rect[0], rect[3] - rect[1])
     d = cv2.warpAffine(delta, to_rect, dsize, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     m = cv2.warpAffine(feather_mask(size), to_rect, dsize, flags=cv2.INTER_LINEAR, borderValue=0)
     if d.ndim == 2:
         d = d[..., None]
-    return (int(x0), int(y0), int(x1), int(y1)), d * m[..., None]
+    return rect, d * m[..., None]
+
+
+@functools.lru_cache(maxsize=16)
+def crop_feather(size: int) -> np.ndarray:
+    """Soft paste mask over the whole crop, falling to 0 only near its border. float32."""
+    k = max(2, int(size * 0.03))
+    mask = np.zeros((size, size), np.float32)
+    mask[k:-k, k:-k] = 1
+    blur = max(3, int(size * 0.06) | 1)
+    mask = cv2.GaussianBlur(mask, (blur, blur), 0)
+    mask.setflags(write=False)
+    return mask
+
+
+def replace_weight(restored: np.ndarray, crop: np.ndarray, threshold: float = 8.0) -> np.ndarray:
+    """Where a replacing task (unmask) changed the crop: 1 where the restored crop differs from
+    the input by well over ``threshold`` levels, grown a little past the changed area and
+    feathered, 0 where the network left the crop as it was. float32 (size, size)."""
+    size = crop.shape[0]
+    change = np.abs(restored - crop).max(axis=-1)
+    w = np.clip((change - threshold) / (2 * threshold), 0, 1).astype(np.float32)
+    grow = max(3, int(size * 0.04) | 1)
+    w = cv2.dilate(w, np.ones((grow, grow), np.uint8))
+    blur = max(3, int(size * 0.05) | 1)
+    w = cv2.GaussianBlur(w, (blur, blur), 0)
+    return np.minimum(w, crop_feather(size))
+
+
+def warp_replace(
+    restored: np.ndarray, weight: np.ndarray, matrix: np.ndarray, frame: np.ndarray
+) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """The frame-space change that puts the restored crop itself where ``weight`` (crop space)
+    says, for tasks that replace content rather than correct it (unmask).
+
+    A change computed on a crop smaller than the face, then upsampled (``warp_delta``), keeps
+    the frame's detail above the crop's resolution: the edges and texture of a face mask would
+    stay as a ghost over the painted face. Here the restored pixels themselves are upsampled and
+    blended in by ``weight``; where the weight is 0 the frame is untouched. restored: (S, S, 3)
+    float32 0..255; frame: (H, W, 3) in the same units. Returns ((x0, y0, x1, y1), delta)."""
+    size = restored.shape[0]
+    placed = _frame_rect(matrix, size, frame.shape[:2])
+    if placed is None:
+        return None
+    rect, to_rect = placed
+    x0, y0, x1, y1 = rect
+    dsize = (x1 - x0, y1 - y0)
+    r = cv2.warpAffine(restored, to_rect, dsize, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    m = cv2.warpAffine(weight, to_rect, dsize, flags=cv2.INTER_LINEAR, borderValue=0)
+    region = frame[y0:y1, x0:x1, :3].astype(np.float32)
+    return rect, (r - region) * m[..., None]
 
 
 def add_delta(image: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,

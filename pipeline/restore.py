@@ -60,6 +60,7 @@ class FaceRestorer:
         # FaceMath edits change colour on purpose (grey hair, skin tone): never undo that
         self.colour_match = colour_match and not getattr(self.spec, "latent", False)
         self.uses_tracks = getattr(model, "uses_tracks", False)
+        self.replaces = getattr(self.spec, "replaces", False)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
         self.identity = getattr(model, "net", None) is None
@@ -122,10 +123,16 @@ class FaceRestorer:
                         rest = align.match_colour(rest, crop_f, align.colour_region(size_))
                     if self.preview is not None:
                         self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                    delta = rest - crop_f
-                    if not np.any(delta):
-                        continue
-                    placed = align.warp_delta(delta, m, size_, images[i].shape[:2])
+                    if self.replaces:
+                        weight = align.replace_weight(rest, crop_f)
+                        if not np.any(weight):
+                            continue
+                        placed = align.warp_replace(rest, weight, m, images[i])
+                    else:
+                        delta = rest - crop_f
+                        if not np.any(delta):
+                            continue
+                        placed = align.warp_delta(delta, m, size_, images[i].shape[:2])
                     if placed is not None:
                         out[i].append(placed)
         return out

@@ -6,6 +6,7 @@ alignment; nothing depends on a local crop cache.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import models
 from models import data as D
 from models.degrade import degrade, degrade_batch, degrade_eval
-from models.evaluate import evaluate
+from models.evaluate import evaluate, whole_unmask
 from models.nets import NetConfig, ResUNet, load_net, read_metadata, save_net
 from models.registry import WEIGHTS_DIR
 from models.train import PRESETS, TrainConfig, train
@@ -191,4 +192,16 @@ def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path)
 def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
     r = evaluate(task, val_crops)
     assert r["n"] == 20 and r["size"] == 128
+    assert r["model"]["psnr"] > r["input"]["psnr"], r
+
+
+def test_unmask_on_whole_photos_runs_the_product_path(tmp_path):
+    """--whole for unmask: masks warped onto whole photos, then detection on the masked photo,
+    alignment, the shipped network and paste-back, scored against the clean photo."""
+    for p in _photos(True, 8):
+        shutil.copy(p, tmp_path / p.name)
+    r = whole_unmask(tmp_path, None)
+    assert r["framing"] == "whole" and r["n"] >= 6 and r["size"] == 128
+    assert r["input"]["psnr"] < 25, r  # the masks were drawn
+    assert 0 < r["detected_masked"] <= r["n"], r
     assert r["model"]["psnr"] > r["input"]["psnr"], r

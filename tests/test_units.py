@@ -1,6 +1,7 @@
 """Unit checks of alignment, paste-back, tracking and metadata handling."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -48,6 +49,33 @@ def test_zero_delta_leaves_frame_bit_exact_and_delta_stays_in_mask():
     assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
     # a face-sized change: the crop corners (background) get nothing
     assert align.feather_mask(128)[0, 0] == 0 and align.feather_mask(128)[64, 64] == pytest.approx(1.0)
+
+
+def test_replace_paste_removes_detail_the_upsampled_change_leaves():
+    """Unmask paints over a mask: on a face larger than the 128 crop, adding the upsampled
+    change leaves the mask's fine texture (a ghost); blending the restored pixels removes it,
+    and the frame is bit-exact wherever the network changed nothing."""
+    frame = np.full((400, 400, 3), 120, np.uint8)
+    lm = align.template(1.0) * 300 + [50, 40]  # a 300 px face, restored on a 128 crop
+    m = align.estimate_transform(lm, 128)
+    yy, xx = np.mgrid[0:400, 0:400]
+    cover = (yy > 230) & (yy < 300) & (xx > 150) & (xx < 250)  # the "mask", fine stripes
+    frame[cover] = np.where((xx[cover] % 2)[:, None] == 0, 40, 220).astype(np.uint8)
+    before = frame.copy()
+    crop = align.warp_face(frame, m, 128).astype(np.float32)
+    cover_c = cv2.warpAffine(cover.astype(np.float32), m, (128, 128)) > 0.01
+    restored = crop.copy()
+    restored[cover_c] = 120.0  # the network paints the covered area over
+    ghost = frame.copy()
+    align.add_delta(ghost, *align.warp_delta(restored - crop, m, 128, frame.shape[:2]))
+    out = frame.copy()
+    weight = align.replace_weight(restored, crop)
+    align.add_delta(out, *align.warp_replace(restored, weight, m, frame))
+    inner = cover & (yy > 240) & (yy < 290) & (xx > 160) & (xx < 240)
+    assert np.abs(out[inner].astype(int) - 120).max() <= 3
+    assert np.abs(ghost[inner].astype(int) - 120).max() > 40  # the stripes survive a change paste
+    far = (yy < 150) | (yy > 360) | (xx < 90) | (xx > 310)
+    assert np.array_equal(out[far], before[far])
 
 
 def test_tracker_fills_gaps_and_smooths_jitter():
