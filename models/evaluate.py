@@ -123,6 +123,25 @@ def whole_photos(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]
     return crops, source
 
 
+def mask_photo(photo: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
+               size: int = D.CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``photo`` (H, W, 3 uint8) with a synthetic face mask over the face at ``landmarks``: the
+    mask is drawn in the face's aligned crop, as in training, and warped onto the photo. Returns
+    (masked photo, alpha (H, W) float32)."""
+    from pipeline import align
+
+    from .degrade import draw_mask
+
+    m = align.estimate_transform(landmarks, size)  # photo -> aligned crop
+    colour, alpha = draw_mask(size, rng)
+    h, w = photo.shape[:2]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # sample the crop at m(photo pixel)
+    alpha = cv2.warpAffine(alpha, m, (w, h), flags=flags, borderValue=0)
+    colour = cv2.warpAffine(colour, m, (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    masked = np.clip(np.rint(photo * (1 - alpha[..., None]) + colour * alpha[..., None]), 0, 255)
+    return masked.astype(np.uint8), alpha
+
+
 def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module | None = None,
                  device: str = "cpu", seed: int = SEED) -> dict:
     """Unmask scored on whole photos at 128x128 (see the module docstring)."""
@@ -131,7 +150,6 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     from pipeline.restore import FaceRestorer
 
     from . import load
-    from .degrade import canonical, draw_mask
 
     model = model if model is not None else load("unmask", device=device)
     if not hasattr(model, "spec"):  # a bare network from --weights: give it the task's spec
@@ -152,13 +170,7 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
         faces = detector.detect_image(img)
         if not faces:  # as for aligned crops: a photo without a detectable face is skipped
             continue
-        m = align.estimate_transform(faces[0].landmarks, size)  # photo -> aligned crop
-        colour, alpha = draw_mask(size, np.random.default_rng([seed, i]))
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # sample the crop at m(photo pixel)
-        alpha = cv2.warpAffine(alpha, m, (size, size), flags=flags, borderValue=0)
-        colour = cv2.warpAffine(colour, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-        masked = np.clip(np.rint(img * (1 - alpha[..., None]) + colour * alpha[..., None]), 0, 255)
-        masked = masked.astype(np.uint8)
+        masked, alpha = mask_photo(img, faces[0].landmarks, np.random.default_rng([seed, i]))
         out = masked.copy()
         seen = masked_detector.detect_image(masked)
         found += bool(seen)

@@ -36,14 +36,15 @@ class FaceDetector:
     min_face: smallest face (px, in the original frame) to find. max_side: frames whose long
     side is larger are detected on a copy scaled to this size. min_score: faces below this
     MTCNN confidence are dropped (it keeps cartoons and textures out). thresholds: MTCNN's
-    three stage thresholds. ``FaceDetector(**MASKED)`` is the setting for faces whose lower half
+    three stage thresholds. max_overlap: drop a face whose box lies more than this fraction
+    inside a higher-scoring face's box (1: keep all). ``FaceDetector(**MASKED)`` is the setting for faces whose lower half
     is covered (the unmask task), which MTCNN scores low.
     """
 
-    # Masked faces: on 234 UTKFace validation photos with synthetic masks, the default settings
-    # find 118, these 165 (models.evaluate --task unmask --whole); no face on the cartoon clip
-    # either way, and one more false positive (a jacket) on 16 frames of walking_1080p.
-    MASKED = {"thresholds": (0.3, 0.4, 0.5), "min_score": 0.7}
+    # Masked faces: lower stage thresholds find many more of them (on 234 UTKFace validation
+    # photos with synthetic masks, 118 -> 165 at min_score 0.7), but also boxes on the mask or
+    # chin below a face; a box mostly inside a stronger face's box is dropped (max_overlap).
+    MASKED = {"thresholds": (0.3, 0.4, 0.5), "min_score": 0.8, "max_overlap": 0.3}
 
     def __init__(
         self,
@@ -54,12 +55,14 @@ class FaceDetector:
         min_score: float = 0.92,
         batch_size: int = 16,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+        max_overlap: float = 1.0,
     ) -> None:
         self.device = device
         self.min_face = int(min_face)
         self.max_side = int(max_side)
         self.min_score = float(min_score)
         self.batch_size = int(batch_size)
+        self.max_overlap = float(max_overlap)
         from .mtcnn import FastMTCNN
 
         self._net = FastMTCNN(device=device, thresholds=tuple(thresholds))
@@ -99,8 +102,23 @@ class FaceDetector:
             if p < self.min_score or (box[2] - box[0]) < self.min_face * 0.8:
                 continue
             faces.append(Face(box=box, landmarks=lm, score=float(p)))
+        if self.max_overlap < 1.0:
+            faces = _drop_overlapping(faces, self.max_overlap)
         faces.sort(key=lambda f: -f.width)
         return faces
+
+
+def _drop_overlapping(faces: list[Face], max_overlap: float) -> list[Face]:
+    """Faces by falling score, without those whose box lies more than ``max_overlap`` (fraction
+    of its own area) inside the box of a face already kept."""
+    kept: list[Face] = []
+    for f in sorted(faces, key=lambda f: -f.score):
+        x0, y0, x1, y1 = f.box
+        area = max(1e-6, (x1 - x0) * (y1 - y0))
+        if all(max(0.0, min(x1, k.box[2]) - max(x0, k.box[0])) * max(0.0, min(y1, k.box[3]) - max(y0, k.box[1]))
+               <= max_overlap * area for k in kept):
+            kept.append(f)
+    return kept
 
 
 def _rgb(frame: np.ndarray) -> np.ndarray:

@@ -94,3 +94,28 @@ def test_preview_sheet_shows_each_face_before_and_after(tmp_path):
         assert before.std() > 20  # a face crop, not a blank tile
         assert 25 < psnr(before, after) < 60  # restored: close to the crop, but not the same pixels
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_unmask_finds_a_masked_face_and_paints_over_the_mask(tmp_path):
+    """A mask drawn over a real face (as in training, warped onto the photo): MTCNN scores such
+    faces low, so unmask detects leniently; the painted face is blended in whole, so the mask's
+    pattern does not survive on a face larger than the network's 128 px crop."""
+    from models.evaluate import mask_photo
+    from pipeline.faces import FaceDetector
+
+    clean = cv2.cvtColor(cv2.imread(str(SCENES / "pyfeat_single_face.jpg")), cv2.COLOR_BGR2RGB)
+    face = FaceDetector().detect_image(clean)[0]
+    assert face.width > 160  # the case the blended paste is for
+    masked, alpha = mask_photo(clean, face.landmarks, np.random.default_rng(3))
+    src, dst = tmp_path / "masked.png", tmp_path / "out.png"
+    cv2.imwrite(str(src), cv2.cvtColor(masked, cv2.COLOR_RGB2BGR))
+    r = run_json("submit", src, "--task", "unmask", "--output", dst)
+    assert r["faces"] == 1
+    out = cv2.cvtColor(cv2.imread(str(dst)), cv2.COLOR_BGR2RGB)
+    inside = alpha > 0.5
+    before, after = psnr(masked[inside], clean[inside]), psnr(out[inside], clean[inside])
+    assert after > before + 2.5, (before, after)  # a painted face, not the mask (a smile is guessed)
+    x0, y0, x1, y1 = face.box
+    far = np.ones(clean.shape[:2], bool)
+    far[max(0, int(y0 - face.width)) : int(y1 + face.width), max(0, int(x0 - face.width)) : int(x1 + face.width)] = False
+    assert far.any() and np.array_equal(out[far], masked[far])
