@@ -7,7 +7,7 @@
   years, through the same detection, alignment and paste-back as ``submit --task age``;
 - ``facemath_gender.png``: the same faces with ``--task gender --amount -1 / +1``;
 - ``facemath_grid.png``: ``generate --count 16`` (random faces from the prior, seed 0);
-- ``restore_examples.png``: per restoration task, validation faces (aligned 128 px crops) with
+- ``restore_examples.jpg``: per restoration task, validation faces (aligned 128 px crops) with
   the task's evaluation degradation, the shipped network's output and the original.
 
     python docs/pictures.py restore      # only the restoration picture (or: facemath)
@@ -43,7 +43,8 @@ def label(img: np.ndarray, text: str) -> np.ndarray:
 
 
 def save(name: str, rgb: np.ndarray) -> None:
-    cv2.imwrite(str(OUT / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if name.endswith(".jpg") else [cv2.IMWRITE_PNG_COMPRESSION, 9]
+    cv2.imwrite(str(OUT / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     print(OUT / name, rgb.shape)
 
 
@@ -69,7 +70,7 @@ def restoration() -> None:
         out = run_model(models.load(task), bad)
         for b, o, c in zip(bad, out, crops):
             tiles += [label(b, task), label(o, "model"), label(c, "original")]
-    save("restore_examples.png", grid(np.stack(tiles), columns=6))
+    save("restore_examples.jpg", grid(np.stack(tiles), columns=6))
 
 
 def main() -> None:
