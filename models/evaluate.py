@@ -15,8 +15,9 @@ averaged over crops.
 reference figures. Denoise and enhance are local, so their network runs on the resized photo
 directly. Unmask's network needs an aligned face, so there each mask is drawn in the aligned
 crop of the face found on the clean photo and warped onto the photo, and the product's own path
-runs on the masked photo: detection (on the masked face), alignment, restoration, feathered
-paste-back. A face the detector misses counts with its masked input.
+runs on the masked photo: detection (``FaceDetector.MASKED``, on the masked face), alignment,
+the network, and the blended paste-back of a replacing task. A face the detector misses counts
+with its masked input.
 
 Baselines: denoise = cv2.fastNlMeansDenoisingColored(h=15, hColor=15); enhance = bicubic (the
 degraded input itself); unmask = cv2.inpaint Telea (radius 3) given the true mask.

@@ -37,8 +37,8 @@ class FaceDetector:
     side is larger are detected on a copy scaled to this size. min_score: faces below this
     MTCNN confidence are dropped (it keeps cartoons and textures out). thresholds: MTCNN's
     three stage thresholds. max_overlap: drop a face whose box lies more than this fraction
-    inside a higher-scoring face's box (1: keep all). ``FaceDetector(**MASKED)`` is the setting for faces whose lower half
-    is covered (the unmask task), which MTCNN scores low.
+    inside a higher-scoring face's box (1: keep all). ``FaceDetector(**MASKED)`` is the setting
+    for faces whose lower half is covered (the unmask task), which MTCNN scores low.
     """
 
     # Masked faces: MTCNN's default settings find 118 of 234 UTKFace validation photos with
