@@ -192,13 +192,13 @@ class Engine:
             except (FileNotFoundError, OSError, ValueError) as e:
                 raise ModelError(f"task {opts.task!r}: {e}") from None
         self.model = model
-        masked = getattr(getattr(model, "spec", None), "replaces", False)  # unmask: masked faces
-        self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side,
-                                     **(FaceDetector.MASKED if masked else {}))
         self.preview = PreviewSink() if opts.preview else None
         self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
                                      colour_match=opts.colour_match, preview=self.preview,
                                      half=self.device.startswith("cuda"))
+        # a task that paints over a covered lower face (unmask) must first find such faces
+        self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side,
+                                     **(FaceDetector.MASKED if self.restorer.replaces else {}))
 
 
 def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, engine: Engine | None = None) -> JobResult:
