@@ -117,10 +117,11 @@ def whole_photos(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]
         source = f"validation split of {D.UTKFACE_DIR}, whole photos resized"
     else:
         paths, source = D.list_images(data), f"{data}, whole photos resized"
-    ims = [D.read_rgb(p) for p in paths[:limit]]
+    ims = [im for im in (D.read_rgb(p) for p in paths[:limit]) if im is not None]
+    if not ims:
+        raise SystemExit(f"{source.split(',')[0]}: no readable photos")
     size = D.CROP_SIZE
-    crops = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA)
-                      for im in ims if im is not None])
+    crops = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in ims])
     return crops, source
 
 
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         from .nets import load_net
 
         model = load_net(a.weights, device=a.device)
+    if a.data is not None and not a.data.is_dir():
+        raise SystemExit(f"{a.data}: no such folder of face photos")
     if a.whole and canonical(a.task) == "unmask":
         r = whole_unmask(a.data, a.limit, model=model, device=a.device)
         source = r["data"]

@@ -205,3 +205,14 @@ def test_unmask_on_whole_photos_runs_the_product_path(tmp_path):
     assert r["input"]["psnr"] < 25, r  # the masks were drawn
     assert 0 < r["detected_masked"] <= r["n"], r
     assert r["model"]["psnr"] > r["input"]["psnr"], r
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_evaluate_on_a_folder_without_photos_is_a_one_line_error(tmp_path, whole):
+    from models.evaluate import main
+
+    (tmp_path / "notes.txt").write_text("no photos here")
+    for data in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(SystemExit) as e:
+            main(["--task", "unmask", "--data", str(data)] + (["--whole"] if whole else []))
+        assert str(data) in str(e.value) and "\n" not in str(e.value)
