@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from pytorch_msssim import ssim
@@ -73,6 +74,7 @@ class TrainConfig:
     threads: int = 0  # torch threads (0: torch default)
     net: dict = field(default_factory=dict)  # NetConfig overrides
     init: str = ""  # start from these weights (safetensors) instead of random
+    jitter: float = 0.0  # probability of an alignment jitter per sample (see jitter_alignment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,8 +84,10 @@ class TrainConfig:
 class Batches:
     """Random training batches: augmented crops, a random patch, degraded on the fly."""
 
-    def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int) -> None:
+    def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
+                 jitter: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
+        self.jitter = jitter
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -95,11 +99,38 @@ class Batches:
                 y, x = self.rng.integers(0, (size - self.patch) // 8 + 1, size=2) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
             d = degrade(self.task, crop, self.rng)
+            image, mask = d.image, d.mask
+            if self.jitter and self.rng.random() < self.jitter:
+                crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
             clean.append(crop)
-            bad.append(d.image)
-            masks.append(d.mask)
+            bad.append(image)
+            masks.append(mask)
         m = np.stack(masks) if masks[0] is not None else None
         return np.stack(clean), np.stack(bad), m
+
+
+JITTER = {"degrees": 10.0, "scale": 0.1, "shift": 0.05}  # uniform +-; shift as a crop fraction
+
+
+def jitter_alignment(
+    clean: np.ndarray, bad: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One random similarity transform applied to the clean crop, its degraded copy and the mask
+    alike: the face *and what degrades it* move together off the template, as they do at work
+    when landmarks are off (MTCNN's landmarks on a masked face miss by 0.2-0.3 eye distances).
+    Unmask trains with it so the network finds a mask that is not where the template puts it."""
+    size = clean.shape[0]
+    angle = rng.uniform(-JITTER["degrees"], JITTER["degrees"])
+    scale = 1.0 + rng.uniform(-JITTER["scale"], JITTER["scale"])
+    dx, dy = rng.uniform(-JITTER["shift"], JITTER["shift"], size=2) * size
+    m = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+    m[:, 2] += (dx, dy)
+
+    def warp(img: np.ndarray) -> np.ndarray:  # reflected borders, as the crop cache has them
+        return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT101)
+
+    return warp(clean), warp(bad), None if mask is None else warp(mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +236,10 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                     f" + {cfg.ssim_weight} * (1 - SSIM)",
             "ema": cfg.ema,
             "seed": cfg.seed,
-            "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05",
+            "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"
+                       + (f"; p={cfg.jitter} alignment jitter of crop, degraded crop and mask together"
+                          f" (rotation +-{JITTER['degrees']:g} deg, scale +-{JITTER['scale']:g},"
+                          f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else ""),
             "degradation": DEGRADATION_NOTES[t],
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
@@ -294,7 +328,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
-    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed)
+    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter)
 
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
@@ -433,6 +467,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", default="", help="start from these weights (e.g. models/weights/denoise.safetensors)")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="probability of an alignment jitter per training sample (unmask: use 0.5"
+                        " so the net copes with the off landmarks of masked faces)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
     return p
 
@@ -453,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         task=a.task, steps=a.steps, minutes=a.minutes, batch=a.batch, patch=a.patch, lr=a.lr,
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
-        device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init,
+        device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
     )
     train(cfg)
 

@@ -165,19 +165,45 @@ def test_masks_cover_nose_and_mouth(train_crops):
             assert d.mask[y, x] == 0, f"seed {seed}: eye ({x}, {y}) covered"
 
 
+def test_alignment_jitter_moves_face_and_mask_together(train_crops):
+    """Unmask's alignment jitter warps the clean crop, the masked crop and the mask with one
+    transform: the mask leaves its template place, and it still marks exactly the pixels where
+    the masked crop differs from the clean one."""
+    from models.train import jitter_alignment
+
+    moved = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        crop = train_crops[seed % len(train_crops)]
+        d = degrade("unmask", crop, rng)
+        clean, bad, mask = jitter_alignment(crop, d.image, d.mask, rng)
+        assert clean.shape == bad.shape == crop.shape and mask.shape == d.mask.shape
+        assert clean.dtype == bad.dtype == mask.dtype == np.uint8
+        diff = np.abs(clean.astype(int) - bad.astype(int)).max(axis=2)
+        inside, outside = mask == 255, mask == 0
+        assert (diff[inside] > 0).mean() > 0.9, seed  # the mask covers changed pixels...
+        assert diff[outside].max() <= 8, seed  # ...and outside it only its soft edge (< 6 levels)
+        ys, xs = np.nonzero(d.mask == 255)
+        ys2, xs2 = np.nonzero(inside)
+        moved += np.hypot(xs.mean() - xs2.mean(), ys.mean() - ys2.mean()) > 1.0
+    assert moved >= 8  # the mask is off its template place in most draws
+
+
 # ----------------------------------------------------------------------------------- training
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path):
     cfg = TrainConfig(task=task, steps=2, out=str(tmp_path / "run"), export=True,
-                      export_dir=str(tmp_path / "w"), val_count=4, threads=2)
+                      export_dir=str(tmp_path / "w"), val_count=4, threads=2,
+                      jitter=1.0 if task == "unmask" else 0.0)
     state = train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])
     assert state["step"] == 2
     assert (tmp_path / "run" / "last.pt").is_file()
     net = load_net(tmp_path / "w" / f"{task}.safetensors")
     card = json.loads((tmp_path / "w" / f"{task}.json").read_text())
     assert card["training"]["steps"] == 2 and card["validation"]["n"] == 4
+    assert ("alignment jitter" in card["training"]["augment"]) == (task == "unmask")
     with torch.no_grad():
         assert net(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)
     if task == "denoise":  # resuming continues from the checkpoint
