@@ -221,12 +221,14 @@ def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
     assert r["model"]["psnr"] > r["input"]["psnr"], r
 
 
-def test_unmask_on_whole_photos_runs_the_product_path(tmp_path):
-    """--whole for unmask: masks warped onto whole photos, then detection on the masked photo,
-    alignment, the shipped network and paste-back, scored against the clean photo."""
+@pytest.mark.parametrize("mask", ["generator", "readme"])
+def test_unmask_on_whole_photos_runs_the_product_path(tmp_path, mask):
+    """--whole for unmask: masks warped onto whole photos (or the README's flat polygon), then
+    detection on the masked photo, alignment, the shipped network and paste-back, scored
+    against the clean photo."""
     for p in _photos(True, 8):
         shutil.copy(p, tmp_path / p.name)
-    r = whole_unmask(tmp_path, None)
+    r = whole_unmask(tmp_path, None, mask=mask)
     assert r["framing"] == "whole" and r["n"] >= 6 and r["size"] == 128
     assert r["input"]["psnr"] < 25, r  # the masks were drawn
     assert 0 < r["detected_masked"] <= r["n"], r
