@@ -17,6 +17,11 @@ class TaskSpec:
     instead of adding the upsampled change, which would leave the mask's fine texture and edges
     on faces larger than the crop (``pipeline.align.warp_replace``). Such faces are partly covered,
     so the pipeline also finds them with ``FaceDetector.MASKED`` (MTCNN scores covered faces low).
+    below: rows of context added under the square template crop (a multiple of the network's
+    stride; non-native tasks). The 128 px template ends at the chin, and a face mask reaches
+    under it: unmask runs on a 128 x 160 crop, so the mask's lower edge is inside the crop and
+    painted over instead of being left as a band under the chin. The network is fully
+    convolutional and was trained on square crops; on the taller crop it paints chin and neck.
     """
 
     name: str
@@ -27,6 +32,7 @@ class TaskSpec:
     latent: bool = False  # a FaceMath edit of the VAE's code (models.facemath), not a restoration
     default_amount: float = 0.0  # latent edits: the --amount used when none is given
     replaces: bool = False
+    below: int = 0
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -36,7 +42,7 @@ TASKS: dict[str, TaskSpec] = {
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", False,
                         weights="enhance.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
-                       weights="unmask.safetensors", replaces=True),
+                       weights="unmask.safetensors", replaces=True, below=32),
     "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
                     weights="facemath.safetensors", latent=True, default_amount=30.0),
     "gender": TaskSpec("gender", "adds (--amount > 0) or removes (< 0) female-typical features"

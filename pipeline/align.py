@@ -83,11 +83,12 @@ def matched_size(landmarks: np.ndarray, base: int = 128, max_size: int = 512) ->
     return max_size
 
 
-def warp_face(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-    """Aligned ``size`` x ``size`` crop of ``image`` (H, W, C) under ``matrix``."""
-    return cv2.warpAffine(
-        image, matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT101
-    )
+def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | None = None) -> np.ndarray:
+    """Aligned ``size`` x ``size`` crop of ``image`` (H, W, C) under ``matrix``; with ``height``,
+    a ``size`` wide, ``height`` tall crop: the same template, with ``height - size`` more rows
+    below the square one."""
+    return cv2.warpAffine(image, matrix, (size, height or size), flags=cv2.INTER_CUBIC,
+                          borderMode=cv2.BORDER_REFLECT101)
 
 
 @functools.lru_cache(maxsize=16)
@@ -114,14 +115,16 @@ def feather_mask(size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def colour_region(size: int) -> np.ndarray:
+def colour_region(size: int, height: int | None = None) -> np.ndarray:
     """Weights for colour matching: the feathered face above the nose tip.
 
     The upper face is what no task is meant to change (a mask covers nose and mouth), so its
-    mean colour is a fair reference for every task, unmask included.
+    mean colour is a fair reference for every task, unmask included. (height, size) float32;
+    rows below the square crop (``warp_face``'s ``height``) weigh 0.
     """
     t = template(size)
-    region = feather_mask(size).copy()
+    region = np.zeros((height or size, size), np.float32)
+    region[:size] = feather_mask(size)
     region[int(round(t[2, 1])) :] = 0
     region.setflags(write=False)
     return region
@@ -139,12 +142,14 @@ def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -
     return restored + shift.astype(np.float32)
 
 
-def _frame_rect(matrix: np.ndarray, size: int, frame_shape: tuple[int, int]):
-    """The frame rectangle a ``size`` crop under ``matrix`` covers, clipped to the frame, and the
-    affine map crop -> that rectangle; None when the crop lies outside the frame."""
+def _frame_rect(matrix: np.ndarray, size: int, frame_shape: tuple[int, int], height: int | None = None):
+    """The frame rectangle a ``size`` crop (``height`` tall if given) under ``matrix`` covers,
+    clipped to the frame, and the affine map crop -> that rectangle; None when the crop lies
+    outside the frame."""
     h, w = frame_shape[:2]
+    ch = height or size
     inv = cv2.invertAffineTransform(matrix)  # crop -> frame
-    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, ch, 1], [size, ch, 1]], np.float64)
     pts = corners @ inv.T
     x0, y0 = np.floor(pts.min(0)).astype(int)
     x1, y1 = np.ceil(pts.max(0)).astype(int) + 1
@@ -178,10 +183,11 @@ def warp_delta(
 
 
 @functools.lru_cache(maxsize=16)
-def crop_feather(size: int) -> np.ndarray:
-    """Soft paste mask over the whole crop, falling to 0 only near its border. float32."""
+def crop_feather(size: int, height: int | None = None) -> np.ndarray:
+    """Soft paste mask over the whole crop, falling to 0 only near its border. float32
+    (height, size); height defaults to size."""
     k = max(2, int(size * 0.03))
-    mask = np.zeros((size, size), np.float32)
+    mask = np.zeros((height or size, size), np.float32)
     mask[k:-k, k:-k] = 1
     blur = max(3, int(size * 0.06) | 1)
     mask = cv2.GaussianBlur(mask, (blur, blur), 0)
@@ -192,15 +198,15 @@ def crop_feather(size: int) -> np.ndarray:
 def replace_weight(restored: np.ndarray, crop: np.ndarray, threshold: float = 8.0) -> np.ndarray:
     """Where a replacing task (unmask) changed the crop: 1 where the restored crop differs from
     the input by well over ``threshold`` levels, grown a little past the changed area and
-    feathered, 0 where the network left the crop as it was. float32 (size, size)."""
-    size = crop.shape[0]
+    feathered, 0 where the network left the crop as it was. float32, the crop's (height, width)."""
+    height, size = crop.shape[:2]
     change = np.abs(restored - crop).max(axis=-1)
     w = np.clip((change - threshold) / (2 * threshold), 0, 1).astype(np.float32)
     grow = max(3, int(size * 0.04) | 1)
     w = cv2.dilate(w, np.ones((grow, grow), np.uint8))
     blur = max(3, int(size * 0.05) | 1)
     w = cv2.GaussianBlur(w, (blur, blur), 0)
-    return np.minimum(w, crop_feather(size))
+    return np.minimum(w, crop_feather(size, height))
 
 
 def warp_replace(
@@ -212,10 +218,11 @@ def warp_replace(
     A change computed on a crop smaller than the face, then upsampled (``warp_delta``), keeps
     the frame's detail above the crop's resolution: the edges and texture of a face mask would
     stay as a ghost over the painted face. Here the restored pixels themselves are upsampled and
-    blended in by ``weight``; where the weight is 0 the frame is untouched. restored: (S, S, 3)
-    float32 0..255; frame: (H, W, 3) in the same units. Returns ((x0, y0, x1, y1), delta)."""
-    size = restored.shape[0]
-    placed = _frame_rect(matrix, size, frame.shape[:2])
+    blended in by ``weight``; where the weight is 0 the frame is untouched. restored: (h, S, 3)
+    float32 0..255 (a ``warp_face`` crop, square or taller); frame: (H, W, 3) in the same units.
+    Returns ((x0, y0, x1, y1), delta)."""
+    height, size = restored.shape[:2]
+    placed = _frame_rect(matrix, size, frame.shape[:2], height)
     if placed is None:
         return None
     rect, to_rect = placed

@@ -13,7 +13,8 @@ TILE = 128
 
 
 def contact_sheet(pairs: list[tuple[np.ndarray, np.ndarray]], *, columns: int = 4) -> np.ndarray:
-    """RGB uint8 sheet: each cell is a before | after pair of crops resized to 128 px."""
+    """RGB uint8 sheet: each cell is a before | after pair of crops resized to 128 px wide
+    (crops taller than wide, as unmask's, keep their shape)."""
     if not pairs:
         sheet = np.full((TILE, 2 * TILE, 3), 32, np.uint8)
         cv2.putText(sheet, "no faces found", (20, TILE // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
@@ -22,15 +23,17 @@ def contact_sheet(pairs: list[tuple[np.ndarray, np.ndarray]], *, columns: int = 
     cols = min(columns, len(pairs))
     rows = math.ceil(len(pairs) / cols)
     gap = 4
-    cell_w, cell_h = 2 * TILE + gap, TILE + 18
+    tile_h = max(round(TILE * b.shape[0] / b.shape[1]) for b, _ in pairs)
+    cell_w, cell_h = 2 * TILE + gap, tile_h + 18
     sheet = np.full((rows * cell_h + gap, cols * (cell_w + gap) + gap, 3), 24, np.uint8)
     for k, (before, after) in enumerate(pairs):
         r, c = divmod(k, cols)
         y, x = gap + r * cell_h, gap + c * (cell_w + gap)
-        b = cv2.resize(before, (TILE, TILE), interpolation=cv2.INTER_AREA)
-        a = cv2.resize(after, (TILE, TILE), interpolation=cv2.INTER_AREA)
-        sheet[y + 14 : y + 14 + TILE, x : x + TILE] = b
-        sheet[y + 14 : y + 14 + TILE, x + TILE + gap : x + cell_w] = a
+        h = round(TILE * before.shape[0] / before.shape[1])
+        b = cv2.resize(before, (TILE, h), interpolation=cv2.INTER_AREA)
+        a = cv2.resize(after, (TILE, h), interpolation=cv2.INTER_AREA)
+        sheet[y + 14 : y + 14 + h, x : x + TILE] = b
+        sheet[y + 14 : y + 14 + h, x + TILE + gap : x + cell_w] = a
         for text, dx in (("before", 2), ("after", TILE + gap + 2)):
             cv2.putText(sheet, text, (x + dx, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.38,
                         (200, 200, 200), 1, cv2.LINE_AA)

@@ -90,6 +90,7 @@ class FaceRestorer:
         return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * size)))
 
     def crop_size(self, face: Face) -> int:
+        """The crop's width (and the side of its template square)."""
         if not self.spec.native:
             return self.spec.size
         size = align.matched_size(face.landmarks, base=self.spec.size, max_size=self.max_crop)
@@ -100,11 +101,12 @@ class FaceRestorer:
         """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs = []  # (image index, face, size, matrix, crop)
+        below = getattr(self.spec, "below", 0) if self.replaces and not self.spec.native else 0
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
                 m = align.estimate_transform(f.landmarks, size)
-                jobs.append((i, f, size, m, align.warp_face(img, m, size)))
+                jobs.append((i, f, size, m, align.warp_face(img, m, size, size + below)))
         self.faces_restored += len(jobs)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
@@ -120,7 +122,7 @@ class FaceRestorer:
                 for (i, f, size_, m, crop), rest in zip(chunk, restored):
                     crop_f = crop.astype(np.float32)
                     if self.colour_match:
-                        rest = align.match_colour(rest, crop_f, align.colour_region(size_))
+                        rest = align.match_colour(rest, crop_f, align.colour_region(size_, crop.shape[0]))
                     if self.preview is not None:
                         self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
                     if self.replaces:
@@ -128,7 +130,7 @@ class FaceRestorer:
                         if not np.any(weight):
                             continue
                         placed = align.warp_replace(rest, weight, m, images[i])
-                    else:
+                    else:  # (square crops: ``below`` is for replacing tasks)
                         delta = rest - crop_f
                         if not np.any(delta):
                             continue
@@ -138,7 +140,7 @@ class FaceRestorer:
         return out
 
     def _run(self, crops: list[np.ndarray], keys: list | None = None) -> list[np.ndarray]:
-        """Crops (S, S, 3) uint8 -> restored (S, S, 3) float32 in 0..255."""
+        """Crops (h, S, 3) uint8 -> restored (h, S, 3) float32 in 0..255."""
         with self._torch.inference_mode():
             return self._forward(crops, keys)
 

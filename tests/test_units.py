@@ -78,6 +78,28 @@ def test_replace_paste_removes_detail_the_upsampled_change_leaves():
     assert np.array_equal(out[far], before[far])
 
 
+def test_taller_crop_extends_the_square_one_downwards_and_pastes_there():
+    """unmask's crop is the square template crop plus 32 rows below it (the chin): its top 128
+    rows are the square crop, and a change painted in the extra rows lands under the face."""
+    frame = np.random.default_rng(0).integers(0, 255, (400, 400, 3)).astype(np.uint8)
+    lm = align.template(1.0) * 300 + [50, 20]
+    m = align.estimate_transform(lm, 128)
+    square, tall = align.warp_face(frame, m, 128), align.warp_face(frame, m, 128, 160)
+    assert tall.shape == (160, 128, 3) and np.array_equal(tall[:128], square)
+    restored = tall.astype(np.float32)
+    restored[136:150, 40:88] = 0.0  # painted only in the extra rows
+    weight = align.replace_weight(restored, tall.astype(np.float32))
+    assert weight.shape == (160, 128) and weight[:120].max() == 0 and weight[143, 64] == 1
+    out = frame.copy()
+    align.add_delta(out, *align.warp_replace(restored, weight, m, frame))
+    changed = np.nonzero(np.abs(out.astype(int) - frame).max(axis=2))
+    inv = cv2.invertAffineTransform(m)
+    bottom = (inv @ [64, 128, 1])[1]  # the square crop's lower edge, in the frame
+    x, y = np.rint(inv @ [64, 143, 1]).astype(int)  # a painted pixel, in the frame
+    assert changed[0].min() > bottom and out[y, x].max() < 40
+    assert align.colour_region(128, 160).shape == (160, 128) and not align.colour_region(128, 160)[128:].any()
+
+
 def test_tracker_fills_gaps_and_smooths_jitter():
     rng = np.random.default_rng(1)
     base = align.template(1.0) * 120 + [300, 200]
