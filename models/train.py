@@ -75,6 +75,7 @@ class TrainConfig:
     net: dict = field(default_factory=dict)  # NetConfig overrides
     init: str = ""  # start from these weights (safetensors) instead of random
     jitter: float = 0.0  # probability of an alignment jitter per sample (see jitter_alignment)
+    crops: str = ""  # crop cache folder or pack (.npz); default the UTKFace cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +222,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "source": "UTKFace (../shared/data/faces/utkface), largest MTCNN face aligned to the"
                       " pipeline.align template at 128x128",
             "train_crops": n_train,
+            **({"pack": f"{Path(cfg.crops).name} (a subset of the cache as 4:4:4 JPEGs)"}
+               if cfg.crops.endswith(".npz") else {}),
             "split": "validation = sha1(file name) % 1000 < 50 (~5%)",
             "license": "UTKFace is for non-commercial research only; image copyright stays with"
                        " the owners. These weights inherit that restriction.",
@@ -296,12 +299,13 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(cfg.export_dir or WEIGHTS_DIR)
 
+    source = Path(cfg.crops) if cfg.crops else D.CACHE_DIR
     if train_crops is None:
-        all_crops, items = D.load_cache("all", mmap=True)
+        all_crops, items = D.load_cache("all", source, mmap=True)
         train_idx = [i for i, it in enumerate(items) if not it["val"]]
         train_crops = all_crops[train_idx] if len(train_idx) < 2000 else _Subset(all_crops, train_idx)
     if val_crops is None:  # an evenly spaced subset of the validation split
-        val_crops, _ = D.load_cache("val")
+        val_crops, _ = D.load_cache("val", source)
         pick = np.linspace(0, len(val_crops) - 1, min(cfg.val_count, len(val_crops))).astype(int)
         val_crops = val_crops[pick]
     val_crops = np.ascontiguousarray(val_crops[: cfg.val_count])
@@ -467,6 +471,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", default="", help="start from these weights (e.g. models/weights/denoise.safetensors)")
+    p.add_argument("--crops", default="", help="crop cache folder or a pack from"
+                   " 'python -m models.data pack' (default: cache/crops)")
     p.add_argument("--jitter", type=float, default=0.0,
                    help="probability of an alignment jitter per training sample (unmask: use 0.5"
                         " so the net copes with the off landmarks of masked faces)")
@@ -491,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
+        crops=a.crops,
     )
     train(cfg)
 

@@ -189,6 +189,29 @@ def test_alignment_jitter_moves_face_and_mask_together(train_crops):
     assert moved >= 8  # the mask is off its template place in most draws
 
 
+def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
+    """``models.data pack``: validation crops first, then as many training crops as fit the
+    size limit, as near-lossless JPEGs; training reads a pack like the cache."""
+    crops = np.concatenate([train_crops, train_crops[:, :, ::-1]])  # 2x the faces, mirrored
+    items = [{"file": f"f{i}.jpg", "val": i % 4 == 0} for i in range(len(crops))]
+    n_val = sum(it["val"] for it in items)
+    small = D.pack_crops(crops, items, tmp_path / "small.npz", max_mib=0.06 + 0.008 * n_val + 0.04)
+    full = D.pack_crops(crops, items, tmp_path / "full.npz", max_mib=5)
+    assert full["val"] == n_val and full["train"] == full["of_train"] == len(crops) - n_val
+    assert 0 < small["train"] < full["train"] and small["mib"] <= 0.06 + 0.008 * n_val + 0.04
+    got, got_items = D.load_pack(tmp_path / "full.npz")
+    assert got.shape == crops.shape and got.dtype == np.uint8
+    order = [i for i, it in enumerate(items) if it["val"]] + [i for i, it in enumerate(items) if not it["val"]]
+    assert [it["file"] for it in got_items] == [items[i]["file"] for i in order]
+    err = (got.astype(float) - crops[order]) ** 2
+    assert 10 * np.log10(255**2 / err.mean()) > 38  # near-lossless training targets
+    val, _ = D.load_cache("val", tmp_path / "full.npz")
+    assert len(val) == n_val
+    cfg = TrainConfig(task="enhance", steps=2, out=str(tmp_path / "run"), val_count=4, threads=2,
+                      crops=str(tmp_path / "full.npz"))
+    assert train(cfg)["step"] == 2
+
+
 # ----------------------------------------------------------------------------------- training
 
 
