@@ -76,6 +76,7 @@ class TrainConfig:
     init: str = ""  # start from these weights (safetensors) instead of random
     jitter: float = 0.0  # probability of an alignment jitter per sample (see jitter_alignment)
     crops: str = ""  # crop cache folder or pack (.npz); default the UTKFace cache
+    clean: float = 0.0  # unmask: share of samples left without a mask (target = input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,9 +87,9 @@ class Batches:
     """Random training batches: augmented crops, a random patch, degraded on the fly."""
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
-                 jitter: float = 0.0) -> None:
+                 jitter: float = 0.0, clean: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
-        self.jitter = jitter
+        self.jitter, self.clean = jitter, clean
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -101,6 +102,8 @@ class Batches:
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
             d = degrade(self.task, crop, self.rng)
             image, mask = d.image, d.mask
+            if self.clean and mask is not None and self.rng.random() < self.clean:
+                image, mask = crop, np.zeros_like(mask)  # a face without a mask stays as it is
             if self.jitter and self.rng.random() < self.jitter:
                 crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
             clean.append(crop)
@@ -242,7 +245,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"
                        + (f"; p={cfg.jitter} alignment jitter of crop, degraded crop and mask together"
                           f" (rotation +-{JITTER['degrees']:g} deg, scale +-{JITTER['scale']:g},"
-                          f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else ""),
+                          f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
+                       + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else ""),
             "degradation": DEGRADATION_NOTES[t],
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
@@ -332,7 +336,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
-    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter)
+    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean)
 
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
@@ -476,6 +480,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter", type=float, default=0.0,
                    help="probability of an alignment jitter per training sample (unmask: use 0.5"
                         " so the net copes with the off landmarks of masked faces)")
+    p.add_argument("--clean", type=float, default=0.0,
+                   help="unmask: share of training faces left without a mask, so the net learns"
+                        " to leave unmasked faces alone (e.g. 0.15)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
     return p
 
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
-        crops=a.crops,
+        crops=a.crops, clean=a.clean,
     )
     train(cfg)
 

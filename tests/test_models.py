@@ -212,6 +212,17 @@ def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
     assert train(cfg)["step"] == 2
 
 
+def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
+    """--clean P: a share of unmask's training faces carry no mask and must come out as they
+    went in, so the network learns to leave a face without a mask alone."""
+    from models.train import Batches
+
+    clean, bad, mask = Batches("unmask", train_crops, 128, 64, seed=0, clean=0.25).next()
+    same = np.array([np.array_equal(c, b) for c, b in zip(clean, bad)])
+    assert 5 <= same.sum() <= 30  # about a quarter of 64
+    assert not mask[same].any() and all(m.any() for m in mask[~same])
+
+
 # ----------------------------------------------------------------------------------- training
 
 
