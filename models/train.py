@@ -304,14 +304,15 @@ def train(
     export_dir = Path(cfg.export_dir or WEIGHTS_DIR)
 
     source = Path(cfg.crops) if cfg.crops else D.CACHE_DIR
-    if train_crops is None:
+    if train_crops is None or val_crops is None:  # read once (a pack is decoded on loading)
         all_crops, items = D.load_cache("all", source, mmap=True)
+    if train_crops is None:
         train_idx = [i for i, it in enumerate(items) if not it["val"]]
         train_crops = all_crops[train_idx] if len(train_idx) < 2000 else _Subset(all_crops, train_idx)
     if val_crops is None:  # an evenly spaced subset of the validation split
-        val_crops, _ = D.load_cache("val", source)
-        pick = np.linspace(0, len(val_crops) - 1, min(cfg.val_count, len(val_crops))).astype(int)
-        val_crops = val_crops[pick]
+        val_idx = [i for i, it in enumerate(items) if it["val"]]
+        pick = np.linspace(0, len(val_idx) - 1, min(cfg.val_count, len(val_idx))).astype(int)
+        val_crops = all_crops[[val_idx[k] for k in pick]]
     val_crops = np.ascontiguousarray(val_crops[: cfg.val_count])
     cfg.val_count = len(val_crops)
     val_bad, _ = degrade_batch(task, val_crops, seed=0, evaluation=True)

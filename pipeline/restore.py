@@ -61,6 +61,8 @@ class FaceRestorer:
         self.colour_match = colour_match and not getattr(self.spec, "latent", False)
         self.uses_tracks = getattr(model, "uses_tracks", False)
         self.replaces = getattr(self.spec, "replaces", False)
+        # rows of context under the square crop (unmask: the chin); replacing tasks only
+        self.below = getattr(self.spec, "below", 0) if self.replaces and not self.spec.native else 0
         self.half = half and self.device.type == "cuda"
         self.preview = preview
         self.identity = getattr(model, "net", None) is None
@@ -101,12 +103,11 @@ class FaceRestorer:
         """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs = []  # (image index, face, size, matrix, crop)
-        below = getattr(self.spec, "below", 0) if self.replaces and not self.spec.native else 0
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
                 m = align.estimate_transform(f.landmarks, size)
-                jobs.append((i, f, size, m, align.warp_face(img, m, size, size + below)))
+                jobs.append((i, f, size, m, align.warp_face(img, m, size, size + self.below)))
         self.faces_restored += len(jobs)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
