@@ -507,7 +507,10 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean,
     )
-    train(cfg)
+    try:
+        train(cfg)
+    except FileNotFoundError as e:  # no crop cache or pack: one line, not a traceback
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -210,6 +210,12 @@ def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
     cfg = TrainConfig(task="enhance", steps=2, out=str(tmp_path / "run"), val_count=4, threads=2,
                       crops=str(tmp_path / "full.npz"))
     assert train(cfg)["step"] == 2
+    from models.train import main as train_main
+
+    with pytest.raises(SystemExit, match="no such crop pack"):  # one line, nothing written
+        train_main(["--task", "enhance", "--steps", "1", "--crops", str(tmp_path / "none.npz"),
+                    "--out", str(tmp_path / "run2")])
+    assert not list((tmp_path / "run2").glob("*.pt"))
 
 
 def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
