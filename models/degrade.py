@@ -12,7 +12,8 @@ Tasks:
 - unmask: a synthetic face mask (surgical, cloth or N95-like; random colours, textures, shading
   and ear straps) drawn over nose and mouth from the crop template's landmarks. The mask is
   returned as well (uint8 0/255, for the Telea baseline and loss weighting); the model never
-  sees it.
+  sees it. Training may also draw lower-face occluders (``draw_occluder``: flat-coloured polygons
+  over mouth and chin, their top anywhere from the nose tip to the lips).
 
 Fixed evaluation degradations (``degrade_eval``): denoise = Gaussian sigma 25/255 only (noise
 added in float, clipped to [0, 255], rounded to uint8); enhance = x4 INTER_AREA down then bicubic
@@ -231,9 +232,58 @@ def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return np.clip(colour, 0, 255).astype(np.float32), alpha
 
 
-def apply_mask(img: np.ndarray, rng: np.random.Generator) -> Degraded:
-    """``img`` with a random face mask composited over nose and mouth, and that mask."""
-    colour, alpha = draw_mask(img.shape[0], rng)
+def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A lower-face occluder for a ``size`` crop, as ``draw_mask`` returns it: a polygon over
+    mouth and chin whose top edge lies anywhere from the nose tip to the lips (a mask worn under
+    the nose, a censor patch, a hand or a scarf), filled with a flat random colour, plain or lightly
+    shaded, with hard or anti-aliased edges, seldom with straps. The training generator's masks
+    all reach the nose bridge; a network trained on them alone repaints visible noses and leaves
+    the edges of lower shapes (``python -m models.train --occluders P``)."""
+    t = _template(size)
+    eye_l, eye_r, nose, m_l, m_r = t
+    ed = np.linalg.norm(eye_r - eye_l)
+    mouth_y = (m_l[1] + m_r[1]) / 2
+    cx = (eye_l[0] + eye_r[0]) / 2 + rng.normal(0, 0.1) * ed
+    top = nose[1] + (mouth_y - nose[1]) * rng.uniform(-0.3, 1.0)
+    bottom = mouth_y + ed * rng.uniform(0.45, 0.85)
+    mid = top + (bottom - top) * rng.uniform(0.3, 0.6)
+    tilt = rng.normal(0, 0.05) * ed
+    w_top, w_mid, w_bot = ed * rng.uniform(0.5, 1.0), ed * rng.uniform(0.6, 1.1), ed * rng.uniform(0.15, 0.6)
+    w_mid = max(w_mid, w_top)
+    pts = np.array([(cx - w_top, top - tilt), (cx + w_top, top + tilt), (cx + w_mid, mid),
+                    (cx + w_bot, bottom), (cx - w_bot, bottom), (cx - w_mid, mid)], np.float64)
+    pts += rng.normal(0, 0.04 * ed, size=pts.shape)
+    a = np.deg2rad(rng.normal(0, 5))
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    centre = pts.mean(0)
+    pts = (pts - centre) @ rot.T + centre
+    hard = rng.random() < 0.5
+    up = 1 if hard else 4
+    big = np.zeros((size * up, size * up), np.uint8)
+    cv2.fillPoly(big, [np.round(pts * up).astype(np.int32)], 255, cv2.LINE_8 if hard else cv2.LINE_AA)
+    if rng.random() < 0.2:  # straps to the crop's sides
+        thick = max(1, int(round(rng.uniform(0.025, 0.06) * ed * up)))
+        for x0, y0, edge in ((pts[5][0], pts[5][1], -0.02 * size), (pts[2][0], pts[2][1], 1.02 * size)):
+            p1 = (int(round(edge * up)), int(round((eye_l[1] + rng.uniform(0, 0.3) * ed) * up)))
+            cv2.line(big, (int(round(x0 * up)), int(round(y0 * up))), p1, 255, thick, cv2.LINE_AA)
+    alpha = (cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA) if up > 1 else big)
+    alpha = alpha.astype(np.float32) / 255.0
+    base = rng.uniform(10, 250, size=3).astype(np.float32)
+    if rng.random() < 0.5:
+        colour = np.broadcast_to(base, (size, size, 3)).copy()
+    else:  # lightly shaded and textured
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        lx, ly = rng.normal(0, 0.4, size=2)
+        shade = (1 + 0.25 * (lx * (xx - 0.5) + ly * (yy - 0.75))) * _texture(size, rng)
+        colour = base[None, None, :] * shade[..., None]
+        colour += rng.normal(0, rng.uniform(0.5, 3), size=colour.shape).astype(np.float32)
+    return np.clip(colour, 0, 255).astype(np.float32), alpha
+
+
+def apply_mask(img: np.ndarray, rng: np.random.Generator, occluder: bool = False) -> Degraded:
+    """``img`` with a random face mask composited over nose and mouth (or, with ``occluder``, a
+    lower-face occluder from ``draw_occluder``), and that mask."""
+    colour, alpha = (draw_occluder if occluder else draw_mask)(img.shape[0], rng)
     out = img.astype(np.float32) * (1 - alpha[..., None]) + colour * alpha[..., None]
     mask = np.where(alpha > 0.02, 255, 0).astype(np.uint8)
     return Degraded(_u8(out), mask)

@@ -29,7 +29,7 @@ import torch
 from pytorch_msssim import ssim
 
 from . import data as D
-from .degrade import canonical, degrade, degrade_batch
+from .degrade import apply_mask, canonical, degrade, degrade_batch
 from .nets import NetConfig, ResUNet, load_net, save_net
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class TrainConfig:
     jitter: float = 0.0  # probability of an alignment jitter per sample (see jitter_alignment)
     crops: str = ""  # crop cache folder or pack (.npz); default the UTKFace cache
     clean: float = 0.0  # unmask: share of samples left without a mask (target = input)
+    occluders: float = 0.0  # unmask: share of masks drawn as lower-face occluders (draw_occluder)
+    l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,9 +89,9 @@ class Batches:
     """Random training batches: augmented crops, a random patch, degraded on the fly."""
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
-                 jitter: float = 0.0, clean: float = 0.0) -> None:
+                 jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
-        self.jitter, self.clean = jitter, clean
+        self.jitter, self.clean, self.occluders = jitter, clean, occluders
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -100,7 +102,10 @@ class Batches:
             if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
                 y, x = self.rng.integers(0, (size - self.patch) // 8 + 1, size=2) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
-            d = degrade(self.task, crop, self.rng)
+            if self.occluders and self.task == "unmask" and self.rng.random() < self.occluders:
+                d = apply_mask(crop, self.rng, occluder=True)
+            else:
+                d = degrade(self.task, crop, self.rng)
             image, mask = d.image, d.mask
             if self.clean and mask is not None and self.rng.random() < self.clean:
                 image, mask = crop, np.zeros_like(mask)  # a face without a mask stays as it is
@@ -142,15 +147,17 @@ def jitter_alignment(
 
 
 def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor:
-    """L1 (weighted up inside the mask for unmask) + ssim_weight * (1 - SSIM)."""
+    """L1 (weighted up inside the mask for unmask) + ssim_weight * (1 - SSIM), plus l2_weight *
+    the squared error weighted alike when asked (PSNR's own loss; L1 alone favours the median)."""
     err = (out - clean).abs()  # (B, 3, H, W)
-    if mask is not None:
-        w = 1.0 + cfg.mask_weight * mask  # (B, 1, H, W)
-        l1 = (err * w).mean() / w.mean()
-    else:
-        l1 = err.mean()
+    w = 1.0 + cfg.mask_weight * mask if mask is not None else None  # (B, 1, H, W)
+
+    def mean(e: torch.Tensor) -> torch.Tensor:
+        return e.mean() if w is None else (e * w).mean() / w.mean()
+
     s = ssim(out.float().clamp(0, 1), clean.float(), data_range=1.0, win_size=7)
-    return l1 + cfg.ssim_weight * (1.0 - s)
+    loss = mean(err) + cfg.ssim_weight * (1.0 - s)
+    return loss + cfg.l2_weight * mean(err * err) if cfg.l2_weight else loss
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -239,7 +246,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "wall_time_s": round(state.get("wall", state["elapsed"]), 1),  # including them
             "lr": cfg.lr,
             "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
-                    f" + {cfg.ssim_weight} * (1 - SSIM)",
+                    f" + {cfg.ssim_weight} * (1 - SSIM)"
+                    + (f" + {cfg.l2_weight} * squared error (weighted alike)" if cfg.l2_weight else ""),
             "ema": cfg.ema,
             "seed": cfg.seed,
             "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"
@@ -247,6 +255,9 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           f" (rotation +-{JITTER['degrees']:g} deg, scale +-{JITTER['scale']:g},"
                           f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
                        + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else ""),
+            "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
+                          " polygons over mouth and chin, top from the nose tip to the lips)"
+                          if cfg.occluders and t == "unmask" else None),
             "degradation": DEGRADATION_NOTES[t],
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
@@ -337,7 +348,8 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
-    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean)
+    batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
+                      cfg.occluders)
 
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
@@ -484,6 +496,11 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean", type=float, default=0.0,
                    help="unmask: share of training faces left without a mask, so the net learns"
                         " to leave unmasked faces alone (e.g. 0.15)")
+    p.add_argument("--occluders", type=float, default=0.0,
+                   help="unmask: share of masks drawn as lower-face occluders, flat-coloured"
+                        " polygons over mouth and chin (models.degrade.draw_occluder; e.g. 0.35)")
+    p.add_argument("--l2", type=float, default=0.0,
+                   help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
     return p
 
@@ -505,7 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
-        crops=a.crops, clean=a.clean,
+        crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2,
     )
     try:
         train(cfg)

@@ -165,6 +165,38 @@ def test_masks_cover_nose_and_mouth(train_crops):
             assert d.mask[y, x] == 0, f"seed {seed}: eye ({x}, {y}) covered"
 
 
+def test_lower_face_occluders_cover_mouth_and_chin_not_the_nose_bridge(train_crops):
+    """--occluders P: a share of unmask's training masks are flat lower-face polygons whose top
+    lies between the nose tip and the lips (the data README's kind of mask), drawn from the same
+    seeded generator: same seed, same occluder; the Batches share comes out as given."""
+    from models.degrade import apply_mask
+    from models.train import Batches
+    from pipeline.align import template
+
+    t = template(128)
+    ed = np.linalg.norm(t[1] - t[0])
+    mouth_y = (t[3][1] + t[4][1]) / 2
+    bridge = np.round([(t[0][0] + t[1][0]) / 2, t[2][1] - 0.3 * ed]).astype(int)
+    chin = np.round([(t[0][0] + t[1][0]) / 2, mouth_y + 0.25 * ed]).astype(int)
+    tops = []
+    for seed in range(24):
+        crop = train_crops[seed % len(train_crops)]
+        d = apply_mask(crop, np.random.default_rng(seed), occluder=True)
+        again = apply_mask(crop, np.random.default_rng(seed), occluder=True)
+        assert np.array_equal(d.image, again.image) and np.array_equal(d.mask, again.mask)
+        assert d.mask[chin[1], chin[0]] == 255, f"seed {seed}: chin not covered"
+        assert d.mask[bridge[1], bridge[0]] == 0, f"seed {seed}: nose bridge covered"
+        for x, y in np.round(t[:2]).astype(int):
+            assert d.mask[y, x] == 0, f"seed {seed}: eye covered"
+        diff = np.abs(d.image.astype(int) - crop).max(axis=2)
+        assert (diff[d.mask == 255] > 0).mean() > 0.9 and diff[d.mask == 0].max() <= 8  # soft edge
+        tops.append(np.nonzero(d.mask[:, 40:88].any(axis=1))[0].min())
+    assert np.ptp(tops) > 0.3 * (mouth_y - t[2][1])  # the top edge varies, nose tip to lips
+    clean, bad, mask = Batches("unmask", train_crops, 128, 64, seed=0, occluders=0.5).next()
+    covers_bridge = mask[:, bridge[1], bridge[0]] == 255
+    assert 16 <= (~covers_bridge).sum() <= 48  # about half are occluders, the rest reach the bridge
+
+
 def test_alignment_jitter_moves_face_and_mask_together(train_crops):
     """Unmask's alignment jitter warps the clean crop, the masked crop and the mask with one
     transform: the mask leaves its template place, and it still marks exactly the pixels where
@@ -236,7 +268,8 @@ def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
 def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path):
     cfg = TrainConfig(task=task, steps=2, out=str(tmp_path / "run"), export=True,
                       export_dir=str(tmp_path / "w"), val_count=4, threads=2,
-                      jitter=1.0 if task == "unmask" else 0.0)
+                      jitter=1.0 if task == "unmask" else 0.0,
+                      occluders=0.5 if task == "unmask" else 0.0, l2_weight=10.0 if task == "enhance" else 0.0)
     state = train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])
     assert state["step"] == 2
     assert (tmp_path / "run" / "last.pt").is_file()
@@ -244,6 +277,8 @@ def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path)
     card = json.loads((tmp_path / "w" / f"{task}.json").read_text())
     assert card["training"]["steps"] == 2 and card["validation"]["n"] == 4
     assert ("alignment jitter" in card["training"]["augment"]) == (task == "unmask")
+    assert bool(card["training"]["occluders"]) == (task == "unmask")
+    assert ("squared error" in card["training"]["loss"]) == (task == "enhance")
     with torch.no_grad():
         assert net(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)
     if task == "denoise":  # resuming continues from the checkpoint
