@@ -271,7 +271,8 @@ DEGRADATION_NOTES = {
     "denoise": "Gaussian sigma U[0,50]/255; p=0.25 chroma noise; p=0.25 JPEG q30-95",
     "enhance": "p=0.25 Gaussian blur, p=0.15 motion blur; down x4 (p=0.4) or xU[1,4] INTER_AREA,"
                " bicubic up; p=0.25 JPEG q30-95",
-    "unmask": "synthetic surgical/cloth/N95 masks with straps over nose and mouth",
+    "unmask": "synthetic surgical/cloth/N95 masks with straps over nose and mouth"
+              " (and lower-face occluders when 'occluders' says so)",
 }
 EVAL_NOTES = {
     "denoise": "Gaussian sigma 25/255, clipped and rounded to uint8",
