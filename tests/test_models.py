@@ -269,7 +269,8 @@ def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path)
     cfg = TrainConfig(task=task, steps=2, out=str(tmp_path / "run"), export=True,
                       export_dir=str(tmp_path / "w"), val_count=4, threads=2,
                       jitter=1.0 if task == "unmask" else 0.0,
-                      occluders=0.5 if task == "unmask" else 0.0, l2_weight=10.0 if task == "enhance" else 0.0)
+                      occluders=0.5 if task == "unmask" else 0.0,
+                      l2_weight=10.0 if task == "enhance" else 0.0)
     state = train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])
     assert state["step"] == 2
     assert (tmp_path / "run" / "last.pt").is_file()
