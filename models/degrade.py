@@ -178,10 +178,15 @@ def _outline(kind: str, t: np.ndarray, size: int, rng: np.random.Generator) -> n
                (cx + half * 0.45, top + ed * 0.08), (cx + half, side_top)] + chin
     pts = np.array(pts, np.float64)
     # small rotation and shift: landmark noise and head pose at inference time
-    a = np.deg2rad(rng.normal(0, 4))
+    pts = _rotate(pts, rng.normal(0, 4), np.array([cx, (top + bottom) / 2]))
+    return pts + rng.normal(0, 0.02 * ed, size=2)
+
+
+def _rotate(pts: np.ndarray, degrees: float, centre: np.ndarray) -> np.ndarray:
+    """Points (K, 2) turned by ``degrees`` about ``centre``."""
+    a = np.deg2rad(degrees)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    centre = np.array([cx, (top + bottom) / 2])
-    return (pts - centre) @ rot.T + centre + rng.normal(0, 0.02 * ed, size=2)
+    return (pts - centre) @ rot.T + centre
 
 
 def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -256,10 +261,7 @@ def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     pts = np.array([(cx - w_top, top - tilt), (cx + w_top, top + tilt), (cx + w_mid, mid),
                     (cx + w_bot, bottom), (cx - w_bot, bottom), (cx - w_mid, mid)], np.float64)
     pts += rng.normal(0, 0.04 * ed, size=pts.shape)
-    a = np.deg2rad(rng.normal(0, 5))
-    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    centre = pts.mean(0)
-    pts = (pts - centre) @ rot.T + centre
+    pts = _rotate(pts, rng.normal(0, 5), pts.mean(0))
     hard = rng.random() < 0.5
     up = 1 if hard else 4
     big = np.zeros((size * up, size * up), np.uint8)
