@@ -87,15 +87,19 @@ def make_crops(
     paths: list[Path],
     *,
     size: int = CROP_SIZE,
+    height: int | None = None,
     batch: int = 64,
     detector=None,
     progress=None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Aligned crops of the largest face in each photo: (crops (M, size, size, 3), kept indices).
+    """Aligned crops of the largest face in each photo: (crops (M, height, size, 3), kept
+    indices). ``height`` (default ``size``) adds rows below the square template crop, as the
+    product's unmask crop has them (``pipeline.align.warp_face``).
 
     Photos are grouped by shape so each MTCNN batch holds frames of equal size. ``progress`` is
     called with the number of photos done.
     """
+    height = height or size
     from pipeline.align import estimate_transform, warp_face
     from pipeline.faces import FaceDetector
 
@@ -113,7 +117,7 @@ def make_crops(
         for (i, im), faces in zip(items, found):
             if faces:
                 matrix = estimate_transform(faces[0].landmarks, size)
-                crops[i] = warp_face(im, matrix, size)
+                crops[i] = warp_face(im, matrix, size, height)
         done += len(items)
         if progress is not None:
             progress(done)
@@ -130,14 +134,16 @@ def make_crops(
     for key in list(pending):
         flush(key)
     kept = sorted(crops)
-    arr = np.stack([crops[i] for i in kept]) if kept else np.zeros((0, size, size, 3), np.uint8)
+    arr = np.stack([crops[i] for i in kept]) if kept else np.zeros((0, height, size, 3), np.uint8)
     return arr, kept
 
 
 def build_cache(
-    src: Path = UTKFACE_DIR, out: Path = CACHE_DIR, *, limit: int | None = None
+    src: Path = UTKFACE_DIR, out: Path = CACHE_DIR, *, limit: int | None = None,
+    height: int | None = None,
 ) -> Path:
-    """Build ``out/crops.npy`` and ``out/index.json`` from the UTKFace folder ``src``."""
+    """Build ``out/crops.npy`` and ``out/index.json`` from the UTKFace folder ``src``; with
+    ``height``, crops that tall (the square crop and rows below it)."""
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in Path(src).iterdir() if parse_utkface_name(p.name))
     if limit:
@@ -150,7 +156,7 @@ def build_cache(
         log.info("crops: %d/%d photos (%.1f/s, eta %.0f s)", done, len(paths), rate,
                  (len(paths) - done) / max(rate, 1e-6))
 
-    crops, kept = make_crops(paths, progress=progress)
+    crops, kept = make_crops(paths, height=height, progress=progress)
     index = []
     for i in kept:
         lab = parse_utkface_name(names[i])
@@ -159,7 +165,7 @@ def build_cache(
     tmp = out / "crops.partial.npy"
     np.save(tmp, crops)
     tmp.rename(out / "crops.npy")
-    meta = {"source": str(src), "size": CROP_SIZE, "photos": len(paths), "crops": len(kept),
+    meta = {"source": str(src), "size": CROP_SIZE, "height": int(crops.shape[1]), "photos": len(paths), "crops": len(kept),
             "seconds": round(time.time() - t0, 1), "items": index}
     (out / "index.json").write_text(json.dumps(meta))
     log.info("crops: %d faces from %d photos in %.0f s -> %s", len(kept), len(paths),
@@ -208,7 +214,7 @@ def _jpeg(crop: np.ndarray, quality: int) -> bytes:
 
 def pack_crops(crops: np.ndarray, items: list[dict], out: Path, *, max_mib: float = 28.0,
                val_count: int = 128, quality: int = PACK_QUALITY) -> dict:
-    """Write a pack of ``crops`` (N, S, S, 3) uint8 with index ``items`` to ``out`` (.npz): the
+    """Write a pack of ``crops`` (N, H, S, 3) uint8 with index ``items`` to ``out`` (.npz): the
     ``val_count`` validation crops training picks (evenly spaced over the validation split),
     then a uniform sample of the training split (seeded), as many crops as fit in ``max_mib``.
     Returns a summary (counts, size)."""
@@ -237,7 +243,7 @@ def pack_crops(crops: np.ndarray, items: list[dict], out: Path, *, max_mib: floa
     keep = val + chosen
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     data = np.frombuffer(b"".join(blobs), np.uint8)
-    meta = {"size": int(crops.shape[1]), "quality": quality, "items": [items[i] for i in keep],
+    meta = {"size": int(crops.shape[2]), "height": int(crops.shape[1]), "quality": quality, "items": [items[i] for i in keep],
             "train": len(chosen), "val": len(val), "of_train": len(train)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,17 +257,18 @@ def pack_crops(crops: np.ndarray, items: list[dict], out: Path, *, max_mib: floa
 
 
 def load_pack(path: Path) -> tuple[np.ndarray, list[dict]]:
-    """All crops (N, S, S, 3) uint8 RGB and index entries of a pack written by ``pack_crops``."""
+    """All crops (N, H, S, 3) uint8 RGB and index entries of a pack written by ``pack_crops``."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such crop pack; make one with python -m models.data pack")
     with np.load(path, allow_pickle=False) as z:
         data, offsets, meta = z["jpeg"], z["offsets"], json.loads(z["index"].tobytes().decode())
     size = meta["size"]
-    crops = np.empty((len(offsets) - 1, size, size, 3), np.uint8)
+    height = meta.get("height", size)
+    crops = np.empty((len(offsets) - 1, height, size, 3), np.uint8)
     for k in range(len(crops)):
         img = cv2.imdecode(data[offsets[k] : offsets[k + 1]], cv2.IMREAD_COLOR)
-        if img is None or img.shape != (size, size, 3):
-            raise ValueError(f"{path}: crop {k} does not decode to {size}x{size}")
+        if img is None or img.shape != (height, size, 3):
+            raise ValueError(f"{path}: crop {k} does not decode to {size}x{height}")
         crops[k] = img[..., ::-1]
     return crops, meta["items"]
 
@@ -271,15 +278,16 @@ def load_pack(path: Path) -> tuple[np.ndarray, list[dict]]:
 
 
 def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Horizontal flip, small scale jitter (about the crop centre) and colour jitter. uint8."""
+    """Horizontal flip, small scale jitter (about the centre of the square template crop, also
+    in a taller crop) and colour jitter. uint8."""
     out = crop[:, ::-1] if rng.random() < 0.5 else crop
-    size = out.shape[0]
+    height, size = out.shape[:2]
     if rng.random() < 0.5:
         s = rng.uniform(0.95, 1.05)
         dx, dy = rng.uniform(-2, 2, size=2)
         c = size / 2
         m = np.array([[s, 0, c - s * c + dx], [0, s, c - s * c + dy]], np.float64)
-        out = cv2.warpAffine(np.ascontiguousarray(out), m, (size, size), flags=cv2.INTER_LINEAR,
+        out = cv2.warpAffine(np.ascontiguousarray(out), m, (size, height), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REFLECT101)
     if rng.random() < 0.8:
         f = out.astype(np.float32)
@@ -315,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="build: the cache folder (cache/crops); pack: the .npz file to write"
                         " (cache/crops.pack.npz)")
     p.add_argument("--limit", type=int, default=None, help="build: the first N photos only")
+    p.add_argument("--height", type=int, default=None,
+                   help="build: crops this tall, the square crop and rows below it (unmask trains on"
+                        " the product's 128 x 160 crop: --height 160, written to cache/crops160)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--max-mib", type=float, default=28.0,
                    help="pack: size limit (the device tool carries 64 MiB with the repository)")
@@ -334,7 +345,11 @@ def main(argv: list[str] | None = None) -> None:
         summary = pack_crops(crops, items, out, max_mib=a.max_mib, quality=a.quality)
         log.info("packed %s -> %s", summary, out)
         return
-    build_cache(a.src, a.out or CACHE_DIR, limit=a.limit)
+    if a.height is not None and a.height < CROP_SIZE:
+        raise SystemExit(f"--height {a.height}: a crop is at least {CROP_SIZE} rows tall")
+    tall = a.height and a.height != CROP_SIZE
+    out = a.out or (CACHE_DIR.parent / f"crops{a.height}" if tall else CACHE_DIR)
+    build_cache(a.src, out, limit=a.limit, height=a.height)
 
 
 if __name__ == "__main__":

@@ -108,14 +108,15 @@ def _template(size: int) -> np.ndarray:
     return template(size)
 
 
-def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size) float32 multiplicative texture around 1: plain, stripes, checks, dots or
+def _texture(size: int, rng: np.random.Generator, height: int | None = None) -> np.ndarray:
+    """A (height, size) float32 multiplicative texture around 1: plain, stripes, checks, dots or
     fabric noise."""
+    height = height or size
     kind = rng.choice(["plain", "stripes", "checks", "dots", "fabric"], p=[0.35, 0.2, 0.15, 0.1, 0.2])
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:size].astype(np.float32)
     amp = rng.uniform(0.08, 0.35)
     if kind == "plain":
-        return np.ones((size, size), np.float32)
+        return np.ones((height, size), np.float32)
     if kind in ("stripes", "checks"):
         period = rng.uniform(4, 16) * size / 128
         a = rng.uniform(0, np.pi)
@@ -127,7 +128,7 @@ def _texture(size: int, rng: np.random.Generator) -> np.ndarray:
         period = rng.uniform(6, 14) * size / 128
         d = np.hypot((xx % period) - period / 2, (yy % period) - period / 2)
         return (1 - amp * (d < period * rng.uniform(0.15, 0.35))).astype(np.float32)
-    n = rng.standard_normal((size, size)).astype(np.float32)
+    n = rng.standard_normal((height, size)).astype(np.float32)
     n = cv2.GaussianBlur(n, (0, 0), rng.uniform(0.5, 1.5))
     return (1 + amp * 0.6 * n / (n.std() + 1e-6)).astype(np.float32)
 
@@ -189,14 +190,17 @@ def _rotate(pts: np.ndarray, degrees: float, centre: np.ndarray) -> np.ndarray:
     return (pts - centre) @ rot.T + centre
 
 
-def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_mask(size: int, rng: np.random.Generator, height: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A random face mask for a ``size`` crop: (colour (H, W, 3) float32 0-255, alpha (H, W)
-    float32 0-1). Drawn at 4x and area-downsampled for anti-aliased edges."""
+    float32 0-1). Drawn at 4x and area-downsampled for anti-aliased edges. ``height`` (default
+    ``size``): a taller crop, the square template crop and rows below it; the same seed draws
+    the same mask shape, now with its lower edge and what lies under it in view."""
+    height = height or size
     kind = str(rng.choice(["surgical", "cloth", "n95"], p=[0.4, 0.35, 0.25]))
     t = _template(size)
     up = 4
     poly = _outline(kind, t, size, rng)
-    big = np.zeros((size * up, size * up), np.uint8)
+    big = np.zeros((height * up, size * up), np.uint8)
     cv2.fillPoly(big, [np.round(poly * up).astype(np.int32)], 255, cv2.LINE_AA)
     # ear straps: from the mask's upper and lower side corners to the crop's side edges
     ed = np.linalg.norm(t[1] - t[0])
@@ -209,11 +213,11 @@ def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
             p0 = (int(round(x0 * up)), int(round((y0 + dy) * up)))
             p1 = (int(round(edge * up)), int(round((ear_y + dy * rng.uniform(0.5, 2.0)) * up)))
             cv2.line(big, p0, p1, 255, thick, cv2.LINE_AA)
-    alpha = cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    alpha = cv2.resize(big, (size, height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
 
     base = _colour(kind, rng)
-    tex = _texture(size, rng)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tex = _texture(size, rng, height)
+    yy, xx = np.mgrid[0:height, 0:size].astype(np.float32) / size
     # shading: a light direction across the mask plus darker rim toward the edges
     lx, ly = rng.normal(0, 0.6, size=2)
     shade = 1 + 0.35 * (lx * (xx - 0.5) + ly * (yy - 0.75))
@@ -237,7 +241,7 @@ def draw_mask(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return np.clip(colour, 0, 255).astype(np.float32), alpha
 
 
-def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def draw_occluder(size: int, rng: np.random.Generator, height: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A lower-face occluder for a ``size`` crop, as ``draw_mask`` returns it: a polygon over
     mouth and chin whose top edge lies anywhere from the nose tip to the lips (a mask worn under
     the nose, a censor patch, a hand or a scarf), filled with a flat random colour, plain or
@@ -246,6 +250,7 @@ def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     low patches poorly (``python -m models.train --occluders P``). Trained with p = 0.35 on
     128 px crops, it gained 1.1 dB on the data README's polygon but left a mask's band under the
     chin in the product's 128 x 160 crop: not shipped (README, "Models")."""
+    height = height or size
     t = _template(size)
     eye_l, eye_r, nose, m_l, m_r = t
     ed = np.linalg.norm(eye_r - eye_l)
@@ -264,22 +269,22 @@ def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     pts = _rotate(pts, rng.normal(0, 5), pts.mean(0))
     hard = rng.random() < 0.5
     up = 1 if hard else 4
-    big = np.zeros((size * up, size * up), np.uint8)
+    big = np.zeros((height * up, size * up), np.uint8)
     cv2.fillPoly(big, [np.round(pts * up).astype(np.int32)], 255, cv2.LINE_8 if hard else cv2.LINE_AA)
     if rng.random() < 0.2:  # straps to the crop's sides
         thick = max(1, int(round(rng.uniform(0.025, 0.06) * ed * up)))
         for x0, y0, edge in ((pts[5][0], pts[5][1], -0.02 * size), (pts[2][0], pts[2][1], 1.02 * size)):
             p1 = (int(round(edge * up)), int(round((eye_l[1] + rng.uniform(0, 0.3) * ed) * up)))
             cv2.line(big, (int(round(x0 * up)), int(round(y0 * up))), p1, 255, thick, cv2.LINE_AA)
-    alpha = (cv2.resize(big, (size, size), interpolation=cv2.INTER_AREA) if up > 1 else big)
+    alpha = (cv2.resize(big, (size, height), interpolation=cv2.INTER_AREA) if up > 1 else big)
     alpha = alpha.astype(np.float32) / 255.0
     base = rng.uniform(10, 250, size=3).astype(np.float32)
     if rng.random() < 0.5:
-        colour = np.broadcast_to(base, (size, size, 3)).copy()
+        colour = np.broadcast_to(base, (height, size, 3)).copy()
     else:  # lightly shaded and textured
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        yy, xx = np.mgrid[0:height, 0:size].astype(np.float32) / size
         lx, ly = rng.normal(0, 0.4, size=2)
-        shade = (1 + 0.25 * (lx * (xx - 0.5) + ly * (yy - 0.75))) * _texture(size, rng)
+        shade = (1 + 0.25 * (lx * (xx - 0.5) + ly * (yy - 0.75))) * _texture(size, rng, height)
         colour = base[None, None, :] * shade[..., None]
         colour += rng.normal(0, rng.uniform(0.5, 3), size=colour.shape).astype(np.float32)
     return np.clip(colour, 0, 255).astype(np.float32), alpha
@@ -287,8 +292,9 @@ def draw_occluder(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 
 def apply_mask(img: np.ndarray, rng: np.random.Generator, occluder: bool = False) -> Degraded:
     """``img`` with a random face mask composited over nose and mouth (or, with ``occluder``, a
-    lower-face occluder from ``draw_occluder``), and that mask."""
-    colour, alpha = (draw_occluder if occluder else draw_mask)(img.shape[0], rng)
+    lower-face occluder from ``draw_occluder``), and that mask. A crop taller than wide is the
+    square template crop with rows below it (the product's unmask crop)."""
+    colour, alpha = (draw_occluder if occluder else draw_mask)(img.shape[1], rng, img.shape[0])
     out = img.astype(np.float32) * (1 - alpha[..., None]) + colour * alpha[..., None]
     mask = np.where(alpha > 0.02, 255, 0).astype(np.uint8)
     return Degraded(_u8(out), mask)

@@ -96,11 +96,11 @@ class Batches:
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         clean, bad, masks = [], [], []
-        size = self.crops.shape[1]
+        height, size = self.crops.shape[1:3]
         for _ in range(self.batch):
             crop = D.augment(np.asarray(self.crops[self.rng.integers(len(self.crops))]), self.rng)
             if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
-                y, x = self.rng.integers(0, (size - self.patch) // 8 + 1, size=2) * 8
+                y, x = self.rng.integers(0, (np.array([height, size]) - self.patch) // 8 + 1) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
             if self.occluders and self.task == "unmask" and self.rng.random() < self.occluders:
                 d = apply_mask(crop, self.rng, occluder=True)
@@ -127,8 +127,9 @@ def jitter_alignment(
     """One random similarity transform applied to the clean crop, its degraded copy and the mask
     alike: the face *and what degrades it* move together off the template, as they do at work
     when landmarks are off (MTCNN's landmarks on a masked face miss by 0.2-0.3 eye distances).
-    Unmask trains with it so the network finds a mask that is not where the template puts it."""
-    size = clean.shape[0]
+    Unmask trains with it so the network finds a mask that is not where the template puts it.
+    A taller crop turns about the centre of its square template crop, as a square one does."""
+    height, size = clean.shape[:2]
     angle = rng.uniform(-JITTER["degrees"], JITTER["degrees"])
     scale = 1.0 + rng.uniform(-JITTER["scale"], JITTER["scale"])
     dx, dy = rng.uniform(-JITTER["shift"], JITTER["shift"], size=2) * size
@@ -136,7 +137,7 @@ def jitter_alignment(
     m[:, 2] += (dx, dy)
 
     def warp(img: np.ndarray) -> np.ndarray:  # reflected borders, as the crop cache has them
-        return cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_LINEAR,
+        return cv2.warpAffine(img, m, (size, height), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REFLECT101)
 
     return warp(clean), warp(bad), None if mask is None else warp(mask)
@@ -216,9 +217,12 @@ def ema_update(ema: torch.nn.Module, net: torch.nn.Module, step: int, decay: flo
         pe.lerp_(pn.detach(), 1 - d)
 
 
-def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores: dict) -> dict:
-    """The model card written beside exported weights."""
+def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores: dict,
+              crop: tuple[int, int] = (D.CROP_SIZE, D.CROP_SIZE)) -> dict:
+    """The model card written beside exported weights; ``crop``: the crops' (height, width)."""
     t = canonical(cfg.task)
+    shape = f"{crop[1]}x{crop[0]}" + (f" (the {crop[1]} px template square and {crop[0] - crop[1]}"
+                                      " rows below it)" if crop[0] != crop[1] else "")
     return {
         "task": t,
         "weights": f"{t}.safetensors",
@@ -230,7 +234,7 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
         "multiple": net.multiple,
         "data": {
             "source": "UTKFace (../shared/data/faces/utkface), largest MTCNN face aligned to the"
-                      " pipeline.align template at 128x128",
+                      f" pipeline.align template at {shape}",
             "train_crops": n_train,
             **({"pack": f"{Path(cfg.crops).name} (a subset of the cache as 4:4:4 JPEGs)"}
                if cfg.crops.endswith(".npz") else {}),
@@ -262,7 +266,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
         },
-        "validation": {"n": cfg.val_count, "degradation": EVAL_NOTES[t], **scores},
+        "validation": {"n": cfg.val_count, "crop": f"{crop[1]}x{crop[0]}", "degradation": EVAL_NOTES[t],
+                       **scores},
         "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -370,7 +375,8 @@ def train(
 
     def export() -> None:
         best = load_net(out / "best.safetensors")
-        card = make_card(cfg, best, state, len(train_crops), state["best_scores"])
+        card = make_card(cfg, best, state, len(train_crops), state["best_scores"],
+                         tuple(train_crops.shape[1:3]))
         save_net(best, export_dir / f"{task}.safetensors", metadata={"task": task, "card": card})
         (export_dir / f"{task}.json").write_text(json.dumps(card, indent=2) + "\n")
         log.info("exported %s (val PSNR %.2f dB)", export_dir / f"{task}.safetensors", state["best"])

@@ -261,6 +261,42 @@ def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     assert not mask[same].any() and all(m.any() for m in mask[~same])
 
 
+def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_path):
+    """The product runs unmask on 128 x 160 crops (the square template crop and 32 rows below
+    it, where the chin and the mask's lower edge are). Crops built that tall are the square ones
+    with those rows added; a mask drawn in them has the same shape as in the square crop (same
+    seed) with its lower edge and the neck under it in view; training reads such crops and says
+    so in its card."""
+    from models.degrade import apply_mask
+    from models.train import Batches
+
+    tall, kept = D.make_crops(_photos(False, 10), height=160, detector=detector)
+    assert tall.shape[1:] == (160, 128, 3) and len(tall) == len(train_crops)
+    assert np.array_equal(tall[:, :128], train_crops)
+    below = 0
+    for seed in range(12):
+        crop = tall[seed % len(tall)]
+        for occluder in (False, True):
+            d = apply_mask(crop, np.random.default_rng(seed), occluder=occluder)
+            sq = apply_mask(crop[:128], np.random.default_rng(seed), occluder=occluder)
+            assert d.image.shape == crop.shape and d.mask.shape == (160, 128)
+            # the same shape (OpenCV's clipping may step a hard polygon edge by one pixel)
+            assert (d.mask[:128] != sq.mask).mean() < 0.005, seed
+            diff = np.abs(d.image.astype(int) - crop).max(axis=2)
+            assert diff[d.mask == 0].max() <= 8  # pixels change under the mask (and its soft edge)
+            rows = np.nonzero(d.mask[:, 56:72].any(axis=1))[0]
+            assert rows.max() < 150, seed  # the lower edge is in view, with the neck under it
+            below += rows.max() >= 120
+    assert below >= 12  # ...and it often lies at or past the square crop's bottom row
+    clean, bad, mask = Batches("unmask", tall, 128, 8, seed=0, jitter=1.0, occluders=0.5).next()
+    assert clean.shape == bad.shape == (8, 160, 128, 3) and mask.shape == (8, 160, 128)
+    cfg = TrainConfig(task="unmask", steps=2, out=str(tmp_path / "run"), export=True,
+                      export_dir=str(tmp_path / "w"), val_count=2, threads=2, jitter=0.5)
+    assert train(cfg, train_crops=tall[2:], val_crops=tall[:2])["step"] == 2
+    card = json.loads((tmp_path / "w" / "unmask.json").read_text())
+    assert card["validation"]["crop"] == "128x160" and "rows below" in card["data"]["source"]
+
+
 # ----------------------------------------------------------------------------------- training
 
 
