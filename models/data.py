@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--height", type=int, default=None,
                    help="build: crops this tall, the square crop and rows below it (unmask trains on"
                         " the product's 128 x 160 crop: --height 160, written to cache/crops160)")
+    p.add_argument("--cache", type=Path, default=CACHE_DIR,
+                   help="pack: the cache folder to pack (cache/crops; cache/crops160 for unmask)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--max-mib", type=float, default=28.0,
                    help="pack: size limit (the device tool carries 64 MiB with the repository)")
@@ -335,11 +337,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.command == "pack":
-        out = a.out or CACHE_DIR.parent / "crops.pack.npz"
+        name = "crops" if a.cache == CACHE_DIR else Path(a.cache).name
+        out = a.out or CACHE_DIR.parent / f"{name}.pack.npz"
         if out.suffix != ".npz":
             raise SystemExit(f"{out}: a pack is written as .npz")
         try:
-            crops, items = load_cache("all", mmap=True)
+            crops, items = load_cache("all", a.cache, mmap=True)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
         summary = pack_crops(crops, items, out, max_mib=a.max_mib, quality=a.quality)

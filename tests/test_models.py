@@ -288,6 +288,9 @@ def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_pa
             assert rows.max() < 150, seed  # the lower edge is in view, with the neck under it
             below += rows.max() >= 120
     assert below >= 12  # ...and it often lies at or past the square crop's bottom row
+    items = [{"file": f"f{i}.jpg", "val": i < 2} for i in range(len(tall))]  # a pack keeps them
+    D.pack_crops(tall, items, tmp_path / "tall.npz", max_mib=5)
+    assert D.load_pack(tmp_path / "tall.npz")[0].shape == tall.shape
     clean, bad, mask = Batches("unmask", tall, 128, 8, seed=0, jitter=1.0, occluders=0.5).next()
     assert clean.shape == bad.shape == (8, 160, 128, 3) and mask.shape == (8, 160, 128)
     cfg = TrainConfig(task="unmask", steps=2, out=str(tmp_path / "run"), export=True,
