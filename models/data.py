@@ -99,10 +99,10 @@ def make_crops(
     Photos are grouped by shape so each MTCNN batch holds frames of equal size. ``progress`` is
     called with the number of photos done.
     """
-    height = height or size
     from pipeline.align import estimate_transform, warp_face
     from pipeline.faces import FaceDetector
 
+    height = height or size
     detector = detector or FaceDetector(min_face=40, batch_size=batch)
     crops: dict[int, np.ndarray] = {}
     pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
@@ -165,8 +165,8 @@ def build_cache(
     tmp = out / "crops.partial.npy"
     np.save(tmp, crops)
     tmp.rename(out / "crops.npy")
-    meta = {"source": str(src), "size": CROP_SIZE, "height": int(crops.shape[1]), "photos": len(paths), "crops": len(kept),
-            "seconds": round(time.time() - t0, 1), "items": index}
+    meta = {"source": str(src), "size": CROP_SIZE, "height": int(crops.shape[1]), "photos": len(paths),
+            "crops": len(kept), "seconds": round(time.time() - t0, 1), "items": index}
     (out / "index.json").write_text(json.dumps(meta))
     log.info("crops: %d faces from %d photos in %.0f s -> %s", len(kept), len(paths),
              time.time() - t0, out)
@@ -243,8 +243,8 @@ def pack_crops(crops: np.ndarray, items: list[dict], out: Path, *, max_mib: floa
     keep = val + chosen
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     data = np.frombuffer(b"".join(blobs), np.uint8)
-    meta = {"size": int(crops.shape[2]), "height": int(crops.shape[1]), "quality": quality, "items": [items[i] for i in keep],
-            "train": len(chosen), "val": len(val), "of_train": len(train)}
+    meta = {"size": int(crops.shape[2]), "height": int(crops.shape[1]), "quality": quality,
+            "items": [items[i] for i in keep], "train": len(chosen), "val": len(val), "of_train": len(train)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".partial.npz")
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                         " (cache/crops.pack.npz)")
     p.add_argument("--limit", type=int, default=None, help="build: the first N photos only")
     p.add_argument("--height", type=int, default=None,
-                   help="build: crops this tall, the square crop and rows below it (unmask trains on"
-                        " the product's 128 x 160 crop: --height 160, written to cache/crops160)")
+                   help="build: crops this tall, the square crop and rows below it (the product runs"
+                        " unmask on 128 x 160 crops: --height 160, written to cache/crops160)")
     p.add_argument("--cache", type=Path, default=CACHE_DIR,
                    help="pack: the cache folder to pack (cache/crops; cache/crops160 for unmask)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
