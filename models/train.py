@@ -78,6 +78,7 @@ class TrainConfig:
     crops: str = ""  # crop cache folder or pack (.npz); default the UTKFace cache
     clean: float = 0.0  # unmask: share of samples left without a mask (target = input)
     occluders: float = 0.0  # unmask: share of masks drawn as lower-face occluders (draw_occluder)
+    square: float = 0.0  # crops taller than wide: share of batches cut to the square template crop
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
 
 
@@ -89,16 +90,20 @@ class Batches:
     """Random training batches: augmented crops, a random patch, degraded on the fly."""
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
-                 jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0) -> None:
+                 jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
+                 square: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
-        self.jitter, self.clean, self.occluders = jitter, clean, occluders
+        self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         clean, bad, masks = [], [], []
         height, size = self.crops.shape[1:3]
+        if self.square and height > size and self.rng.random() < self.square:
+            height = size  # this batch sees the square crop only (a batch has one shape)
         for _ in range(self.batch):
-            crop = D.augment(np.asarray(self.crops[self.rng.integers(len(self.crops))]), self.rng)
+            crop = np.asarray(self.crops[self.rng.integers(len(self.crops))])[:height]
+            crop = D.augment(crop, self.rng)
             if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
                 y, x = self.rng.integers(0, (np.array([height, size]) - self.patch) // 8 + 1) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
@@ -258,7 +263,9 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                        + (f"; p={cfg.jitter} alignment jitter of crop, degraded crop and mask together"
                           f" (rotation +-{JITTER['degrees']:g} deg, scale +-{JITTER['scale']:g},"
                           f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
-                       + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else ""),
+                       + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else "")
+                       + (f"; p={cfg.square} of batches cut to the square template crop"
+                          if cfg.square and crop[0] != crop[1] else ""),
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),
@@ -355,7 +362,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
-                      cfg.occluders)
+                      cfg.occluders, cfg.square)
 
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
@@ -506,6 +513,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--occluders", type=float, default=0.0,
                    help="unmask: share of masks drawn as lower-face occluders, flat-coloured"
                         " polygons over mouth and chin (models.degrade.draw_occluder; e.g. 0.35)")
+    p.add_argument("--square", type=float, default=0.0,
+                   help="with crops taller than wide (--crops cache/crops160): this share of batches"
+                        " is cut to the square template crop, so the net learns both shapes (e.g. 0.5)")
     p.add_argument("--l2", type=float, default=0.0,
                    help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
@@ -529,7 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
-        crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2,
+        crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
     )
     try:
         train(cfg)

@@ -293,11 +293,15 @@ def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_pa
     assert D.load_pack(tmp_path / "tall.npz")[0].shape == tall.shape
     clean, bad, mask = Batches("unmask", tall, 128, 8, seed=0, jitter=1.0, occluders=0.5).next()
     assert clean.shape == bad.shape == (8, 160, 128, 3) and mask.shape == (8, 160, 128)
+    mixed = Batches("unmask", tall, 128, 2, seed=0, square=0.5)  # --square: both shapes
+    heights = [mixed.next()[0].shape[1] for _ in range(16)]
+    assert set(heights) == {128, 160} and 4 <= heights.count(128) <= 12
     cfg = TrainConfig(task="unmask", steps=2, out=str(tmp_path / "run"), export=True,
-                      export_dir=str(tmp_path / "w"), val_count=2, threads=2, jitter=0.5)
+                      export_dir=str(tmp_path / "w"), val_count=2, threads=2, jitter=0.5, square=0.5)
     assert train(cfg, train_crops=tall[2:], val_crops=tall[:2])["step"] == 2
     card = json.loads((tmp_path / "w" / "unmask.json").read_text())
     assert card["validation"]["crop"] == "128x160" and "rows below" in card["data"]["source"]
+    assert "cut to the square" in card["training"]["augment"]
 
 
 # ----------------------------------------------------------------------------------- training
