@@ -96,41 +96,48 @@ def test_preview_sheet_shows_each_face_before_and_after(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_unmask_finds_a_masked_face_and_paints_over_the_mask(tmp_path):
-    """A mask drawn over a real face (as in training, warped onto the photo): MTCNN scores such
-    faces low, so unmask detects leniently; the painted face is blended in whole, so the mask's
-    pattern does not survive on a face larger than the network's 128 px crop."""
+def test_unmask_finds_masked_faces_and_paints_over_the_masks(tmp_path):
+    """Masks drawn over a real face (as in training, warped onto the photo), four of them, in a
+    folder job: MTCNN scores such faces low, so unmask detects leniently; the painted face is
+    blended in whole, so the mask's pattern does not survive on a face larger than the
+    network's 128 px crop; and the mask's part under the chin is painted over too."""
     from models.evaluate import mask_photo
+    from pipeline import align
     from pipeline.faces import FaceDetector
 
     clean = cv2.cvtColor(cv2.imread(str(SCENES / "pyfeat_single_face.jpg")), cv2.COLOR_BGR2RGB)
     face = FaceDetector().detect_image(clean)[0]
     assert face.width > 160  # the case the blended paste is for
-    masked, alpha = mask_photo(clean, face.landmarks, np.random.default_rng(3))
-    src, dst = tmp_path / "masked.png", tmp_path / "out.png"
-    cv2.imwrite(str(src), cv2.cvtColor(masked, cv2.COLOR_RGB2BGR))
+    src, dst = tmp_path / "masked", tmp_path / "out"
+    src.mkdir()
+    masks = {}
+    for seed in (3, 4, 5, 6):
+        masks[seed] = mask_photo(clean, face.landmarks, np.random.default_rng(seed))
+        cv2.imwrite(str(src / f"m{seed}.png"), cv2.cvtColor(masks[seed][0], cv2.COLOR_RGB2BGR))
     r = run_json("submit", src, "--task", "unmask", "--output", dst)
-    assert r["faces"] == 1
-    out = cv2.cvtColor(cv2.imread(str(dst)), cv2.COLOR_BGR2RGB)
-    inside = alpha > 0.5
-    before, after = psnr(masked[inside], clean[inside]), psnr(out[inside], clean[inside])
-    assert after > before + 2.5, (before, after)  # a painted face, not the mask (a smile is guessed)
-    # under the chin: the mask's part that lies in the last rows of the square template crop
-    # or below them is painted over too (unmask runs on a crop extended 32 px downwards);
-    # with the square crop, 28 % of it stayed within 20 levels of the mask
-    from pipeline import align
-
-    seen = FaceDetector(**FaceDetector.MASKED).detect_image(masked)
-    m = align.estimate_transform(seen[0].landmarks, 128)
+    assert r["files"]["processed"] == len(masks) and r["faces"] == len(masks)
     yy, xx = np.mgrid[: clean.shape[0], : clean.shape[1]]
-    chin = inside & (m[1, 0] * xx + m[1, 1] * yy + m[1, 2] > 118)
-    assert chin.sum() > 1000
-    left = np.abs(out.astype(int) - masked.astype(int)).max(axis=2)[chin] < 20
-    assert left.mean() < 0.02, left.mean()
     x0, y0, x1, y1 = face.box
     far = np.ones(clean.shape[:2], bool)
     far[max(0, int(y0 - face.width)) : int(y1 + face.width), max(0, int(x0 - face.width)) : int(x1 + face.width)] = False
-    assert far.any() and np.array_equal(out[far], masked[far])
+    gains = []
+    for seed, (masked, alpha) in masks.items():
+        out = cv2.cvtColor(cv2.imread(str(dst / f"m{seed}.png")), cv2.COLOR_BGR2RGB)
+        inside = alpha > 0.5
+        gains.append(psnr(out[inside], clean[inside]) - psnr(masked[inside], clean[inside]))
+        # under the chin: the mask's part in the last rows of the square template crop or below
+        # them is painted over too (unmask runs on a crop extended 32 px downwards and trains on
+        # such crops): the session-5 network, trained on square crops only, left 88 % and 85 %
+        # of it within 20 levels of the mask for seeds 4 and 5
+        seen = FaceDetector(**FaceDetector.MASKED).detect_image(masked)
+        m = align.estimate_transform(seen[0].landmarks, 128)
+        chin = inside & (m[1, 0] * xx + m[1, 1] * yy + m[1, 2] > 118)
+        assert chin.sum() > 1000
+        left = np.abs(out.astype(int) - masked.astype(int)).max(axis=2)[chin] < 20
+        assert left.mean() < 0.05, (seed, left.mean())
+        assert far.any() and np.array_equal(out[far], masked[far])
+    # a painted face, not the mask (a smile is guessed): session 5's network gained 4.1-6.1 dB
+    assert min(gains) > 2.5 and np.mean(gains) > 4.0, gains
 
 
 def test_unmask_leaves_a_face_without_a_mask_alone(tmp_path):
