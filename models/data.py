@@ -348,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = pack_crops(crops, items, out, max_mib=a.max_mib, quality=a.quality)
         log.info("packed %s -> %s", summary, out)
         return
-    if a.height is not None and a.height < CROP_SIZE:
-        raise SystemExit(f"--height {a.height}: a crop is at least {CROP_SIZE} rows tall")
+    if a.height is not None and (a.height < CROP_SIZE or a.height % 32):
+        raise SystemExit(f"--height {a.height}: a crop is at least {CROP_SIZE} rows tall and a"
+                         " multiple of 32 (the networks' largest stride)")
     tall = a.height and a.height != CROP_SIZE
     out = a.out or (CACHE_DIR.parent / f"crops{a.height}" if tall else CACHE_DIR)
     build_cache(a.src, out, limit=a.limit, height=a.height)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         if spec.weights is None or name == "morph":  # morph runs the age/gender VAE
             continue
         model = load(name, device=a.device)
-        height = a.size + (spec.below if spec.replaces and not spec.native else 0)
+        height = a.size + spec.rows_below
         result["tasks"][name] = {
             "crop": f"{a.size}x{height}",
             "params": sum(p.numel() for p in model.parameters()),

@@ -21,7 +21,8 @@ class TaskSpec:
     stride; non-native tasks). The 128 px template ends at the chin, and a face mask reaches
     under it: unmask runs on a 128 x 160 crop, so the mask's lower edge is inside the crop and
     painted over instead of being left as a band under the chin. The network is fully
-    convolutional and was trained on square crops; on the taller crop it paints chin and neck.
+    convolutional and is trained on both shapes (``models.train --square``). ``rows_below`` is
+    what the pipeline adds.
     """
 
     name: str
@@ -33,6 +34,12 @@ class TaskSpec:
     default_amount: float = 0.0  # latent edits: the --amount used when none is given
     replaces: bool = False
     below: int = 0
+
+    @property
+    def rows_below(self) -> int:
+        """Rows the pipeline adds under the square crop: ``below`` for replacing tasks that run
+        at the network's size, 0 otherwise."""
+        return self.below if self.replaces and not self.native else 0
 
 
 TASKS: dict[str, TaskSpec] = {

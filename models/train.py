@@ -226,8 +226,10 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
               crop: tuple[int, int] = (D.CROP_SIZE, D.CROP_SIZE)) -> dict:
     """The model card written beside exported weights; ``crop``: the crops' (height, width)."""
     t = canonical(cfg.task)
-    shape = f"{crop[1]}x{crop[0]}" + (f" (the {crop[1]} px template square and {crop[0] - crop[1]}"
-                                      " rows below it)" if crop[0] != crop[1] else "")
+    tall = crop[0] != crop[1]
+    wh = f"{crop[1]}x{crop[0]}"
+    shape = wh + (f" (the {crop[1]} px template square and {crop[0] - crop[1]} rows below it)"
+                  if tall else "")
     return {
         "task": t,
         "weights": f"{t}.safetensors",
@@ -265,7 +267,7 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
                        + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else "")
                        + (f"; p={cfg.square} of batches cut to the square template crop"
-                          if cfg.square and crop[0] != crop[1] else ""),
+                          if cfg.square and tall else ""),
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),
@@ -273,8 +275,7 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
         },
-        "validation": {"n": cfg.val_count, "crop": f"{crop[1]}x{crop[0]}", "degradation": EVAL_NOTES[t],
-                       **scores},
+        "validation": {"n": cfg.val_count, "crop": wh, "degradation": EVAL_NOTES[t], **scores},
         "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

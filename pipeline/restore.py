@@ -62,7 +62,7 @@ class FaceRestorer:
         self.uses_tracks = getattr(model, "uses_tracks", False)
         self.replaces = getattr(self.spec, "replaces", False)
         # rows of context under the square crop (unmask: the chin); replacing tasks only
-        self.below = getattr(self.spec, "below", 0) if self.replaces and not self.spec.native else 0
+        self.below = getattr(self.spec, "rows_below", 0)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
         self.identity = getattr(model, "net", None) is None
