@@ -180,7 +180,7 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     from . import load
 
     model = model if model is not None else load("unmask", device=device)
-    if not hasattr(model, "spec"):  # a bare network from --weights: give it the task's spec
+    if not hasattr(model, "spec"):  # a bare network: run it as the product does
         from .registry import Restorer
         from .tasks import TASKS
 
@@ -281,8 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     model = None
     if a.weights is not None:
         from .nets import load_net
+        from .registry import Restorer
+        from .tasks import resolve
 
-        model = load_net(a.weights, device=a.device)
+        # run as the product runs the task's network (unmask: with its mirror self-ensemble)
+        model = Restorer(resolve(a.task), load_net(a.weights, device=a.device)).eval()
     if a.data is not None and not a.data.is_dir():
         raise SystemExit(f"{a.data}: no such folder of face photos")
     if a.mask != "generator" and not (a.whole and canonical(a.task) == "unmask"):

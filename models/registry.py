@@ -35,6 +35,9 @@ class Restorer(nn.Module):
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(x.shape)}"
         if self.net is None:
             return x
+        if self.spec.mirror:  # one call on the crops and their mirror images
+            y = self.net(torch.cat([x, x.flip(-1)]))
+            return (0.5 * (y[: len(x)] + y[len(x):].flip(-1))).clamp_(0.0, 1.0)
         return self.net(x).clamp_(0.0, 1.0)
 
 

@@ -23,6 +23,10 @@ class TaskSpec:
     painted over instead of being left as a band under the chin. The network is fully
     convolutional and is trained on both shapes (``models.train --square``). ``rows_below`` is
     what the pipeline adds.
+    mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
+    (a flip self-ensemble: the aligned template is left-right symmetric). For unmask, whose
+    network guesses what the mask hides, this gains 0.2 dB on the data README's polygon at twice
+    the network's cost; a guessed mouth also comes out symmetric.
     """
 
     name: str
@@ -34,6 +38,7 @@ class TaskSpec:
     default_amount: float = 0.0  # latent edits: the --amount used when none is given
     replaces: bool = False
     below: int = 0
+    mirror: bool = False
 
     @property
     def rows_below(self) -> int:
@@ -49,7 +54,7 @@ TASKS: dict[str, TaskSpec] = {
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", False,
                         weights="enhance.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
-                       weights="unmask.safetensors", replaces=True, below=32),
+                       weights="unmask.safetensors", replaces=True, below=32, mirror=True),
     "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
                     weights="facemath.safetensors", latent=True, default_amount=30.0),
     "gender": TaskSpec("gender", "adds (--amount > 0) or removes (< 0) female-typical features"
