@@ -39,7 +39,7 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
     chunk: list = []
     t = 0.0
     for _, yuv in iter_frames(vplan, 0, n):
-        chunk.append(i420_to_rgb(yuv))
+        chunk.append(i420_to_rgb(yuv, vplan.yuv_matrix))  # as the product reads it
         if len(chunk) == batch:
             t0 = time.perf_counter()
             found += det.detect(chunk)

@@ -61,6 +61,11 @@ class VideoPlan:
     def fps(self) -> float:
         return float(Fraction(self.rate)) if self.rate else 0.0
 
+    @property
+    def yuv_matrix(self) -> "YuvMatrix":
+        """The Y'CbCr -> RGB matrix and range its frames are read and written back with."""
+        return yuv_matrix(self.color, self.height)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -198,30 +203,100 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
 
 
 def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:
-    """The frame as an I420 array of the plan's even output size."""
+    """The frame as an I420 array of the plan's even output size.
+
+    Other pixel formats (4:2:2, 10-bit, full-range yuvj) are converted to yuv420p by FFmpeg. An
+    odd-sized frame is padded in YUV itself (its last row and column repeated; its chroma planes
+    already have the padded size), so no colour conversion touches it."""
     w, h = frame.width, frame.height
+    if frame.format.name != "yuv420p":
+        frame = frame.reformat(format="yuv420p")
     if w % 2 == 0 and h % 2 == 0:
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
         return frame.to_ndarray()
-    rgb = frame.to_ndarray(format="rgb24")
-    rgb = cv2.copyMakeBorder(rgb, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+    ew, eh = w + w % 2, h + h % 2
+
+    def plane(k: int, pw: int, ph: int) -> np.ndarray:
+        p = frame.planes[k]
+        return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:ph, :pw]
+
+    y = cv2.copyMakeBorder(plane(0, w, h), 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+    u, v = plane(1, ew // 2, eh // 2), plane(2, ew // 2, eh // 2)
+    return np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(-1, ew)
 
 
-def i420_to_rgb(yuv: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+def i420_planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of an I420 array's Y (H, W), U and V (H/2, W/2) planes. The chroma planes are
+    packed one after the other, not row by row of the array: where H is not a multiple of 4 a
+    chroma plane ends in the middle of one of the array's rows."""
+    H, W = yuv.shape[0] * 2 // 3, yuv.shape[1]
+    flat = yuv.reshape(-1)  # a view: the planes below write through to ``yuv``
+    n, q = H * W, H * W // 4
+    return yuv[:H], flat[n : n + q].reshape(H // 2, W // 2), flat[n + q : n + 2 * q].reshape(H // 2, W // 2)
 
 
-# BT.601 limited range, the matrix OpenCV's I420 conversions use (so deltas round-trip exactly)
-_RGB2YUV = np.array(
-    [[0.256788, 0.504129, 0.097906], [-0.148223, -0.290993, 0.439216], [0.439216, -0.367788, -0.071427]],
-    dtype=np.float32,
-)
+@dataclass(frozen=True)
+class YuvMatrix:
+    """How a clip's Y'CbCr maps to RGB: the matrix coefficients (Kr, Kb) and the range.
+
+    A BT.709 clip decoded with BT.601's matrix (what OpenCV's I420 conversions use) gives the
+    network and the detector faces off in hue and saturation; the delta written back with the
+    same wrong matrix round-trips, so the clip stays consistent, but what the network saw was
+    not what a player shows. ``VideoPlan.yuv_matrix`` picks the one the clip declares."""
+
+    name: str
+    kr: float
+    kb: float
+    full_range: bool = False
+
+    def rgb_to_yuv(self) -> np.ndarray:
+        """(3, 3) float32: RGB 0..255 -> Y, Cb, Cr offsets from (16 or 0, 128, 128)."""
+        kr, kb = self.kr, self.kb
+        kg = 1.0 - kr - kb
+        ys, cs = (255.0, 255.0) if self.full_range else (219.0, 224.0)
+        m = np.array([[kr, kg, kb],
+                      [-kr / (2 * (1 - kb)), -kg / (2 * (1 - kb)), 0.5],
+                      [0.5, -kg / (2 * (1 - kr)), -kb / (2 * (1 - kr))]], np.float64)
+        m *= np.array([[ys], [cs], [cs]]) / 255.0
+        return m.astype(np.float32)
+
+    def yuv_to_rgb(self) -> np.ndarray:
+        """(3, 4) float32 for ``cv2.transform``: Y, Cb, Cr 0..255 -> RGB 0..255."""
+        inv = np.linalg.inv(self.rgb_to_yuv().astype(np.float64))
+        offset = np.array([0.0 if self.full_range else 16.0, 128.0, 128.0])
+        return np.hstack([inv, -(inv @ offset)[:, None]]).astype(np.float32)
 
 
-def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray) -> None:
-    """Add an RGB delta (h, w, 3 float32) over ``rect`` (x0, y0, x1, y1) to an I420 frame in place.
+BT601 = YuvMatrix("bt601", 0.299, 0.114)
+BT709 = YuvMatrix("bt709", 0.2126, 0.0722)
+BT2020 = YuvMatrix("bt2020", 0.2627, 0.0593)
+SMPTE240M = YuvMatrix("smpte240m", 0.212, 0.087)
+FCC = YuvMatrix("fcc", 0.30, 0.11)
+# AVColorSpace codes -> matrix (2 unspecified and 0 RGB/unknown: guessed from the frame height)
+_COLORSPACES = {1: BT709, 4: FCC, 5: BT601, 6: BT601, 7: SMPTE240M, 9: BT2020, 10: BT2020}
+
+
+def yuv_matrix(color: dict, height: int) -> YuvMatrix:
+    """The matrix and range of a clip with colour description ``color`` (``VideoPlan.color``).
+    An unspecified matrix is BT.709 from 720 rows up and BT.601 below, as players assume;
+    ``color_range`` 2 (JPEG) is full range (a converted yuvj clip has no range left: limited)."""
+    m = _COLORSPACES.get(int(color.get("colorspace", 2)), BT709 if height >= 720 else BT601)
+    full = int(color.get("color_range", 0)) == 2
+    return m if not full else YuvMatrix(m.name + "-full", m.kr, m.kb, True)
+
+
+def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601) -> np.ndarray:
+    """An I420 frame as RGB uint8 (H, W, 3), chroma repeated over each 2x2 block."""
+    if matrix == BT601:  # OpenCV's own conversion (the same matrix, limited range)
+        return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+    y, u, v = i420_planes(yuv)
+    uv = cv2.resize(cv2.merge([u, v]), y.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return cv2.transform(cv2.merge([y, uv[..., 0], uv[..., 1]]), matrix.yuv_to_rgb())
+
+
+def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,
+                  matrix: YuvMatrix = BT601) -> None:
+    """Add an RGB delta (h, w, 3 float32) over ``rect`` (x0, y0, x1, y1) to an I420 frame in place,
+    through the clip's ``matrix`` (the one its RGB was read with).
 
     Luma gets the delta at full resolution; chroma gets it averaged over 2x2 blocks. Pixels and
     chroma blocks where the delta is zero are left bit-exact.
@@ -234,8 +309,8 @@ def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.nd
     ex1, ey1 = min(W, x1 + x1 % 2), min(H, y1 + y1 % 2)
     d = np.zeros((ey1 - ey0, ex1 - ex0, 3), np.float32)
     d[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = delta
-    dyuv = d @ _RGB2YUV.T  # (h, w, 3)
-    Y = yuv[:H]
+    dyuv = d @ matrix.rgb_to_yuv().T  # (h, w, 3)
+    Y, cu, cv_ = i420_planes(yuv)
     region = Y[ey0:ey1, ex0:ex1]
     dy = dyuv[..., 0]
     touched = dy != 0
@@ -244,8 +319,6 @@ def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.nd
     if hh == 0 or ww == 0:
         return
     duv = dyuv[: hh * 2, : ww * 2, 1:].reshape(hh, 2, ww, 2, 2).mean((1, 3))
-    cu = yuv[H : H + H // 4].reshape(H // 2, W // 2)
-    cv_ = yuv[H + H // 4 :].reshape(H // 2, W // 2)
     cy0, cx0 = ey0 // 2, ex0 // 2
     for plane, dc in ((cu, duv[..., 0]), (cv_, duv[..., 1])):
         reg = plane[cy0 : cy0 + hh, cx0 : cx0 + ww]

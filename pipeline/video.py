@@ -218,6 +218,7 @@ def process_range(
     clock = _Clock(stats.stages)
     t0 = time.perf_counter()
     pending: dict[int, np.ndarray] = {}  # frame index -> I420, awaiting final faces
+    matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
 
     def chosen(i: int) -> bool:
         return i % detect_every == 0 or i == vplan.frames - 1
@@ -229,13 +230,13 @@ def process_range(
             idx = [i for i, _ in ready if start <= i < stop]
             faces = {i: fs for i, fs in ready}
             with_faces = [i for i in idx if faces[i]]
-            rgbs = [i420_to_rgb(pending[i]) for i in with_faces]
+            rgbs = [i420_to_rgb(pending[i], matrix) for i in with_faces]
             with clock("restore"):
                 deltas = restorer.deltas(rgbs, [faces[i] for i in with_faces])
             with clock("paste"):
                 for i, ds in zip(with_faces, deltas):
                     for rect, d in ds:
-                        add_rgb_delta(pending[i], rect, d)
+                        add_rgb_delta(pending[i], rect, d, matrix)
             with clock("encode"):
                 for i in idx:
                     writer.write(i, pending[i])
@@ -252,7 +253,7 @@ def process_range(
                 stats.detected += len(items)
                 with clock("detect"):
                     found.update(zip([i for i, _ in items],
-                                     detector.detect([i420_to_rgb(yuv) for _, yuv in items])))
+                                     detector.detect([i420_to_rgb(yuv, matrix) for _, yuv in items])))
 
         def add(items: list[tuple[int, np.ndarray]]) -> None:
             for i, yuv in items:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
-from conftest import VIDEOS, cut, decode_rgb, face_mask, masked_psnr, probe, run_json
+from conftest import VIDEOS, cut, decode_rgb, face_mask, masked_psnr, probe, psnr, run_json
 
 
 def assert_same_media(src: Path, out: Path) -> dict:
@@ -109,7 +110,102 @@ def test_odd_dimensions_padded_and_reported(tmp_path):
     info = probe(out)
     assert (info["width"], info["height"]) == (322, 182)
     assert info["frames"] == 12
+    # padded in YUV itself: the picture is the source's (4:4:4 -> 4:2:0 and x264 aside), and the
+    # added column and row repeat the last ones
+    got, want = decode_rgb(out), decode_rgb(src)
+    assert min(psnr(g[:181, :321], w) for g, w in zip(got, want)) > 36
+    assert all(np.abs(g[:, 321].astype(int) - g[:, 320]).mean() < 3 for g in got)
     assert any("odd frame size 321x181" in n for n in r["notes"])
+
+
+def test_faces_are_read_and_written_back_in_the_clips_own_colour_matrix():
+    """Faces reach the detector and the network as a player shows them: a BT.709 clip (the
+    HEVC .mov says so; the 1080p clip says nothing, and HD means BT.709) read with BT.601's
+    matrix, OpenCV's, is off by 1-2 levels in mean colour and up to 8 on saturated pixels. The
+    reference is FFmpeg's own exact conversion with the clip's matrix. A change written back goes
+    through the same matrix, so it reads back as the RGB change it was."""
+    from av.video.reformatter import Interpolation as I
+
+    from pipeline.media import BT601, BT709, add_rgb_delta, i420_to_rgb, iter_frames, plan
+
+    exact = I.POINT | I.ACCURATE_RND | I.FULL_CHR_H_INT | I.BITEXACT
+    for name, expected in (("face_then_noface_hevc.mov", BT709), ("walking_1080p.mp4", BT709),
+                           ("closeup_pexels.mp4", BT601)):
+        vp = plan(VIDEOS / name)
+        assert vp.yuv_matrix == expected, name
+        _, yuv = next(iter_frames(vp, 0, 1))
+        with av.open(str(VIDEOS / name)) as c:
+            frame = next(c.decode(video=0))
+        ref = frame.reformat(format="rgb24", interpolation=exact,
+                             src_colorspace="ITU709" if expected == BT709 else "ITU601")
+        ref = ref.to_ndarray().astype(np.float64)
+        ours = i420_to_rgb(yuv, vp.yuv_matrix).astype(np.float64)
+        assert np.abs((ours - ref).mean((0, 1))).max() < 0.3, name
+        assert np.abs(ours - ref).mean() < 0.5, name
+        if expected == BT709:  # what reading it as BT.601 gave
+            wrong = i420_to_rgb(yuv, BT601).astype(np.float64)
+            assert np.abs((wrong - ref).mean((0, 1))).max() > 0.9, name
+
+        before = yuv.copy()
+        rect = (200, 100, 264, 164)
+        delta = np.float32([-10, 6, 14]) + np.random.default_rng(0).normal(0, 3, (64, 64, 3))
+        add_rgb_delta(yuv, rect, delta.astype(np.float32), vp.yuv_matrix)
+        x0, y0, x1, y1 = rect
+        change = (i420_to_rgb(yuv, vp.yuv_matrix).astype(np.float64)
+                  - i420_to_rgb(before, vp.yuv_matrix))[y0:y1, x0:x1].mean((0, 1))
+        # written with BT.601 and read as BT.709 this was (-12.1, 5.2, 15.0)
+        assert np.allclose(change, delta.mean((0, 1)), atol=0.4), (name, change)
+        H = vp.out_height
+        outside = np.ones(yuv[:H].shape, bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(yuv[:H][outside], before[:H][outside])
+
+
+def test_full_range_and_other_matrices_round_trip():
+    """A clip tagged full range (phones' yuv420p with color_range 2) and BT.2020 / SMPTE 240M /
+    FCC matrices: RGB written as I420 with a matrix reads back within a level with it."""
+    from pipeline.media import yuv_matrix, i420_to_rgb
+
+    rng = np.random.default_rng(0)
+    rgb = np.repeat(np.repeat(rng.integers(0, 256, (90, 160, 3)), 2, 0), 2, 1).astype(np.float32)
+    for color, height, name in (({"colorspace": 1, "color_range": 2}, 1080, "bt709-full"),
+                                ({"colorspace": 2}, 480, "bt601"), ({"colorspace": 9}, 2160, "bt2020"),
+                                ({"colorspace": 7}, 480, "smpte240m"), ({"colorspace": 4}, 480, "fcc"),
+                                ({"colorspace": 5, "color_range": 2}, 480, "bt601-full")):
+        m = yuv_matrix(color, height)
+        assert m.name == name
+        offset = np.float32([0 if m.full_range else 16, 128, 128])
+        yuv444 = rgb @ m.rgb_to_yuv().T + offset
+        assert yuv444.min() > -0.5 and yuv444.max() < 255.5
+        yuv444 = np.rint(yuv444).astype(np.uint8)
+        i420 = np.concatenate([yuv444[..., 0], yuv444[::2, ::2, 1].reshape(-1, 320),
+                               yuv444[::2, ::2, 2].reshape(-1, 320)])
+        back = i420_to_rgb(i420, m).astype(np.float32)
+        assert np.abs(back - rgb).max() <= 2.0, name
+        assert np.abs(back - rgb).mean() < 0.8, name
+
+
+def test_a_clip_whose_height_is_not_a_multiple_of_4_gets_its_faces_restored(tmp_path):
+    """I420 packs the chroma planes one after the other: at 480 x 270 a chroma plane ends in the
+    middle of a row of the frame array, and writing a face back used to fail there (as it did for
+    odd sizes padded to such a height). A real face clip scaled to 480 x 270, restored."""
+    src = tmp_path / "small.mp4"
+    frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=10)
+    with av.open(str(src), "w") as o:
+        s = o.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 480, 270, "yuv420p"
+        for f in frames:
+            small = cv2.resize(f, (480, 270), interpolation=cv2.INTER_AREA)
+            for p in s.encode(av.VideoFrame.from_ndarray(small, format="rgb24")):
+                o.mux(p)
+        for p in s.encode(None):
+            o.mux(p)
+    r = run_json("submit", src, "--task", "denoise", "--preset", "veryfast")
+    out = tmp_path / "small.denoise.mp4"
+    assert probe(out)["frames"] == 10 and (probe(out)["width"], probe(out)["height"]) == (480, 270)
+    assert r["faces"] >= 10
+    got, was = decode_rgb(out), decode_rgb(src)
+    assert any(np.abs(g.astype(int) - w).max() > 10 for g, w in zip(got, was))  # faces changed
 
 
 def test_cancel_leaves_nothing(tmp_path):
