@@ -94,17 +94,23 @@ def test_rotation_metadata_kept(tmp_path):
     assert_same_media(src, out)
 
 
-def test_odd_dimensions_padded_and_reported(tmp_path):
-    src = tmp_path / "odd.mkv"
-    frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=12)
-    with av.open(str(src), "w") as o:
-        s = o.add_stream("ffv1", rate=30)
-        s.width, s.height, s.pix_fmt = 321, 181, "yuv444p"
+def write_clip(path: Path, frames: list[np.ndarray], codec: str, pix_fmt: str) -> None:
+    """RGB frames (all one size) as a video-only clip at 30 fps."""
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as o:
+        s = o.add_stream(codec, rate=30)
+        s.width, s.height, s.pix_fmt = w, h, pix_fmt
         for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:181, :321]), format="rgb24")):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 o.mux(p)
         for p in s.encode(None):
             o.mux(p)
+
+
+def test_odd_dimensions_padded_and_reported(tmp_path):
+    src = tmp_path / "odd.mkv"
+    frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=12)
+    write_clip(src, [f[:181, :321] for f in frames], "ffv1", "yuv444p")
     r = run_json("submit", src, "--task", "identity", "--preset", "veryfast")
     out = tmp_path / "odd.identity.mkv"
     info = probe(out)
@@ -191,15 +197,8 @@ def test_a_clip_whose_height_is_not_a_multiple_of_4_gets_its_faces_restored(tmp_
     odd sizes padded to such a height). A real face clip scaled to 480 x 270, restored."""
     src = tmp_path / "small.mp4"
     frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=10)
-    with av.open(str(src), "w") as o:
-        s = o.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 480, 270, "yuv420p"
-        for f in frames:
-            small = cv2.resize(f, (480, 270), interpolation=cv2.INTER_AREA)
-            for p in s.encode(av.VideoFrame.from_ndarray(small, format="rgb24")):
-                o.mux(p)
-        for p in s.encode(None):
-            o.mux(p)
+    write_clip(src, [cv2.resize(f, (480, 270), interpolation=cv2.INTER_AREA) for f in frames],
+               "libx264", "yuv420p")
     r = run_json("submit", src, "--task", "denoise", "--preset", "veryfast")
     out = tmp_path / "small.denoise.mp4"
     assert probe(out)["frames"] == 10 and (probe(out)["width"], probe(out)["height"]) == (480, 270)
