@@ -375,6 +375,38 @@ def test_unmask_on_whole_photos_runs_the_product_path(tmp_path, mask):
     assert r["model"]["psnr"] > r["input"]["psnr"], r
 
 
+def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_path):
+    """models.card scores a network as the product runs it, every way its card reports, and
+    --write merges the figures into the card file and the card in the safetensors header,
+    leaving the tensors as they were."""
+    from safetensors.torch import load_file
+
+    from models.card import card_scores, write_card
+    from models.nets import load_net
+    from models.registry import Restorer
+    from models.tasks import resolve
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in _photos(True, 8):
+        shutil.copy(p, photos / p.name)
+    weights = tmp_path / "unmask.safetensors"
+    shutil.copy(WEIGHTS_DIR / "unmask.safetensors", weights)
+    model = Restorer(resolve("unmask"), load_net(weights)).eval()
+    r = card_scores("unmask", model, data=photos)
+    assert {"evaluation", "evaluation_readme_framing", "evaluation_readme_polygon",
+            "unmasked_faces"} <= set(r)
+    for key in ("evaluation", "evaluation_readme_polygon"):
+        assert r[key]["n"] >= 6 and r[key]["model"]["psnr"] > r[key]["baseline"]["psnr"], r[key]
+    assert r["unmasked_faces"]["psnr"] > 35  # a face without a mask is left nearly as it was
+    card = json.loads(write_card(weights, r).read_text())
+    assert card["evaluation_readme_polygon"] == r["evaluation_readme_polygon"]
+    assert card["training"] == json.loads((WEIGHTS_DIR / "unmask.json").read_text())["training"]
+    assert json.loads(read_metadata(weights)["card"]) == card
+    before, after = load_file(str(WEIGHTS_DIR / "unmask.safetensors")), load_file(str(weights))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("whole", [False, True])
 def test_evaluate_on_a_folder_without_photos_is_a_one_line_error(tmp_path, whole):
     from models.evaluate import main

@@ -1,0 +1,107 @@
+"""Score a restoration network the ways its model card reports, and write them into the card.
+
+    python -m models.card --task unmask --weights runs/unmask/export/unmask.safetensors
+    python -m models.card --task unmask --weights W --write      # into W's card (.json + header)
+
+Every figure comes from ``models.evaluate`` with the network run as the product runs it (unmask:
+its mirror self-ensemble): ``evaluation`` on the pipeline's aligned validation crops,
+``evaluation_whole`` on whole photos resized to 128 (the data README's framing) and, for unmask,
+``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
+``evaluation_readme_polygon`` (the data README's flat polygon, the figure the issue's bar is
+judged on) and ``unmasked_faces`` (clean validation crops in, output against input: what the
+network does to a face that wears no mask). ``--write`` merges them into the card beside the
+weights and into the card embedded in the safetensors header; the weights are unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+from . import evaluate as E
+from .degrade import canonical
+
+
+def unmasked_faces(model, crops: np.ndarray, tall: np.ndarray | None) -> dict:
+    """PSNR of the network's output against its input on clean crops (no mask): 128 px square
+    crops, and the product's 128 x 160 crops when ``tall`` is given."""
+    out = {"n": int(len(crops)), "psnr": E.scores(E.run_model(model, crops), crops)["psnr"]}
+    if tall is not None:
+        out["psnr_128x160"] = E.scores(E.run_model(model, tall), tall)["psnr"]
+    out["note"] = "clean validation crops in, output vs input"
+    return out
+
+
+def card_scores(task: str, model, limit: int | None = None, clean: int = 200,
+                data: Path | None = None) -> dict:
+    """The card's evaluation entries for ``model`` (a ``Restorer``), on the validation split
+    (or the face photos in ``data``)."""
+    task = canonical(task)
+    t0 = time.time()
+    crops, source = E.crops_from(data, limit)
+    r = {"evaluation": {**E.evaluate(task, crops, model=model), "data": source}}
+    if task == "unmask":
+        r["evaluation_readme_framing"] = E.whole_unmask(data, limit, model=model)
+        r["evaluation_readme_polygon"] = E.whole_unmask(data, limit, model=model, mask="readme")
+        tall = None
+        tall_cache = D.CACHE_DIR.parent / "crops160"
+        if data is None and (tall_cache / "crops.npy").is_file():
+            tall = np.ascontiguousarray(D.load_cache("val", tall_cache)[0][:clean])
+        r["unmasked_faces"] = unmasked_faces(model, crops[:clean], tall)
+    else:
+        photos, source = E.whole_photos(data, limit)
+        r["evaluation_whole"] = {**E.evaluate(task, photos, model=model), "data": source}
+    r["scored_in_s"] = round(time.time() - t0, 1)
+    return r
+
+
+def write_card(weights: Path, scores: dict) -> Path:
+    """Merge ``scores`` into the card beside ``weights`` and into its header; returns the card."""
+    from .nets import load_net, read_metadata, save_net
+
+    card_path = weights.with_suffix(".json")
+    meta = read_metadata(weights)
+    card = json.loads(meta.get("card", "{}"))
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+    card.update({k: v for k, v in scores.items() if k != "scored_in_s"})
+    net = load_net(weights)
+    extra = {k: v for k, v in meta.items() if k not in ("format", "config", "card")}
+    save_net(net, weights, metadata={**extra, "card": card}, fmt=meta.get("format", "facemend-resunet"))
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.card", description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True, help="denoise, enhance (deblur) or unmask")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a .safetensors file (default: the shipped weights of --task)")
+    p.add_argument("--limit", type=int, default=None, help="the first N faces of each set")
+    p.add_argument("--write", action="store_true", help="merge the scores into the weights' card")
+    a = p.parse_args(argv)
+    from .nets import load_net
+    from .registry import WEIGHTS_DIR, Restorer
+    from .tasks import resolve
+
+    spec = resolve(canonical(a.task))
+    weights = a.weights or WEIGHTS_DIR / (spec.weights or "")
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        raise SystemExit(f"{weights}: no such .safetensors file")
+    if a.write and a.limit:
+        raise SystemExit("--write scores the full validation split: leave out --limit")
+    model = Restorer(spec, load_net(weights)).eval()  # as the product runs it
+    scores = card_scores(spec.name, model, a.limit)
+    print(json.dumps(scores))
+    if a.write:
+        print(f"wrote {write_card(weights, scores)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
