@@ -48,8 +48,10 @@ def card_scores(task: str, model, limit: int | None = None, clean: int = 200,
     if task == "unmask":
         r["evaluation_readme_framing"] = E.whole_unmask(data, limit, model=model)
         r["evaluation_readme_polygon"] = E.whole_unmask(data, limit, model=model, mask="readme")
-        tall = None
-        tall_cache = D.CACHE_DIR.parent / "crops160"
+        from .tasks import resolve
+
+        spec = resolve(task)
+        tall, tall_cache = None, D.cache_dir(spec.size + spec.rows_below)  # the product's crop
         if data is None and (tall_cache / "crops.npy").is_file():
             tall = np.ascontiguousarray(D.load_cache("val", tall_cache)[0][:clean])
         r["unmasked_faces"] = unmasked_faces(model, crops[:clean], tall)

@@ -40,6 +40,12 @@ VAL_PER_MILLE = 50  # ~5% of names hash into the validation split
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+def cache_dir(height: int = CROP_SIZE) -> Path:
+    """Where ``python -m models.data`` caches crops ``height`` rows tall: cache/crops for the
+    square template crop, cache/crops160 for unmask's 128 x 160 crop."""
+    return CACHE_DIR if height == CROP_SIZE else CACHE_DIR.parent / f"crops{height}"
+
+
 @dataclass(frozen=True)
 class Labels:
     """UTKFace labels parsed from ``AGE_GENDER_RACE_DATETIME.jpg.chip.jpg``."""
@@ -351,8 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.height is not None and (a.height < CROP_SIZE or a.height % 32):
         raise SystemExit(f"--height {a.height}: a crop is at least {CROP_SIZE} rows tall and a"
                          " multiple of 32 (the networks' largest stride)")
-    tall = a.height and a.height != CROP_SIZE
-    out = a.out or (CACHE_DIR.parent / f"crops{a.height}" if tall else CACHE_DIR)
+    out = a.out or cache_dir(a.height or CROP_SIZE)
     build_cache(a.src, out, limit=a.limit, height=a.height)
 
 

@@ -11,6 +11,7 @@ back as a YUV delta, so pixels outside faces are exactly what a plain transcode 
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -248,6 +249,7 @@ class YuvMatrix:
     kb: float
     full_range: bool = False
 
+    @functools.cache  # per face and per frame: computed once per matrix, read-only
     def rgb_to_yuv(self) -> np.ndarray:
         """(3, 3) float32: RGB 0..255 -> Y, Cb, Cr offsets from (16 or 0, 128, 128)."""
         kr, kb = self.kr, self.kb
@@ -257,13 +259,19 @@ class YuvMatrix:
                       [-kr / (2 * (1 - kb)), -kg / (2 * (1 - kb)), 0.5],
                       [0.5, -kg / (2 * (1 - kr)), -kb / (2 * (1 - kr))]], np.float64)
         m *= np.array([[ys], [cs], [cs]]) / 255.0
-        return m.astype(np.float32)
+        return _read_only(m.astype(np.float32))
 
+    @functools.cache
     def yuv_to_rgb(self) -> np.ndarray:
         """(3, 4) float32 for ``cv2.transform``: Y, Cb, Cr 0..255 -> RGB 0..255."""
         inv = np.linalg.inv(self.rgb_to_yuv().astype(np.float64))
         offset = np.array([0.0 if self.full_range else 16.0, 128.0, 128.0])
-        return np.hstack([inv, -(inv @ offset)[:, None]]).astype(np.float32)
+        return _read_only(np.hstack([inv, -(inv @ offset)[:, None]]).astype(np.float32))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
 
 
 BT601 = YuvMatrix("bt601", 0.299, 0.114)
