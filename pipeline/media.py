@@ -158,8 +158,7 @@ def _first_frame_info(c, v, path: Path) -> tuple[int, dict]:
     try:
         for frame in c.decode(v):
             color = {k: int(getattr(frame, k)) for k in COLOR_TAGS}
-            if frame.format.name != "yuv420p":  # converted on decode: keep only the description
-                color.pop("color_range")
+            color["color_range"] = source_range(frame)  # to_i420 keeps the values in it
             return int(round(frame.rotation or 0)) % 360, color
     except av.error.FFmpegError as e:
         raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
@@ -203,15 +202,26 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
         raise CorruptInput(f"{path}: truncated: decoded {expected - start} of {stop - start} frames")
 
 
+def source_range(frame: av.VideoFrame) -> int:
+    """The frame's colour range code: 2 (JPEG, full) when it says so or its pixel format is a
+    full-range yuvj one, else its own tag (1 limited, 0 unspecified, which players read as
+    limited)."""
+    code = int(frame.color_range)
+    return 2 if code == 2 or frame.format.name.startswith("yuvj") else code
+
+
 def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:
     """The frame as an I420 array of the plan's even output size.
 
-    Other pixel formats (4:2:2, 10-bit, full-range yuvj) are converted to yuv420p by FFmpeg. An
-    odd-sized frame is padded in YUV itself (its last row and column repeated; its chroma planes
-    already have the padded size), so no colour conversion touches it."""
+    Other pixel formats (4:2:2, 4:4:4, 10-bit, yuvj) are converted to yuv420p by FFmpeg in the
+    source's own range: a full-range source stays full range, and the plan's colour description
+    keeps saying so (``source_range``), so the output is tagged as its values are. An odd-sized
+    frame is padded in YUV itself (its last row and column repeated; its chroma planes already
+    have the padded size), so no colour conversion touches it."""
     w, h = frame.width, frame.height
     if frame.format.name != "yuv420p":
-        frame = frame.reformat(format="yuv420p")
+        code = source_range(frame) or None
+        frame = frame.reformat(format="yuv420p", src_color_range=code, dst_color_range=code)
     if w % 2 == 0 and h % 2 == 0:
         return frame.to_ndarray()
     ew, eh = w + w % 2, h + h % 2
@@ -286,7 +296,8 @@ _COLORSPACES = {1: BT709, 4: FCC, 5: BT601, 6: BT601, 7: SMPTE240M, 9: BT2020, 1
 def yuv_matrix(color: dict, height: int) -> YuvMatrix:
     """The matrix and range of a clip with colour description ``color`` (``VideoPlan.color``).
     An unspecified matrix is BT.709 from 720 rows up and BT.601 below, as players assume;
-    ``color_range`` 2 (JPEG) is full range (a converted yuvj clip has no range left: limited)."""
+    ``color_range`` 2 (JPEG) is full range (yuvj and other converted sources keep theirs:
+    ``to_i420``)."""
     m = _COLORSPACES.get(int(color.get("colorspace", 2)), BT709 if height >= 720 else BT601)
     full = int(color.get("color_range", 0)) == 2
     return m if not full else YuvMatrix(m.name + "-full", m.kr, m.kb, True)

@@ -94,14 +94,21 @@ def test_rotation_metadata_kept(tmp_path):
     assert_same_media(src, out)
 
 
-def write_clip(path: Path, frames: list[np.ndarray], codec: str, pix_fmt: str) -> None:
-    """RGB frames (all one size) as a video-only clip at 30 fps."""
+def write_clip(path: Path, frames: list[np.ndarray], codec: str, pix_fmt: str,
+               color_range: int = 0) -> None:
+    """RGB frames (all one size) as a video-only clip at 30 fps; ``color_range`` 2: full range,
+    tagged so."""
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w") as o:
         s = o.add_stream(codec, rate=30)
         s.width, s.height, s.pix_fmt = w, h, pix_fmt
+        if color_range:
+            s.codec_context.color_range = color_range
         for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            if color_range:
+                frame = frame.reformat(format=pix_fmt, dst_color_range=color_range)
+            for p in s.encode(frame):
                 o.mux(p)
         for p in s.encode(None):
             o.mux(p)
@@ -122,6 +129,26 @@ def test_odd_dimensions_padded_and_reported(tmp_path):
     assert min(psnr(g[:181, :321], w) for g, w in zip(got, want)) > 36
     assert all(np.abs(g[:, 321].astype(int) - g[:, 320]).mean() < 3 for g in got)
     assert any("odd frame size 321x181" in n for n in r["notes"])
+
+
+@pytest.mark.parametrize("codec,pix_fmt", [("ffv1", "yuv422p10le"), ("mjpeg", "yuvj420p")])
+def test_full_range_sources_stay_full_range_and_say_so(tmp_path, codec, pix_fmt):
+    """A full-range source in another layout (10-bit 4:2:2 from a camera, a motion-JPEG yuvj
+    clip) is converted to yuv420p with its full-range values, so the output must be tagged full
+    range too: untagged, players read it as limited range and crush blacks and whites (before the
+    fix: 26.5-26.8 dB against the source, mean brightness 4-5 levels up)."""
+    src = tmp_path / "full.mkv"
+    frames = decode_rgb(VIDEOS / "selfie_mp3audio.mp4", limit=8)
+    write_clip(src, frames, codec, pix_fmt, color_range=2)
+    assert probe(src)["color"][3] == 2
+    run_json("submit", src, "--task", "identity", "--preset", "veryfast", "--crf", "12")
+    out = tmp_path / "full.identity.mkv"
+    assert probe(out)["color"][3] == 2
+    got, want = decode_rgb(out), decode_rgb(src)
+    assert len(got) == 8
+    assert min(psnr(g, w) for g, w in zip(got, want)) > 36
+    # as a player shows it: the source's mean brightness (swscale's rounding aside)
+    assert abs(np.mean(got) - np.mean(want)) < 2.0
 
 
 def test_faces_are_read_and_written_back_in_the_clips_own_colour_matrix():
