@@ -80,6 +80,7 @@ class TrainConfig:
     occluders: float = 0.0  # unmask: share of masks drawn as lower-face occluders (draw_occluder)
     square: float = 0.0  # crops taller than wide: share of batches cut to the square template crop
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
+    edge: float = 0.0  # unmask: share of samples whose photo ends inside the crop (photo_edge)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +92,10 @@ class Batches:
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
                  jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
-                 square: float = 0.0) -> None:
+                 square: float = 0.0, edge: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
         self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
+        self.edge = edge
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -116,6 +118,8 @@ class Batches:
                 image, mask = crop, np.zeros_like(mask)  # a face without a mask stays as it is
             if self.jitter and self.rng.random() < self.jitter:
                 crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
+            if self.edge and self.rng.random() < self.edge:
+                crop, image, mask = photo_edge(crop, image, mask, self.rng)
             clean.append(crop)
             bad.append(image)
             masks.append(mask)
@@ -146,6 +150,27 @@ def jitter_alignment(
                               borderMode=cv2.BORDER_REFLECT101)
 
     return warp(clean), warp(bad), None if mask is None else warp(mask)
+
+
+EDGE_FROM = 0.75  # photo_edge: the photo's last row lies in [EDGE_FROM * width, height)
+
+
+def photo_edge(
+    clean: np.ndarray, bad: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The crop of a face at the photo's bottom edge, as the product makes it: the photo ends at a
+    random row under the mouth and ``warp_face`` fills the crop below it by reflection
+    (BORDER_REFLECT101). The mask is on the photo, so it is reflected too: under the chin the
+    network sees the mask again, mirrored, where training crops (masked after cropping) never
+    showed it. Close-cropped portraits and ID photos are like this, and so are the data README's
+    whole UTKFace photos: the photo's last row falls at crop rows 123-141 of 160 for 90 % of them.
+    Rows at and below ``r`` become rows ``r - 2, r - 3, ...`` in the clean crop, the masked crop
+    and the mask alike."""
+    height, size = clean.shape[:2]
+    r = int(rng.integers(int(EDGE_FROM * size), height))
+    k = np.arange(height) % max(1, 2 * (r - 1))  # reflect101, repeated as OpenCV repeats it
+    src = np.where(k < r, k, 2 * (r - 1) - k)
+    return clean[src], bad[src], None if mask is None else mask[src]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +292,10 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
                        + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else "")
                        + (f"; p={cfg.square} of batches cut to the square template crop"
-                          if cfg.square and tall else ""),
+                          if cfg.square and tall else "")
+                       + (f"; p={cfg.edge} of faces cut by the photo's bottom edge at a row in"
+                          f" [{EDGE_FROM:g} x width, height), reflected below it after masking"
+                          if cfg.edge else ""),
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),
@@ -363,7 +391,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
-                      cfg.occluders, cfg.square)
+                      cfg.occluders, cfg.square, cfg.edge)
 
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
@@ -517,6 +545,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--square", type=float, default=0.0,
                    help="with crops taller than wide (--crops cache/crops160): this share of batches"
                         " is cut to the square template crop, so the net learns both shapes (e.g. 0.5)")
+    p.add_argument("--edge", type=float, default=0.0,
+                   help="unmask: share of training faces cut by the photo's bottom edge, the crop"
+                        " filled below it by reflection after the mask is drawn (e.g. 0.5)")
     p.add_argument("--l2", type=float, default=0.0,
                    help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
@@ -541,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
+        edge=a.edge,
     )
     try:
         train(cfg)
