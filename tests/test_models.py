@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -219,6 +220,38 @@ def test_alignment_jitter_moves_face_and_mask_together(train_crops):
         ys2, xs2 = np.nonzero(inside)
         moved += np.hypot(xs.mean() - xs2.mean(), ys.mean() - ys2.mean()) > 1.0
     assert moved >= 8  # the mask is off its template place in most draws
+
+
+def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_crops):
+    """A face at a photo's bottom edge, as the product crops it: warp_face fills the crop below
+    the photo by reflection, and the mask, being on the photo, is reflected with it. photo_edge
+    gives the clean crop, the masked crop and the mask exactly OpenCV's BORDER_REFLECT101 of
+    their rows above a random last row under the mouth; Batches applies it to the share
+    asked."""
+    from models.train import EDGE_FROM, Batches, photo_edge
+
+    rows, mirrored = set(), 0
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        crop = train_crops[seed % len(train_crops)]
+        d = degrade("unmask", crop, rng)
+        state = rng.bit_generator.state
+        clean, bad, mask = photo_edge(crop, d.image, d.mask, rng)
+        rng.bit_generator.state = state
+        r = int(rng.integers(int(EDGE_FROM * 128), 128))  # the last row it drew
+        rows.add(r)
+        for got, src in ((clean, crop), (bad, d.image), (mask, d.mask)):
+            want = cv2.copyMakeBorder(src[:r], 0, 128 - r, 0, 0, cv2.BORDER_REFLECT_101)
+            assert np.array_equal(got, want), seed
+        mirrored += bool(mask[r:].any())  # the mask shows again under the photo's edge
+    assert len(rows) >= 4 and mirrored >= 4
+    clean, _, _ = Batches("unmask", train_crops, 128, 64, seed=0, edge=0.5).next()
+
+    def cut(c: np.ndarray) -> bool:
+        return any(np.array_equal(c, cv2.copyMakeBorder(c[:r], 0, 128 - r, 0, 0, cv2.BORDER_REFLECT_101))
+                   for r in range(int(EDGE_FROM * 128), 127))
+
+    assert 16 <= sum(map(cut, clean)) <= 48  # about half of the faces are cut
 
 
 def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
