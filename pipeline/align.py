@@ -91,6 +91,17 @@ def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | No
                           borderMode=cv2.BORDER_REFLECT101)
 
 
+def outside_frame(matrix: np.ndarray, size: int, height: int, frame_shape: tuple[int, int]) -> np.ndarray:
+    """Which pixels of a ``warp_face`` crop (``size`` wide, ``height`` tall) under ``matrix``
+    fall outside the frame, where ``warp_face`` fills them by reflection. bool (height, size)."""
+    h, w = frame_shape[:2]
+    inv = cv2.invertAffineTransform(matrix)  # crop -> frame
+    ys, xs = np.mgrid[0:height, 0:size].astype(np.float64)
+    fx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
+    fy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
+    return (fx < -0.5) | (fx > w - 0.5) | (fy < -0.5) | (fy > h - 0.5)
+
+
 @functools.lru_cache(maxsize=16)
 def feather_mask(size: int) -> np.ndarray:
     """Soft paste mask for a crop: 1 over the face, falling smoothly to 0 well inside the border.

@@ -120,25 +120,66 @@ class FaceRestorer:
                 chunk = [jobs[j] for j in idxs[k : k + step]]
                 keys = [c[1].track if c[1].track >= 0 else -1 for c in chunk] if self.uses_tracks else None
                 restored = self._run([c[4] for c in chunk], keys)
-                for (i, f, size_, m, crop), rest in zip(chunk, restored):
-                    crop_f = crop.astype(np.float32)
-                    if self.colour_match:
-                        rest = align.match_colour(rest, crop_f, align.colour_region(size_, crop.shape[0]))
+                seen = [c[4] for c in chunk]  # what the network was given for each face
+                if self.replaces:
+                    seen, restored = self._refill(chunk, restored, images, keys)
+                for (i, f, size_, m, crop), given, rest in zip(chunk, seen, restored):
+                    rest = self._matched(rest, given)
                     if self.preview is not None:
                         self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                    if self.replaces:
-                        weight = align.replace_weight(rest, crop_f)
-                        if not np.any(weight):
-                            continue
-                        placed = align.warp_replace(rest, weight, m, images[i])
-                    else:  # (square crops: ``below`` is for replacing tasks)
-                        delta = rest - crop_f
-                        if not np.any(delta):
-                            continue
-                        placed = align.warp_delta(delta, m, size_, images[i].shape[:2])
+                    placed = self._place(rest, given, m, images[i])
                     if placed is not None:
                         out[i].append(placed)
         return out
+
+    def _matched(self, rest: np.ndarray, crop: np.ndarray) -> np.ndarray:
+        """The restored crop, colour-matched to the crop it came from when that is on."""
+        if not self.colour_match:
+            return rest
+        return align.match_colour(rest, crop.astype(np.float32),
+                                  align.colour_region(crop.shape[1], crop.shape[0]))
+
+    def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray):
+        """The (rect, delta) that puts a restored crop into its frame; None when nothing changes."""
+        crop_f = crop.astype(np.float32)
+        if self.replaces:
+            weight = align.replace_weight(rest, crop_f)
+            return align.warp_replace(rest, weight, m, image) if np.any(weight) else None
+        delta = rest - crop_f  # (square crops: ``below`` is for replacing tasks)
+        if not np.any(delta):
+            return None
+        return align.warp_delta(delta, m, crop.shape[1], image.shape[:2])
+
+    def _refill(self, chunk: list, restored: list[np.ndarray], images: list[np.ndarray],
+                keys: list | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A second pass for replacing tasks' crops that reach past the frame (a face at a
+        photo's bottom edge: unmask's crop runs 32 rows under the chin). ``warp_face`` fills
+        those rows by reflecting the frame, mask included, so the network saw the mask again,
+        mirrored, under the edge, and painted the chin worse for it. The rows are filled again
+        from the frame with the first pass pasted in, whose reflection is a face without a mask,
+        and the network runs on that. The pixels inside the frame are the same in both passes.
+        Data README's whole photos with its polygon (300 faces): 26.70 -> 26.95 dB. Returns the
+        crops the network was given and its outputs, per face."""
+        given = [c[4] for c in chunk]
+        again = []
+        for n, ((i, _f, size, m, crop), rest) in enumerate(zip(chunk, restored)):
+            outside = align.outside_frame(m, size, crop.shape[0], images[i].shape[:2])
+            if not outside.any():
+                continue
+            placed = self._place(self._matched(rest, crop), crop, m, images[i])
+            if placed is None:
+                continue
+            pasted = images[i].copy()
+            align.add_delta(pasted, placed[0], placed[1])
+            refilled = align.warp_face(pasted, m, size, crop.shape[0])
+            given[n] = np.where(outside[..., None], refilled, crop)
+            again.append(n)
+        if again:
+            redone = self._run([given[n] for n in again], [keys[n] for n in again] if keys else None)
+            restored = list(restored)
+            for n, r in zip(again, redone):
+                restored[n] = r
+        return given, restored
 
     def _run(self, crops: list[np.ndarray], keys: list | None = None) -> list[np.ndarray]:
         """Crops (h, S, 3) uint8 -> restored (h, S, 3) float32 in 0..255."""

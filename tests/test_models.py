@@ -5,6 +5,7 @@ alignment; nothing depends on a local crop cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -406,6 +407,50 @@ def test_unmask_on_whole_photos_runs_the_product_path(tmp_path, mask):
     assert r["input"]["psnr"] < 25, r  # the masks were drawn
     assert 0 < r["detected_masked"] <= r["n"], r
     assert r["model"]["psnr"] > r["input"]["psnr"], r
+
+
+def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
+    """Unmask's crop runs under the chin; for a face at a photo's bottom edge it reaches past the
+    photo, where warp_face reflects the photo, mask included. The restorer then runs the network
+    a second time with those rows refilled from the photo with the first pass pasted in: the
+    network no longer sees the mask under the edge, the pixels inside the photo are the ones it
+    was given the first time, and a face whose crop lies inside the photo gets one pass."""
+    from models.evaluate import README_COLOUR, readme_mask_photo
+    from pipeline import align
+    from pipeline.faces import FaceDetector
+    from pipeline.restore import FaceRestorer
+
+    rest = FaceRestorer(models.load("unmask"))
+    calls = []
+    run = rest._run
+    rest._run = lambda crops, keys=None: calls.append([c.copy() for c in crops]) or run(crops, keys)
+    detector = FaceDetector(min_face=24, **FaceDetector.MASKED)
+    checked = 0
+    for p in _photos(True, 6):
+        photo = cv2.resize(D.read_rgb(p), (128, 128), interpolation=cv2.INTER_AREA)
+        masked, _ = readme_mask_photo(photo)
+        faces = detector.detect_image(masked)
+        if not faces:
+            continue
+        m = align.estimate_transform(faces[0].landmarks, 128)
+        outside = align.outside_frame(m, 128, 128 + rest.below, masked.shape)
+        assert outside[-1].all() and not outside[40:100, 32:96].any()  # under the chin, not the face
+        calls.clear()
+        assert rest.deltas([masked], [faces[:1]])[0]
+        assert len(calls) == 2
+        first, second = calls[0][0], calls[1][0]
+        assert np.array_equal(first[~outside], second[~outside])
+        flat = lambda c: int((np.abs(c[outside].astype(int) - README_COLOUR).max(-1) <= 6).sum())
+        assert flat(first) > 300 and flat(second) < flat(first) / 50, (flat(first), flat(second))
+        # the same face in a larger picture (the photo reflected around it before the mask)
+        calls.clear()
+        big = cv2.copyMakeBorder(photo, 64, 64, 64, 64, cv2.BORDER_REFLECT_101)
+        big[64:192, 64:192] = masked
+        face = dataclasses.replace(faces[0], box=faces[0].box + 64, landmarks=faces[0].landmarks + 64)
+        assert rest.deltas([big], [[face]])[0]
+        assert len(calls) == 1
+        checked += 1
+    assert checked >= 4
 
 
 def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_path):

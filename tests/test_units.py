@@ -100,6 +100,25 @@ def test_taller_crop_extends_the_square_one_downwards_and_pastes_there():
     assert align.colour_region(128, 160).shape == (160, 128) and not align.colour_region(128, 160)[128:].any()
 
 
+def test_outside_frame_marks_the_crop_pixels_warp_face_reflects():
+    """The crop pixels that map outside the frame are those warp_face fills by reflection: a
+    crop of an image of ones with a zero border is 1 where they are inside (bilinear edges
+    aside)."""
+    for lm, shape in ((align.template(1.0) * 200 + [10, 60], (240, 220)),  # chin past the bottom
+                      (align.template(1.0) * 120 + [60, 40], (400, 300))):  # all inside
+        m = align.estimate_transform(lm, 128)
+        rotated = align.estimate_transform(lm @ [[0.98, 0.17], [-0.17, 0.98]], 128)
+        for mat in (m, rotated):
+            out = align.outside_frame(mat, 128, 160, shape)
+            ones = cv2.warpAffine(np.ones(shape, np.float32), mat, (128, 160), flags=cv2.INTER_LINEAR,
+                                  borderValue=0)
+            assert out.shape == (160, 128) and out.dtype == bool
+            assert (ones[out] < 0.75).all() and (ones[~out] > 0.25).all()
+    low = align.estimate_transform(align.template(1.0) * 200 + [10, 60], 128)
+    assert align.outside_frame(low, 128, 160, (240, 220))[-1].all()
+    assert not align.outside_frame(m, 128, 160, (400, 300)).any()  # the second face
+
+
 def test_tracker_fills_gaps_and_smooths_jitter():
     rng = np.random.default_rng(1)
     base = align.template(1.0) * 120 + [300, 200]
