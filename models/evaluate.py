@@ -195,7 +195,7 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     for i, img in enumerate(crops):
         if limit and len(clean) >= limit:
             break
-        faces = detector.detect_image(img)
+        faces = detector.detect([img])[0]  # one look: the set of photos stays the same
         if not faces:  # as for aligned crops: a photo without a detectable face is skipped
             continue
         if mask == "readme":
