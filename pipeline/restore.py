@@ -154,10 +154,11 @@ class FaceRestorer:
                 keys: list | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """A second pass for replacing tasks' crops that reach past the frame (a face at a
         photo's bottom edge: unmask's crop runs 32 rows under the chin). ``warp_face`` fills
-        those rows by reflecting the frame, mask included, so the network saw the mask again,
-        mirrored, under the edge, and painted the chin worse for it. The rows are filled again
-        from the frame with the first pass pasted in, whose reflection is a face without a mask,
-        and the network runs on that. The pixels inside the frame are the same in both passes.
+        the crop's pixels outside the frame by reflecting the frame, mask included, so the
+        network saw the mask again, mirrored, under the edge, and painted the chin worse for it.
+        Those pixels are filled again from the frame with the first pass pasted in, whose
+        reflection is a face without a mask, and the network runs on that. The pixels inside the
+        frame are the same in both passes.
         Data README's whole photos with its polygon (300 faces): 26.70 -> 26.95 dB. Returns the
         crops the network was given and its outputs, per face."""
         given = [c[4] for c in chunk]
