@@ -164,13 +164,15 @@ def photo_edge(
     network sees the mask again, mirrored, where training crops (masked after cropping) never
     showed it. Close-cropped portraits and ID photos are like this, and so are the data README's
     whole UTKFace photos: the photo's last row falls at crop rows 123-141 of 160 for 90 % of them.
-    Rows at and below ``r`` become rows ``r - 2, r - 3, ...`` in the clean crop, the masked crop
-    and the mask alike."""
+    The rows from ``r`` down are OpenCV's reflection of those above, in the clean crop, the
+    masked crop and the mask alike."""
     height, size = clean.shape[:2]
     r = int(rng.integers(int(EDGE_FROM * size), height))
-    k = np.arange(height) % max(1, 2 * (r - 1))  # reflect101, repeated as OpenCV repeats it
-    src = np.where(k < r, k, 2 * (r - 1) - k)
-    return clean[src], bad[src], None if mask is None else mask[src]
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return cv2.copyMakeBorder(a[:r], 0, height - r, 0, 0, cv2.BORDER_REFLECT_101)
+
+    return cut(clean), cut(bad), None if mask is None else cut(mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.steps <= 0 and a.minutes <= 0:
         raise SystemExit("give --steps or --minutes (or both)")
+    for flag in ("jitter", "clean", "occluders", "square", "edge"):
+        if not 0.0 <= getattr(a, flag) <= 1.0:
+            raise SystemExit(f"--{flag} {getattr(a, flag)}: a share of samples, from 0 to 1")
     cfg = TrainConfig(
         task=a.task, steps=a.steps, minutes=a.minutes, batch=a.batch, patch=a.patch, lr=a.lr,
         seed=a.seed, val_count=a.val_count, val_every_min=a.val_every,

@@ -96,6 +96,9 @@ def outside_frame(matrix: np.ndarray, size: int, height: int, frame_shape: tuple
     fall outside the frame, where ``warp_face`` fills them by reflection. bool (height, size)."""
     h, w = frame_shape[:2]
     inv = cv2.invertAffineTransform(matrix)  # crop -> frame
+    corners = np.array([[0, 0, 1], [size - 1, 0, 1], [0, height - 1, 1], [size - 1, height - 1, 1]]) @ inv.T
+    if (corners >= -0.5).all() and (corners[:, 0] <= w - 0.5).all() and (corners[:, 1] <= h - 0.5).all():
+        return np.zeros((height, size), bool)  # the usual face: its crop's corners, so all of it, inside
     ys, xs = np.mgrid[0:height, 0:size].astype(np.float64)
     fx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]
     fy = inv[1, 0] * xs + inv[1, 1] * ys + inv[1, 2]
