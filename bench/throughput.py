@@ -1,7 +1,7 @@
 """Throughput of the embedded pipeline against its floor and against the anchors' per-face loop.
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
-        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,restore]
+        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,restore,crop]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
@@ -9,7 +9,9 @@ Runs, in this one process, on the same clip and the same encoder settings:
 - naive: the way GFPGAN / CodeFormer / facefusion scripts work: one frame at a time, detection
   at full resolution, each face restored alone at batch 1 in fp32, no tracking, every frame
   converted to RGB and back; built from this project's own functions;
-- restore: the restoration network alone, faces/second at batch 1, 32 and 128.
+- restore: the restoration network alone, faces/second at batch 1, 32 and 128;
+- crop: ``pipeline.align.warp_face`` alone, ms per face on a frame of the clip's size, for faces
+  of 96 to 512 px cropped to the task's crop, with the anti-aliasing shrink and without it.
 Prints fps, the ratios pipeline/transcode and pipeline/naive, peak RSS and per-stage times.
 """
 from __future__ import annotations
@@ -129,6 +131,32 @@ def run_restore(model, device: str, batches=(1, 32, 128), size: int = 128, repea
     return out
 
 
+def run_crop(frame_size: tuple[int, int], size: int, height: int, repeats: int = 30) -> dict:
+    """warp_face's cost per face (ms), anti-aliased and not, side by side, for faces of a few
+    sizes (eye-to-mouth template scaled to the face) on a random frame of ``frame_size``."""
+    import numpy as np
+
+    from pipeline import align
+
+    w, h = frame_size
+    frame = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = {}
+    for face in (96, 192, 384, 512):
+        if face > min(w, h):
+            continue
+        m = align.estimate_transform(align.template(1.0) * face + [(w - face) / 2, (h - face) / 2], size)
+        ms = {}
+        for name, aa in (("antialias", True), ("plain", False)):
+            align.warp_face(frame, m, size, height, antialias=aa)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                align.warp_face(frame, m, size, height, antialias=aa)
+            ms[name] = round((time.perf_counter() - t) / repeats * 1000, 3)
+        ms["ratio"] = round(ms["antialias"] / ms["plain"], 2)
+        out[f"face_{face}px"] = ms
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, type=Path)
@@ -141,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--io-queue", type=int, default=None,
                     help="frames queued to the decode and encode threads (0: none; default: the pipeline's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,restore)")
+    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,restore,crop)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -189,6 +217,10 @@ def main(argv=None) -> int:
     res["peak_rss_mb_after"] = {k: round(v, 1) for k, v in rss.items()}
     if "restore" not in skip and engine.model.net is not None:
         res["restore_faces_per_s"] = run_restore(engine.model, engine.device)
+    if "crop" not in skip and not engine.model.spec.native:
+        spec = engine.model.spec
+        res["crop_ms_per_face"] = run_crop((vplan.width, vplan.height), spec.size,
+                                           spec.size + spec.rows_below)
     if args.json:
         print(json.dumps(res))
     else:

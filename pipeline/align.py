@@ -83,12 +83,56 @@ def matched_size(landmarks: np.ndarray, base: int = 128, max_size: int = 512) ->
     return max_size
 
 
-def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | None = None) -> np.ndarray:
+def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | None = None,
+              antialias: bool = True) -> np.ndarray:
     """Aligned ``size`` x ``size`` crop of ``image`` (H, W, C) under ``matrix``; with ``height``,
     a ``size`` wide, ``height`` tall crop: the same template, with ``height - size`` more rows
-    below the square one."""
-    return cv2.warpAffine(image, matrix, (size, height or size), flags=cv2.INTER_CUBIC,
+    below the square one. Pixels the crop takes from outside the image are the image reflected.
+
+    A face larger than the crop is shrunk, and ``cv2.warpAffine`` samples without a low-pass
+    filter: a 250 px UTKFace face warped to 128 px (scale 0.49) aliases, its crop differing from
+    a filtered one by 31 dB PSNR (26 dB for one face in ten), and the network sees, and training
+    taught it, texture that is not on the face. With ``antialias`` the part of the image the crop
+    covers is first area-averaged down to the crop's scale (``cv2.INTER_AREA``), then warped
+    at about 1:1; a face at or under the crop's scale is warped directly, as before."""
+    height = height or size
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    if antialias and scale < ANTIALIAS_BELOW:
+        image, matrix = _shrunk_source(image, matrix, size, height, scale)
+    return cv2.warpAffine(image, matrix, (size, height), flags=cv2.INTER_CUBIC,
                           borderMode=cv2.BORDER_REFLECT101)
+
+
+ANTIALIAS_BELOW = 0.9  # warp_face filters when the crop shrinks the face to under this scale
+
+
+def _shrunk_source(image: np.ndarray, matrix: np.ndarray, size: int, height: int,
+                   scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The part of ``image`` a crop covers, area-averaged to the crop's ``scale``, and the crop's
+    matrix on it. The part keeps the image's own edges where it reaches them, so the crop's
+    reflection of the image there is the same; elsewhere it runs a margin past what the crop
+    samples, so the part's own edges are never reached."""
+    h, w = image.shape[:2]
+    inv = cv2.invertAffineTransform(matrix)  # crop -> image
+    # the part is that of a crop 5/4 as tall as wide (unmask's 128 x 160) or taller, whatever
+    # ``height`` is asked for, so such a crop's top rows are exactly the square crop (both are
+    # resampled on one grid)
+    tall = max(height, size + size // 4)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, tall, 1], [size, tall, 1]], np.float64) @ inv.T
+    margin = 4.0 / scale
+    x0 = int(max(0, np.floor(corners[:, 0].min() - margin)))
+    y0 = int(max(0, np.floor(corners[:, 1].min() - margin)))
+    x1 = int(min(w, np.ceil(corners[:, 0].max() + margin)))
+    y1 = int(min(h, np.ceil(corners[:, 1].max() + margin)))
+    if x1 - x0 < 2 or y1 - y0 < 2:  # the crop lies wholly outside the image
+        return image, matrix
+    part = image[y0:y1, x0:x1]
+    dw, dh = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+    small = cv2.resize(part, (dw, dh), interpolation=cv2.INTER_AREA)
+    sx, sy = dw / (x1 - x0), dh / (y1 - y0)  # image pixel -> small pixel, per axis
+    # a small pixel's centre (u, v) lies at image ((u + 0.5) / sx - 0.5 + x0, ...)
+    to_image = np.array([[1 / sx, 0, 0.5 / sx - 0.5 + x0], [0, 1 / sy, 0.5 / sy - 0.5 + y0], [0, 0, 1]])
+    return small, matrix @ to_image
 
 
 def outside_frame(matrix: np.ndarray, size: int, height: int, frame_shape: tuple[int, int]) -> np.ndarray:

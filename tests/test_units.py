@@ -60,7 +60,7 @@ def test_replace_paste_removes_detail_the_upsampled_change_leaves():
     m = align.estimate_transform(lm, 128)
     yy, xx = np.mgrid[0:400, 0:400]
     cover = (yy > 230) & (yy < 300) & (xx > 150) & (xx < 250)  # the "mask", fine stripes
-    frame[cover] = np.where((xx[cover] % 2)[:, None] == 0, 40, 220).astype(np.uint8)
+    frame[cover] = np.where((xx[cover] % 2)[:, None] == 0, 130, 250).astype(np.uint8)
     before = frame.copy()
     crop = align.warp_face(frame, m, 128).astype(np.float32)
     cover_c = cv2.warpAffine(cover.astype(np.float32), m, (128, 128)) > 0.01
@@ -98,6 +98,31 @@ def test_taller_crop_extends_the_square_one_downwards_and_pastes_there():
     x, y = np.rint(inv @ [64, 143, 1]).astype(int)  # a painted pixel, in the frame
     assert changed[0].min() > bottom and out[y, x].max() < 40
     assert align.colour_region(128, 160).shape == (160, 128) and not align.colour_region(128, 160)[128:].any()
+
+
+def test_crop_of_a_large_face_is_shrunk_without_aliasing_and_without_moving():
+    """A face larger than the crop is area-averaged down before it is warped: single-pixel
+    stripes (a knitted mask, a striped shirt) come out near their mean, not as moire, and a smooth
+    face comes out where the unfiltered warp puts it. A face smaller than the crop is warped as
+    before, bit for bit. Also at a frame's edge, where the crop reflects the frame."""
+    yy, xx = np.mgrid[0:600, 0:600]
+    stripes = np.repeat(np.where(xx % 2 == 0, 40, 220)[..., None], 3, axis=2).astype(np.uint8)
+    rng = np.random.default_rng(3)
+    smooth = cv2.GaussianBlur(rng.normal(128, 60, (600, 600, 3)).astype(np.float32), (0, 0), 8)
+    smooth = np.clip((smooth - 128) * 6 + 128, 0, 255).astype(np.uint8)
+    for offset in ([120, 80], [330, 320]):  # inside; chin and side past the frame
+        m = align.estimate_transform(align.template(1.0) * 300 + offset, 128)  # scale ~0.4
+        shrunk = align.warp_face(stripes, m, 128, 160).astype(float)
+        aliased = align.warp_face(stripes, m, 128, 160, antialias=False).astype(float)
+        # a box filter at a ratio of 2.34 px leaves a faint beat (std ~12); unfiltered, the
+        # stripes alias to bands of full contrast (std ~63), as the network saw them before
+        assert abs(shrunk.mean() - 130) < 3 and shrunk.std() < 15 and aliased.std() > 50
+        a = align.warp_face(smooth, m, 128, 160).astype(float)
+        b = align.warp_face(smooth, m, 128, 160, antialias=False).astype(float)
+        inner = np.s_[8:-8, 8:-8] if offset[0] == 120 else np.s_[8:100, 8:100]
+        assert 10 * np.log10(255**2 / ((a[inner] - b[inner]) ** 2).mean()) > 40
+    small = align.estimate_transform(align.template(1.0) * 100 + [200, 200], 128)  # scale > 0.9
+    assert np.array_equal(align.warp_face(stripes, small, 128), align.warp_face(stripes, small, 128, antialias=False))
 
 
 def test_outside_frame_marks_the_crop_pixels_warp_face_reflects():
