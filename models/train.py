@@ -268,7 +268,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
         "multiple": net.multiple,
         "data": {
             "source": "UTKFace (../shared/data/faces/utkface), largest MTCNN face aligned to the"
-                      f" pipeline.align template at {shape}",
+                      f" pipeline.align template at {shape}, shrunk with an area filter before"
+                      " the warp (pipeline.align.warp_face)",
             "train_crops": n_train,
             **({"pack": f"{Path(cfg.crops).name} (a subset of the cache as 4:4:4 JPEGs)"}
                if cfg.crops.endswith(".npz") else {}),
