@@ -83,6 +83,9 @@ def matched_size(landmarks: np.ndarray, base: int = 128, max_size: int = 512) ->
     return max_size
 
 
+ANTIALIAS_BELOW = 0.9  # warp_face filters when the crop shrinks the face to under this scale
+
+
 def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | None = None,
               antialias: bool = True) -> np.ndarray:
     """Aligned ``size`` x ``size`` crop of ``image`` (H, W, C) under ``matrix``; with ``height``,
@@ -93,17 +96,15 @@ def warp_face(image: np.ndarray, matrix: np.ndarray, size: int, height: int | No
     filter: a 250 px UTKFace face warped to 128 px (scale 0.49) aliases, its crop differing from
     a filtered one by 31 dB PSNR (26 dB for one face in ten), and the network sees, and training
     taught it, texture that is not on the face. With ``antialias`` the part of the image the crop
-    covers is first area-averaged down to the crop's scale (``cv2.INTER_AREA``), then warped
-    at about 1:1; a face at or under the crop's scale is warped directly, as before."""
+    covers is first shrunk to the crop's scale (``cv2.pyrDown`` halvings, then ``cv2.INTER_AREA``),
+    then warped at about 1:1; a face enlarged, or shrunk by less than a tenth (``ANTIALIAS_BELOW``),
+    is warped directly, as before."""
     height = height or size
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     if antialias and scale < ANTIALIAS_BELOW:
         image, matrix = _shrunk_source(image, matrix, size, height, scale)
     return cv2.warpAffine(image, matrix, (size, height), flags=cv2.INTER_CUBIC,
                           borderMode=cv2.BORDER_REFLECT101)
-
-
-ANTIALIAS_BELOW = 0.9  # warp_face filters when the crop shrinks the face to under this scale
 
 
 def _shrunk_source(image: np.ndarray, matrix: np.ndarray, size: int, height: int,
