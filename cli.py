@@ -79,6 +79,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="video: detect faces on every K-th frame (and on the frames between two whose "
                         "faces differ), track in between (1-6, default 3)")
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
+    p.add_argument("--fast", action="store_true",
+                   help="one network pass per face: skip the task's self-ensembles (unmask: its"
+                        " mirror and three zooms; about 2x faster, 0.4 dB lower)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")
     p.add_argument("--preview", type=Path, metavar="PATH.png",
@@ -187,7 +190,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing, device=args.device, codec=args.codec, crf=args.crf,
         preset=args.preset, min_face=args.min_face, batch_size=args.batch_size,
         detect_every=args.detect_every,
-        colour_match=args.colour_match, preview=str(args.preview) if args.preview else None,
+        colour_match=args.colour_match, fast=args.fast, preview=str(args.preview) if args.preview else None,
         amount=args.amount, sharpen=args.sharpen, to=str(args.to) if args.to else None,
         frames=args.frames, fps=args.fps,
     )

@@ -1,11 +1,13 @@
 """Throughput of the embedded pipeline against its floor and against the anchors' per-face loop.
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
-        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,restore,crop]
+        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,fast,restore,crop]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
 - pipeline: the embedded job as users run it (``pipeline.job.run_video``);
+- fast: for a task with self-ensembles (unmask: mirror and three zooms, six network passes per
+  face), the pipeline again with ``--fast`` (one pass per face);
 - naive: the way GFPGAN / CodeFormer / facefusion scripts work: one frame at a time, detection
   at full resolution, each face restored alone at batch 1 in fp32, no tracking, every frame
   converted to RGB and back; built from this project's own functions;
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--io-queue", type=int, default=None,
                     help="frames queued to the decode and encode threads (0: none; default: the pipeline's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,restore,crop)")
+    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,fast,restore,crop)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -203,12 +205,21 @@ def main(argv=None) -> int:
         rss["transcode"] = peak_rss_mb()
         runs["pipeline"] = run_pipeline(vplan, opts, engine, tmp, stop, args.io_queue)
         rss["pipeline"] = peak_rss_mb()
+        restorer = engine.restorer
+        if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
+            restorer.ensemble = False  # as JobOptions(fast=True) builds it
+            try:
+                runs["fast"] = run_pipeline(vplan, opts, engine, tmp, stop, args.io_queue)
+            finally:
+                restorer.ensemble = True
         if "naive" not in skip:
             runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
             rss["naive"] = peak_rss_mb()
     fps = {k: round(v["frames"] / v["seconds"], 3) for k, v in runs.items()}
     res["fps"] = fps
     res["ratios"] = {"pipeline_over_transcode": round(fps["pipeline"] / fps["transcode"], 3)}
+    if "fast" in fps:
+        res["ratios"]["fast_over_pipeline"] = round(fps["fast"] / fps["pipeline"], 3)
     if "naive" in fps:
         res["ratios"]["pipeline_over_naive"] = round(fps["pipeline"] / fps["naive"], 3)
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}

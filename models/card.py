@@ -4,7 +4,8 @@
     python -m models.card --task unmask --weights W --write      # into W's card (.json + header)
 
 Every figure comes from ``models.evaluate`` with the network run as the product runs it (unmask:
-its mirror self-ensemble): ``evaluation`` on the pipeline's aligned validation crops,
+its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unmask's zooms,
+``TaskSpec.zooms``): ``evaluation`` on the pipeline's aligned validation crops,
 ``evaluation_whole`` on whole photos resized to 128 (the data README's framing) and, for unmask,
 ``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
 ``evaluation_readme_polygon`` (the data README's flat polygon, the figure the issue's bar is

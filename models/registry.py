@@ -31,11 +31,12 @@ class Restorer(nn.Module):
         """Crop sides must be multiples of this (the network's total stride)."""
         return int(getattr(self.net, "multiple", 1)) if self.net is not None else 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mirror: bool | None = None) -> torch.Tensor:
+        """mirror: average with the mirrored crop's output (default: the task's ``spec.mirror``)."""
         assert x.ndim == 4 and x.shape[1] == 3, f"expected (B, 3, H, W), got {tuple(x.shape)}"
         if self.net is None:
             return x
-        if self.spec.mirror:  # one call on the crops and their mirror images
+        if self.spec.mirror if mirror is None else mirror:  # one call on crops and mirror images
             y = self.net(torch.cat([x, x.flip(-1)]))
             return (0.5 * (y[: len(x)] + y[len(x):].flip(-1))).clamp_(0.0, 1.0)
         return self.net(x).clamp_(0.0, 1.0)

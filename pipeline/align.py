@@ -45,6 +45,16 @@ def estimate_transform(landmarks: np.ndarray, size: int) -> np.ndarray:
     return matrix
 
 
+def zoomed(landmarks: np.ndarray, zoom: float) -> np.ndarray:
+    """``landmarks`` spread by ``zoom`` about their centroid: the crop ``estimate_transform``
+    makes of them shows the face ``1 / zoom`` times as large, about the same centre."""
+    pts = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    if zoom == 1.0:
+        return pts
+    centre = pts.mean(0)
+    return (pts - centre) * zoom + centre
+
+
 def _umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity transform (Umeyama 1991), used when RANSAC/LMEDS gives up."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
@@ -300,6 +310,30 @@ def warp_replace(
     m = cv2.warpAffine(weight, to_rect, dsize, flags=cv2.INTER_LINEAR, borderValue=0)
     region = frame[y0:y1, x0:x1, :3].astype(np.float32)
     return rect, (r - region) * m[..., None]
+
+
+def merge_views(matrix: np.ndarray, restored: np.ndarray,
+                views: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The mean of a face's restorations from several crops of it (``TaskSpec.zooms``), in the
+    frame of the first: ``restored`` (h, S, C) float32 is the crop ``matrix`` makes (frame ->
+    crop), ``views`` the (matrix, restored crop) of the others, each resampled (bilinear) into
+    that crop. A pixel is the mean over the views that cover it; the crop's own always does.
+    Merging in crop space leaves one paste per face, whatever the number of views."""
+    height, size = restored.shape[:2]
+    total = restored.astype(np.float32).copy()
+    count = np.ones((height, size), np.float32)
+    inv = cv2.invertAffineTransform(matrix)  # this crop -> frame
+    ones = None
+    for m, rest in views:
+        to_view = _compose(m, inv)  # this crop -> the view's crop
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # sample the view at to_view(pixel)
+        total += cv2.warpAffine(rest.astype(np.float32), to_view, (size, height), flags=flags,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if ones is None or ones.shape != rest.shape[:2]:
+            ones = np.ones(rest.shape[:2], np.float32)
+        count += cv2.warpAffine(ones, to_view, (size, height), flags=flags,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return total / count[..., None]
 
 
 def add_delta(image: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,

@@ -44,6 +44,7 @@ class JobOptions:
     detect_every: int = 3  # video: see process_range; bench/detect_quality.py measures it
     batch_size: int = 16
     colour_match: bool = True
+    fast: bool = False  # one network pass per face: no mirror or zoom self-ensembles (TaskSpec)
     preview: str | None = None
     # FaceMath tasks (age, gender, morph)
     amount: float | None = None  # age: years (+ older, - younger); gender: + female, - male
@@ -195,6 +196,7 @@ class Engine:
         self.preview = PreviewSink() if opts.preview else None
         self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
                                      colour_match=opts.colour_match, preview=self.preview,
+                                     ensemble=not opts.fast,
                                      half=self.device.startswith("cuda"))
         # a task that paints over a covered lower face (unmask) must first find such faces
         self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side,

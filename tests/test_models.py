@@ -442,11 +442,12 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
         assert np.array_equal(first[~outside], second[~outside])
         flat = lambda c: int((np.abs(c[outside].astype(int) - README_COLOUR).max(-1) <= 6).sum())
         assert flat(first) > 300 and flat(second) < flat(first) / 50, (flat(first), flat(second))
-        # the same face in a larger picture (the photo reflected around it before the mask)
+        # the same face in a larger picture (the photo reflected around it before the mask), with
+        # room for the crops of all unmask's zooms (TaskSpec.zooms)
         calls.clear()
-        big = cv2.copyMakeBorder(photo, 64, 64, 64, 64, cv2.BORDER_REFLECT_101)
-        big[64:192, 64:192] = masked
-        face = dataclasses.replace(faces[0], box=faces[0].box + 64, landmarks=faces[0].landmarks + 64)
+        big = cv2.copyMakeBorder(photo, 96, 96, 96, 96, cv2.BORDER_REFLECT_101)
+        big[96:224, 96:224] = masked
+        face = dataclasses.replace(faces[0], box=faces[0].box + 96, landmarks=faces[0].landmarks + 96)
         assert rest.deltas([big], [[face]])[0]
         assert len(calls) == 1
         checked += 1

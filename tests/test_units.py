@@ -219,3 +219,50 @@ def test_restorer_channels_last_gives_the_networks_own_output():
     assert r.channels_last
     got = np.stack(r._run(crops))
     assert np.abs(got - want).max() < 1e-3
+
+
+
+def test_zoomed_views_are_averaged_into_one_change_per_face():
+    """TaskSpec.zooms (unmask: 1, 0.9, 1.1): each face is restored from several crops of it, at
+    different zooms, and the results are averaged before one paste. A network that darkens a
+    dot at a fixed place of its crop darkens three places of the face (one per view) by a third
+    each; ``ensemble=False`` (the CLI's --fast) restores the zoom-1 crop alone; pixels outside
+    that crop stay bit-exact; each face counts once."""
+    import dataclasses
+
+    import torch
+
+    from models.registry import Restorer
+    from models.tasks import resolve
+    from pipeline.restore import FaceRestorer
+
+    class Dot(torch.nn.Module):  # sets a 3 x 3 dot at crop pixel (64, 30) to 10 (of 255)
+        def forward(self, x):
+            y = x.clone()
+            y[:, :, 29:32, 63:66] = 10 / 255
+            return y
+
+    frame = np.full((480, 480, 3), 100, np.uint8)
+    face = Face(np.array([140.0, 140, 340, 340]), align.template(1.0) * 200 + [140, 120], 0.99)
+    zooms = (1.0, 0.8, 1.25)
+    spec = dataclasses.replace(resolve("enhance"), zooms=zooms)  # a non-replacing, 128 px task
+    dots = [np.rint(cv2.invertAffineTransform(align.estimate_transform(align.zoomed(face.landmarks, z), 128))
+                    @ [64, 30, 1]).astype(int) for z in zooms]  # each view's dot, in the frame
+    assert min(np.abs(a - b).max() for a in dots for b in dots if a is not b) >= 10
+    for ensemble in (True, False):
+        r = FaceRestorer(Restorer(spec, Dot()).eval(), colour_match=False, ensemble=ensemble)
+        out = frame.copy()
+        for rect, delta in r.deltas([frame], [[face]])[0]:
+            align.add_delta(out, rect, delta)
+        assert r.faces_restored == 1
+        change = out.astype(int)[..., 0] - 100
+        at_dots = [change[y, x] for x, y in dots]
+        if ensemble:
+            assert all(-36 <= c <= -24 for c in at_dots), at_dots  # (10 - 100) / 3 each
+        else:
+            assert at_dots[0] <= -80 and at_dots[1:] == [0, 0], at_dots
+        assert (change < 0).sum() < 400  # the dots and nothing else
+        x0, y0, x1, y1 = align._frame_rect(align.estimate_transform(face.landmarks, 128), 128, frame.shape[:2])[0]
+        outside = np.ones(frame.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert not change[outside].any()
