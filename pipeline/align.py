@@ -316,7 +316,7 @@ def merge_views(matrix: np.ndarray, restored: np.ndarray,
                 views: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The mean of a face's restorations from several crops of it (``TaskSpec.zooms``), in the
     frame of the first: ``restored`` (h, S, C) float32 is the crop ``matrix`` makes (frame ->
-    crop), ``views`` the (matrix, restored crop) of the others, each resampled (bilinear) into
+    crop), ``views`` the (matrix, restored crop) of the others, each resampled (bicubic) into
     that crop. A pixel is the mean over the views that cover it; the crop's own always does.
     Merging in crop space leaves one paste per face, whatever the number of views."""
     height, size = restored.shape[:2]
@@ -326,7 +326,7 @@ def merge_views(matrix: np.ndarray, restored: np.ndarray,
     ones = None
     for m, rest in views:
         to_view = _compose(m, inv)  # this crop -> the view's crop
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # sample the view at to_view(pixel)
+        flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP  # sample the view at to_view(pixel)
         total += cv2.warpAffine(rest.astype(np.float32), to_view, (size, height), flags=flags,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         if ones is None or ones.shape != rest.shape[:2]:
