@@ -119,33 +119,44 @@ class FaceRestorer:
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
-        restored_by_job: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # (given, restored)
-        by_size: dict[int, list[int]] = {}
-        for j, job in enumerate(jobs):
-            by_size.setdefault(job[2], []).append(j)
-        for size, idxs in by_size.items():
-            step = self.batch_for(size)
-            for k in range(0, len(idxs), step):
-                chunk = [jobs[j] for j in idxs[k : k + step]]
-                keys = [c[1].track if c[1].track >= 0 else -1 for c in chunk] if self.uses_tracks else None
-                restored = self._run([c[4] for c in chunk], keys)
-                seen = [c[4] for c in chunk]  # what the network was given for each face
-                if self.replaces:
-                    restored = self._refill(chunk, seen, restored, images, keys)
-                for j, given, rest in zip(idxs[k : k + step], seen, restored):
-                    restored_by_job[j] = (given, self._matched(rest, given))
+        given = [job[4] for job in jobs]  # what the network is given for each crop
+        restored = self._restore_jobs(jobs, given, range(len(jobs)))
+        if self.replaces:  # crops reaching past the frame: a second pass (``_refill``)
+            restored.update(self._restore_jobs(jobs, given, self._refill(jobs, given, restored, images, len(views))))
         for first in range(0, len(jobs), len(views)):  # each face: its views, zoom 1 first
             i, f, _size, m, crop = jobs[first]
-            given, rest = restored_by_job[first]
-            if len(views) > 1:  # the other views' restorations, resampled into this crop
-                rest = align.merge_views(m, rest, [(jobs[j][3], restored_by_job[j][1])
-                                                   for j in range(first + 1, first + len(views))])
+            rest = self._merged(jobs, restored, first, len(views))
             if self.preview is not None:
                 self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-            placed = self._place(rest, given, m, images[i])
+            placed = self._place(rest, given[first], m, images[i])
             if placed is not None:
                 out[i].append(placed)
         return out
+
+    def _restore_jobs(self, jobs: list, given: list[np.ndarray], which) -> dict[int, np.ndarray]:
+        """The network's (colour-matched) output for ``given[j]``, j in ``which``, in batches of
+        one crop size."""
+        restored: dict[int, np.ndarray] = {}
+        by_size: dict[int, list[int]] = {}
+        for j in which:
+            by_size.setdefault(jobs[j][2], []).append(j)
+        for size, idxs in by_size.items():
+            step = self.batch_for(size)
+            for k in range(0, len(idxs), step):
+                chunk = idxs[k : k + step]
+                keys = [jobs[j][1].track if jobs[j][1].track >= 0 else -1 for j in chunk] if self.uses_tracks else None
+                for j, rest in zip(chunk, self._run([given[j] for j in chunk], keys)):
+                    restored[j] = self._matched(rest, given[j])
+        return restored
+
+    @staticmethod
+    def _merged(jobs: list, restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
+        """A face's restoration: its first view's, with the other views' resampled into it and
+        averaged (``align.merge_views``)."""
+        rest = restored[first]
+        if count == 1:
+            return rest
+        return align.merge_views(jobs[first][3], rest, [(jobs[j][3], restored[j]) for j in range(first + 1, first + count)])
 
     @property
     def zooms(self) -> list[float]:
@@ -172,36 +183,37 @@ class FaceRestorer:
             return None
         return align.warp_delta(delta, m, crop.shape[1], image.shape[:2])
 
-    def _refill(self, chunk: list, given: list[np.ndarray], restored: list[np.ndarray],
-                images: list[np.ndarray], keys: list | None) -> list[np.ndarray]:
+    def _refill(self, jobs: list, given: list[np.ndarray], restored: dict[int, np.ndarray],
+                images: list[np.ndarray], views: int) -> list[int]:
         """A second pass for replacing tasks' crops that reach past the frame (a face at a
         photo's bottom edge: unmask's crop runs 32 rows under the chin). ``warp_face`` fills
         the crop's pixels outside the frame by reflecting the frame, mask included, so the
         network saw the mask again, mirrored, under the edge, and painted the chin worse for it.
-        Those pixels are filled again from the frame with the first pass pasted in, whose
-        reflection is a face without a mask, and the network runs on that. The pixels inside the
-        frame are the same in both passes. Data README's whole photos with its polygon (300
-        faces): 26.70 -> 26.94 dB. ``given`` (the crops the network was given, per face) is
-        updated in place; returns its outputs, per face."""
+        Those pixels are filled again from the frame with the face's first pass (all its views,
+        merged) pasted in, whose reflection is a face without a mask, and the network runs on
+        that. The pixels inside the frame are the same in both passes. Data README's whole
+        photos with its polygon (300 faces): 26.70 -> 26.94 dB. ``given`` (the crops the network
+        is given, per job) is updated in place; returns the jobs to run again."""
         again = []
-        for n, ((i, _f, size, m, crop), rest) in enumerate(zip(chunk, restored)):
-            outside = align.outside_frame(m, size, crop.shape[0], images[i].shape[:2])
-            if not outside.any():
+        for first in range(0, len(jobs), views):
+            i, _f, size, m, crop = jobs[first]
+            leaving = []
+            for j in range(first, first + views):
+                outside = align.outside_frame(jobs[j][3], size, crop.shape[0], images[i].shape[:2])
+                if outside.any():
+                    leaving.append((j, outside))
+            if not leaving:
                 continue
-            placed = self._place(self._matched(rest, crop), crop, m, images[i])
+            placed = self._place(self._merged(jobs, restored, first, views), crop, m, images[i])
             if placed is None:
                 continue
             pasted = images[i].copy()
             align.add_delta(pasted, placed[0], placed[1])
-            refilled = align.warp_face(pasted, m, size, crop.shape[0])
-            given[n] = np.where(outside[..., None], refilled, crop)
-            again.append(n)
-        if again:
-            redone = self._run([given[n] for n in again], [keys[n] for n in again] if keys else None)
-            restored = list(restored)
-            for n, r in zip(again, redone):
-                restored[n] = r
-        return restored
+            for j, outside in leaving:
+                refilled = align.warp_face(pasted, jobs[j][3], size, crop.shape[0])
+                given[j] = np.where(outside[..., None], refilled, jobs[j][4])
+                again.append(j)
+        return again
 
     def _run(self, crops: list[np.ndarray], keys: list | None = None) -> list[np.ndarray]:
         """Crops (h, S, 3) uint8 -> restored (h, S, 3) float32 in 0..255."""
