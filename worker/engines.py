@@ -19,8 +19,7 @@ def engine_for(opts: JobOptions, settings: Settings) -> Engine:
     """The Engine for a job's task and detector options on this worker's device."""
     opts = replace(opts, device=settings.device or opts.device, preview=None)
     key = (opts.task, opts.device, opts.min_face, opts.detect_side, opts.batch_size, opts.colour_match,
-           opts.fast,
-           opts.amount, opts.sharpen)
+           opts.fast, opts.amount, opts.sharpen)
     if key not in _engines:
         if len(_engines) >= KEEP:
             _engines.pop(next(iter(_engines)))
