@@ -114,3 +114,44 @@ def test_faces_do_not_jump_at_a_segment_cut(tmp_path):
     for i, (a, b) in enumerate(zip(one, two)):
         assert a.shape == b.shape, f"frame {i}: {len(a)} faces in one pass, {len(b)} in segments"
         assert np.abs(a - b).max() < 0.5, f"frame {i}: landmarks moved by {np.abs(a - b).max():.2f} px"
+
+
+def test_an_error_after_a_cancel_stops_the_part_without_a_retry(monkeypatch, tmp_path):
+    """Cancelling removes a video job's parts folder while a segment may still be writing into
+    it: the segment's error (FileNotFoundError) is the cancel's doing, so the part is marked
+    CANCELLED and not retried; the same error in a job nobody cancelled is retried. (The real
+    race runs in tests/test_worker.py::test_cancel_mid_job_leaves_nothing.)"""
+    from worker import parts
+    from worker.records import CANCELLED, FAILED, RUNNING, Job
+    from worker.segments import parts_dir
+
+    class Store:  # the two calls part_failed makes, in memory
+        def __init__(self, state, cancel):
+            self.s, self.parts = (state, cancel), {}
+
+        def state(self, job_id):
+            return self.s
+
+        def set_part(self, job_id, index, **fields):
+            self.parts[index] = fields
+
+    class Retry(Exception):
+        pass
+
+    class Task:
+        def retry(self, exc, countdown, max_retries):
+            return Retry(exc)
+
+    out = tmp_path / "out.mp4"
+    job = Job(id="j1", kind="video", task="identity", input="in.mp4", output=str(out), state=RUNNING)
+    error = FileNotFoundError(2, "No such file or directory")
+    fake = Store(CANCELLED, True)
+    monkeypatch.setattr(parts, "store", lambda: fake)
+    parts_dir(out, job.id).mkdir(parents=True)  # written after the cancel's clean-up
+    assert parts.part_failed(Task(), job, 0, 1, error) == {"cancelled": True}
+    assert fake.parts[0]["state"] == CANCELLED and not parts_dir(out, job.id).exists()
+    fake = Store(RUNNING, False)
+    monkeypatch.setattr(parts, "store", lambda: fake)
+    with pytest.raises(Retry):
+        parts.part_failed(Task(), job, 0, 1, error)
+    assert fake.parts[0]["state"] == FAILED

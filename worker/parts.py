@@ -136,8 +136,27 @@ def begin_part(task, job_id: str, index: int) -> tuple[Job | None, int]:
     return job, attempt
 
 
+def stopped_by_cancel(job: Job, index: int, e: Exception) -> bool:
+    """True, with the part marked CANCELLED and the job's parts removed, when the job was
+    cancelled while the part ran: an error then is the cancel's doing (its clean-up removes the
+    parts folder a running segment writes into), not a reason to fail or try again."""
+    try:
+        state, cancel = store().state(job.id)
+    except Exception:  # Redis hiccup: treat the error as the part's own
+        return False
+    if not (cancel or state == CANCELLED):
+        return False
+    log.info("job %s part %d stopped by the cancel (%s: %s)", job.id, index, type(e).__name__, e)
+    store().set_part(job.id, index, state=CANCELLED)
+    cleanup(job)
+    return True
+
+
 def part_failed(task, job: Job, index: int, attempt: int, e: Exception) -> dict:
-    """An unexpected error: try again (a new message) until the attempts run out."""
+    """An unexpected error: try again (a new message) until the attempts run out; nothing when
+    the job was cancelled meanwhile (``stopped_by_cancel``)."""
+    if stopped_by_cancel(job, index, e):
+        return {"cancelled": True}
     error = f"{type(e).__name__}: {e}".splitlines()[0]
     store().set_part(job.id, index, state=FAILED, error=error)
     if attempt < app.facemend_settings.max_attempts:

@@ -27,7 +27,8 @@ from pipeline.video import process_range
 
 from .app import app
 from .engines import engine_for
-from .parts import PartTask, Progress, begin_part, cleanup, fail, guarded, part_failed, stop_requested, store
+from .parts import (PartTask, Progress, begin_part, cleanup, fail, guarded, part_failed, stop_requested,
+                    stopped_by_cancel, store)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
 from .storage import check_roots
@@ -177,6 +178,8 @@ def segment(self, job_id: str, index: int) -> dict:
         cleanup(job)
         return {"cancelled": True}
     except FacemendError as e:  # bad data: another attempt cannot help
+        if stopped_by_cancel(job, index, e):  # or the cancel removed the part's folder
+            return {"cancelled": True}
         store().set_part(job_id, index, state=FAILED, error=str(e))
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
