@@ -30,15 +30,14 @@ class TaskSpec:
     zooms: the scales at which the pipeline crops and restores each face (a scale self-ensemble):
     1 is the aligned crop, 1.1 a crop showing the face 1/1.1 times as large about the same
     centre. The other crops' restorations are resampled into the first crop and averaged there
-    (``pipeline.align.merge_views``), so a face is pasted once. For unmask, (1, 0.9, 1.1) takes
-    the data README's polygon from 27.45 to 27.65 dB on all 1,034 faces, at three times the
-    network's cost (300 faces: 27.39 -> 27.60; 27.59 when a face at the photo's edge is
-    refilled from each view's own first pass, not the merged one; 27.58 resampling bilinearly;
-    averaging the three pastes instead of the crops: 27.59; five
-    zooms 0.85-1.15: 27.59; shifts of 2 px: 27.53; rotations of 5 degrees: 27.52). One zoom
-    alone is no better (0.95: 27.37, 1.05: 27.27): the gain is the mean of different guesses.
-    The mirror and the zooms together are six network passes per face; ``FaceRestorer(ensemble=
-    False)`` (the CLI's ``--fast``) runs one: 27.23 dB on all faces.
+    (``pipeline.align.merge_views``), so a face is pasted once. For unmask, (1, 0.9, 1.1) took
+    the data README's polygon from 27.45 to 27.65 dB on all 1,034 faces with the session-11
+    weights, at three times the network's cost (first 300 faces: 27.39 -> 27.60; zooms 0.88/1.12
+    or 0.92/1.08: 27.60; refilling a face at the photo's edge from each view's own first pass
+    instead of the merged one: 27.59; resampling bilinearly: 27.58). One zoom alone is no better
+    (0.95: 27.37, 1.05: 27.27): the gain is the mean of different guesses. The mirror and the
+    zooms together are six network passes per face; ``FaceRestorer(ensemble=False)`` (the CLI's
+    ``--fast``) runs one. Shipped session-12 weights: 27.72 dB, 27.30 with one pass.
     """
 
     name: str
