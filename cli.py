@@ -81,7 +81,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
     p.add_argument("--fast", action="store_true",
                    help="one network pass per face: skip the task's self-ensembles (unmask: its"
-                        " mirror and three zooms; its jobs about 2.8x as fast on CPU, 0.4 dB lower)")
+                        " mirror and three zooms; its jobs about 2.5x as fast on CPU, 0.4 dB lower)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")
     p.add_argument("--preview", type=Path, metavar="PATH.png",
