@@ -320,14 +320,14 @@ def merge_views(matrix: np.ndarray, restored: np.ndarray,
     that crop. A pixel is the mean over the views that cover it; the crop's own always does.
     Merging in crop space leaves one paste per face, whatever the number of views."""
     height, size = restored.shape[:2]
-    total = restored.astype(np.float32).copy()
+    total = restored.astype(np.float32)  # a copy
     count = np.ones((height, size), np.float32)
     inv = cv2.invertAffineTransform(matrix)  # this crop -> frame
+    flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP  # sample a view at to_view(pixel)
     ones = None
     for m, rest in views:
         to_view = _compose(m, inv)  # this crop -> the view's crop
-        flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP  # sample the view at to_view(pixel)
-        total += cv2.warpAffine(rest.astype(np.float32), to_view, (size, height), flags=flags,
+        total += cv2.warpAffine(np.asarray(rest, np.float32), to_view, (size, height), flags=flags,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         if ones is None or ones.shape != rest.shape[:2]:
             ones = np.ones(rest.shape[:2], np.float32)

@@ -109,8 +109,7 @@ class FaceRestorer:
         """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs = []  # (image index, face, size, matrix, crop), one per face and zoom
-        # one view for a network that keeps state per face track (FaceMath's smoothed codes)
-        views = [1.0] if self.identity or self.uses_tracks else self.zooms
+        views = self.zooms
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
@@ -168,9 +167,11 @@ class FaceRestorer:
     @property
     def zooms(self) -> list[float]:
         """The scales each face is restored at (see ``TaskSpec.zooms``): the task's, or the
-        ``zooms`` given to the constructor."""
+        ``zooms`` given to the constructor; the first alone in the fast mode, for the identity
+        and for a network that keeps state per face track (FaceMath's smoothed codes)."""
         zooms = list(self._zooms or getattr(self.spec, "zooms", (1.0,)))
-        return zooms if self.ensemble else zooms[:1]
+        one = not self.ensemble or self.identity or self.uses_tracks
+        return zooms[:1] if one else zooms
 
     def _matched(self, rest: np.ndarray, crop: np.ndarray) -> np.ndarray:
         """The restored crop, colour-matched to the crop it came from when that is on."""

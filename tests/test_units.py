@@ -221,7 +221,6 @@ def test_restorer_channels_last_gives_the_networks_own_output():
     assert np.abs(got - want).max() < 1e-3
 
 
-
 def test_zoomed_views_are_averaged_into_one_change_per_face():
     """TaskSpec.zooms (unmask: 1, 0.9, 1.1): each face is restored from several crops of it, at
     different zooms, and the results are averaged before one paste. A network that darkens a

@@ -136,6 +136,13 @@ def begin_part(task, job_id: str, index: int) -> tuple[Job | None, int]:
     return job, attempt
 
 
+def part_cancelled(job: Job, index: int) -> dict:
+    """Mark a part CANCELLED and remove the job's parts (a video job's; the job is over)."""
+    store().set_part(job.id, index, state=CANCELLED)
+    cleanup(job)
+    return {"cancelled": True}
+
+
 def stopped_by_cancel(job: Job, index: int, e: Exception) -> bool:
     """True, with the part marked CANCELLED and the job's parts removed, when the job was
     cancelled while the part ran: an error then is the cancel's doing (its clean-up removes the
@@ -147,8 +154,7 @@ def stopped_by_cancel(job: Job, index: int, e: Exception) -> bool:
     if not (cancel or state == CANCELLED):
         return False
     log.info("job %s part %d stopped by the cancel (%s: %s)", job.id, index, type(e).__name__, e)
-    store().set_part(job.id, index, state=CANCELLED)
-    cleanup(job)
+    part_cancelled(job, index)
     return True
 
 

@@ -27,8 +27,8 @@ from pipeline.video import process_range
 
 from .app import app
 from .engines import engine_for
-from .parts import (PartTask, Progress, begin_part, cleanup, fail, guarded, part_failed, stop_requested,
-                    stopped_by_cancel, store)
+from .parts import (PartTask, Progress, begin_part, cleanup, fail, guarded, part_cancelled, part_failed,
+                    stop_requested, stopped_by_cancel, store)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
 from .storage import check_roots
@@ -174,9 +174,7 @@ def segment(self, job_id: str, index: int) -> dict:
         progress.flush()
     except Cancelled:
         progress.flush()
-        store().set_part(job_id, index, state=CANCELLED)
-        cleanup(job)
-        return {"cancelled": True}
+        return part_cancelled(job, index)
     except FacemendError as e:  # bad data: another attempt cannot help
         if stopped_by_cancel(job, index, e):  # or the cancel removed the part's folder
             return {"cancelled": True}
@@ -255,8 +253,7 @@ def chunk(self, job_id: str, index: int) -> dict:
         with preview_sheet(opts, index) as write_sheet:
             for src, out in pairs:
                 if cancelled():
-                    store().set_part(job_id, index, state=CANCELLED)
-                    return {"cancelled": True}
+                    return part_cancelled(job, index)
                 if src not in seen:
                     store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
                 progress(1)
