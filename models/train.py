@@ -80,6 +80,7 @@ class TrainConfig:
     occluders: float = 0.0  # unmask: share of masks drawn as lower-face occluders (draw_occluder)
     square: float = 0.0  # crops taller than wide: share of batches cut to the square template crop
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
+    psnr_weight: float = 0.0  # - psnr_weight * each image's PSNR (dB), batch mean: the metric itself
     edge: float = 0.0  # unmask: share of samples whose photo ends inside the crop (photo_edge)
 
 
@@ -181,7 +182,9 @@ def photo_edge(
 
 def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor:
     """L1 (weighted up inside the mask for unmask) + ssim_weight * (1 - SSIM), plus l2_weight *
-    the squared error weighted alike when asked (PSNR's own loss; L1 alone favours the median)."""
+    the squared error weighted alike when asked (PSNR's own loss; L1 alone favours the median),
+    minus psnr_weight * the batch's mean per-image PSNR in dB when asked (the scores are means of
+    per-image PSNR, which weighs an image's error by 1 / its MSE; the squared error does not)."""
     err = (out - clean).abs()  # (B, 3, H, W)
     w = 1.0 + cfg.mask_weight * mask if mask is not None else None  # (B, 1, H, W)
 
@@ -190,7 +193,12 @@ def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, c
 
     s = ssim(out.float().clamp(0, 1), clean.float(), data_range=1.0, win_size=7)
     loss = mean(err) + cfg.ssim_weight * (1.0 - s)
-    return loss + cfg.l2_weight * mean(err * err) if cfg.l2_weight else loss
+    if cfg.l2_weight:
+        loss = loss + cfg.l2_weight * mean(err * err)
+    if cfg.psnr_weight:
+        mse = (err * err).flatten(1).mean(1).clamp_min(1e-8)  # per image, on the [0, 1] scale
+        loss = loss + cfg.psnr_weight * (10.0 * torch.log10(mse)).mean()
+    return loss
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -286,7 +294,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "lr": cfg.lr,
             "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
                     f" + {cfg.ssim_weight} * (1 - SSIM)"
-                    + (f" + {cfg.l2_weight} * squared error (weighted alike)" if cfg.l2_weight else ""),
+                    + (f" + {cfg.l2_weight} * squared error (weighted alike)" if cfg.l2_weight else "")
+                    + (f" - {cfg.psnr_weight} * per-image PSNR (dB)" if cfg.psnr_weight else ""),
             "ema": cfg.ema,
             "seed": cfg.seed,
             "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"
@@ -553,6 +562,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
                         " filled below it by reflection after the mask is drawn (e.g. 0.5)")
     p.add_argument("--l2", type=float, default=0.0,
                    help="add this weight times the squared error to the loss (e.g. 10)")
+    p.add_argument("--psnr", type=float, default=0.0,
+                   help="subtract this weight times each image's PSNR in dB from the loss (e.g. 0.02)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
     return p
 
@@ -578,6 +589,7 @@ def main(argv: list[str] | None = None) -> None:
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
+        psnr_weight=a.psnr,
         edge=a.edge,
     )
     try:
