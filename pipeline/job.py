@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
@@ -52,6 +52,18 @@ class JobOptions:
     to: str | None = None  # morph: the second face's image
     frames: int = 48  # morph: frames in the output
     fps: float = 24.0  # morph: frame rate of the output
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "JobOptions":
+        """The options of a job record (``asdict`` of one). A record written by a newer facemend
+        can hold options this one does not know (a worker left un-upgraded while the CLI was
+        upgraded): FacemendError names them, so the job FAILS with that reason rather than a
+        TypeError, and is never run without an option it was submitted with."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise FacemendError(f"job option(s) {', '.join(unknown)} unknown to this worker's"
+                                " facemend (older than the submitter's): upgrade the worker")
+        return cls(**options)
 
     def encoder(self, *, joinable: bool = False) -> EncoderSettings:
         codec = self.codec

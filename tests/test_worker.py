@@ -250,6 +250,27 @@ def test_bad_inputs_fail_and_the_workers_keep_serving(workers, tmp_path):
     assert not (tmp_path / "closeup.identity.mp4").exists()
     ok = cli_json("submit", good, "--task", "identity", "--wait")
     assert ok["state"] == "DONE" and Path(ok["output"]).is_file()
+    # a job from a newer facemend (an option this worker does not know; an upgraded CLI beside
+    # an old worker): FAILED with the option named, never run without it
+    from dataclasses import asdict
+
+    from pipeline.job import JobOptions
+    from worker.app import app, configure
+    from worker.jobs import connect
+    from worker.settings import Settings
+
+    settings = Settings.from_env(env())
+    configure(settings)
+    out = tmp_path / "face.newer.jpg"
+    options = {**asdict(JobOptions(task="identity", output=str(out))), "future_knob": 1}
+    connect(settings).create("newer1", kind="image", task="identity", input=str(good), output=str(out),
+                             options=options, segment_seconds=30, chunk_files=8)
+    app.send_task("facemend.plan", ("newer1",), task_id="newer1-plan")
+    job = wait_until(lambda: (s := status("newer1"))["state"] in ("FAILED", "DONE") and s, 60,
+                     "the newer job to end")
+    assert job["state"] == "FAILED" and "\n" not in job["error"], job
+    assert "future_knob" in job["error"] and "upgrade the worker" in job["error"], job["error"]
+    assert not out.exists()
     assert "w1" in " ".join(workers.procs)  # the same worker, still running
     assert workers.procs["w1"].poll() is None
 

@@ -48,8 +48,8 @@ def plan_job(job_id: str) -> dict:
     store().set_state(job_id, RUNNING)
     settings = app.facemend_settings
     src, dst = Path(job.input), Path(job.output)
-    opts = JobOptions(**job.options)
     try:
+        opts = JobOptions.from_dict(job.options)
         check_roots(src, dst, settings)
         if opts.to:
             check_roots(Path(opts.to), dst, settings)
@@ -159,7 +159,7 @@ def segment(self, job_id: str, index: int) -> dict:
             progress(stop - start)
             stats = {"frames": stop - start, "reused": True}
         else:
-            opts = JobOptions(**job.options)
+            opts = JobOptions.from_dict(job.options)
             vplan = media.VideoPlan.from_dict(store().load_plan(job_id))
             engine = engine_for(opts, app.facemend_settings)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +245,7 @@ def chunk(self, job_id: str, index: int) -> dict:
     t0 = time.perf_counter()
     part = job.parts[index]
     pairs = json.loads(store().r.hget(store().key(job_id), "files"))[part["start"]:part["stop"]]
-    opts = JobOptions(**job.options)
+    opts = JobOptions.from_dict(job.options)
     seen = store().file_results(job_id)
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
     cancelled = stop_requested(job_id)
