@@ -112,8 +112,9 @@ class FaceDetector:
         first 300: unmask 26.94 -> 27.05 dB), the 0.1 and 0.4 borders the other 3 (faces
         filling the photo; unmask on all 1,034 27.72 -> 27.77 dB). Where the best face found
         scores under ``RECHECK_BELOW``, a look inside the first border may find the face around
-        it (``_enclosing_first``; 27.77 -> 27.80). A found face can lie partly outside the image. Video frames get one look (another on every frame without a face
-        would multiply the detection cost of footage without faces)."""
+        it (``_enclosing_first``; 27.77 -> 27.80). A found face can lie partly outside the
+        image. Video frames get one look (another on every frame without a face would multiply
+        the detection cost of footage without faces)."""
         faces = self.detect([image])[0]
         if faces and max(f.score for f in faces) < self.RECHECK_BELOW:
             faces = _enclosing_first(faces, self.detect([image], border=self.RETRY_BORDERS[0])[0])
