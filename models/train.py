@@ -183,8 +183,9 @@ def photo_edge(
 def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, cfg: TrainConfig) -> torch.Tensor:
     """L1 (weighted up inside the mask for unmask) + ssim_weight * (1 - SSIM), plus l2_weight *
     the squared error weighted alike when asked (PSNR's own loss; L1 alone favours the median),
-    minus psnr_weight * the batch's mean per-image PSNR in dB when asked (the scores are means of
-    per-image PSNR, which weighs an image's error by 1 / its MSE; the squared error does not)."""
+    minus psnr_weight * the batch's mean per-image PSNR in dB (up to 40) when asked (the scores
+    are means of per-image PSNR, which weighs an image's error by 1 / its MSE; the squared
+    error does not)."""
     err = (out - clean).abs()  # (B, 3, H, W)
     w = 1.0 + cfg.mask_weight * mask if mask is not None else None  # (B, 1, H, W)
 
@@ -196,7 +197,9 @@ def loss_fn(out: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor | None, c
     if cfg.l2_weight:
         loss = loss + cfg.l2_weight * mean(err * err)
     if cfg.psnr_weight:
-        mse = (err * err).flatten(1).mean(1).clamp_min(1e-8)  # per image, on the [0, 1] scale
+        # per image, on the [0, 1] scale; floored at 40 dB, or a face left unmasked (its target
+        # its input, its error tiny) would weigh a hundred times more than a masked one
+        mse = (err * err).flatten(1).mean(1).clamp_min(1e-4)
         loss = loss + cfg.psnr_weight * (10.0 * torch.log10(mse)).mean()
     return loss
 
@@ -295,7 +298,7 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
                     f" + {cfg.ssim_weight} * (1 - SSIM)"
                     + (f" + {cfg.l2_weight} * squared error (weighted alike)" if cfg.l2_weight else "")
-                    + (f" - {cfg.psnr_weight} * per-image PSNR (dB)" if cfg.psnr_weight else ""),
+                    + (f" - {cfg.psnr_weight} * per-image PSNR (dB, up to 40)" if cfg.psnr_weight else ""),
             "ema": cfg.ema,
             "seed": cfg.seed,
             "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"
