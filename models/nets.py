@@ -170,6 +170,33 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, state
 
 
+def grow_net(path: str | Path, blocks: dict) -> ResUNet:
+    """The ``save_net`` file's network with more residual blocks per level: ``blocks`` sets
+    ``enc_blocks`` and/or ``dec_blocks`` (each count at least the file's). The file's weights
+    fill the blocks it has; the new ones follow them and start as the identity (their second
+    convolution is zero), so the grown network computes exactly what the file's did."""
+    meta, state = read_weights(path)
+    config = dict(meta["config"])
+    for key, counts in blocks.items():
+        old = config.get(key)
+        if key not in ("enc_blocks", "dec_blocks") or len(counts) != len(old) or any(
+                n < o for n, o in zip(counts, old)):
+            raise ValueError(f"{path}: can only add blocks: {key}={counts} against the file's {old}")
+        config[key] = counts
+    net = ResUNet(NetConfig(**config))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    new = {k for k in net.state_dict() if k.split(".")[0] in ("enc", "dec")
+           and int(k.split(".")[2]) >= config_count(meta["config"], k)}
+    assert not unexpected and set(missing) == new, (unexpected, missing)
+    return net.float().eval()
+
+
+def config_count(config: dict, key: str) -> int:
+    """How many blocks ``config`` has at the level of state-dict key ``enc.I.*`` / ``dec.I.*``."""
+    part, level = key.split(".")[:2]
+    return config[f"{part}_blocks"][int(level)]
+
+
 def load_net(path: str | Path, device: str | torch.device = "cpu") -> ResUNet:
     """A ResUNet from a safetensors file written by ``save_net``, float32, eval mode."""
     meta, state = read_weights(path)

@@ -30,7 +30,7 @@ from pytorch_msssim import ssim
 
 from . import data as D
 from .degrade import apply_mask, canonical, degrade, degrade_batch
-from .nets import NetConfig, ResUNet, load_net, save_net
+from .nets import NetConfig, ResUNet, grow_net, load_net, save_net
 
 log = logging.getLogger(__name__)
 
@@ -387,10 +387,10 @@ def train(
     val = (val_crops, val_bad)
 
     ckpt = out / "last.pt"
-    if cfg.init:  # fine-tune from shipped weights: their config wins, also when resuming
-        net = load_net(cfg.init, device=device).train()
+    if cfg.init:  # fine-tune from shipped weights: their config wins (--net may only add blocks)
+        net = (grow_net(cfg.init, cfg.net) if cfg.net else load_net(cfg.init)).to(device).train()
         if not ckpt.is_file():
-            log.info("initialised from %s", cfg.init)
+            log.info("initialised from %s%s", cfg.init, f", grown to {cfg.net}" if cfg.net else "")
     else:
         netcfg = copy.deepcopy(preset["net"])
         for k, v in cfg.net.items():
@@ -567,7 +567,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--psnr", type=float, default=0.0,
                    help="subtract this weight times each image's PSNR in dB from the loss (e.g. 0.02)")
-    p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'')
+    p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'; with --init only more blocks, e.g. \'{"enc_blocks": [2, 2, 2, 6]}\' (the new ones start as the identity)')
     return p
 
 

@@ -19,7 +19,7 @@ import models
 from models import data as D
 from models.degrade import degrade, degrade_batch, degrade_eval
 from models.evaluate import evaluate, whole_unmask
-from models.nets import NetConfig, ResUNet, load_net, read_metadata, save_net
+from models.nets import NetConfig, ResUNet, grow_net, load_net, read_metadata, save_net
 from models.registry import WEIGHTS_DIR
 from models.train import PRESETS, TrainConfig, train
 
@@ -112,6 +112,23 @@ def test_save_load_roundtrip_is_fp16_safetensors(tmp_path):
         assert torch.allclose(back(x), net(x), atol=2e-2)
     with pytest.raises(ValueError, match="safetensors"):
         load_net(tmp_path / "n.pt")
+
+
+def test_a_grown_net_starts_as_the_file_and_only_adds_blocks(tmp_path):
+    torch.manual_seed(0)
+    net = ResUNet(NetConfig(widths=(8, 16), enc_blocks=(1, 1), dec_blocks=(1,))).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = save_net(net, tmp_path / "n.safetensors")
+    grown = grow_net(path, {"enc_blocks": [1, 3], "dec_blocks": [2]})
+    assert grown.config.enc_blocks == (1, 3) and grown.num_params() > net.num_params()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # the file's fp16 weights, and the new blocks add nothing yet
+        assert torch.allclose(grown(x), load_net(path)(x), atol=1e-6)
+    with pytest.raises(ValueError, match="can only add blocks"):
+        grow_net(path, {"enc_blocks": [1, 0]})
+    with pytest.raises(ValueError, match="can only add blocks"):
+        grow_net(path, {"widths": [8, 32]})
 
 
 @pytest.mark.parametrize("task", ["denoise", "enhance", "deblur", "unmask"])
