@@ -185,16 +185,11 @@ def grow_net(path: str | Path, blocks: dict) -> ResUNet:
         config[key] = counts
     net = ResUNet(NetConfig(**config))
     missing, unexpected = net.load_state_dict(state, strict=False)
-    new = {k for k in net.state_dict() if k.split(".")[0] in ("enc", "dec")
-           and int(k.split(".")[2]) >= config_count(meta["config"], k)}
-    assert not unexpected and set(missing) == new, (unexpected, missing)
-    return net.float().eval()
-
-
-def config_count(config: dict, key: str) -> int:
-    """How many blocks ``config`` has at the level of state-dict key ``enc.I.*`` / ``dec.I.*``."""
-    part, level = key.split(".")[:2]
-    return config[f"{part}_blocks"][int(level)]
+    for key in missing:  # only the added blocks, enc.LEVEL.BLOCK.* / dec.LEVEL.BLOCK.*
+        part, level, block = key.split(".")[:3]
+        assert part in ("enc", "dec") and int(block) >= meta["config"][f"{part}_blocks"][int(level)], key
+    assert not unexpected, unexpected
+    return net.eval()
 
 
 def load_net(path: str | Path, device: str | torch.device = "cpu") -> ResUNet:
