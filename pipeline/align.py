@@ -276,13 +276,19 @@ def crop_feather(size: int, height: int | None = None) -> np.ndarray:
 def replace_weight(restored: np.ndarray, crop: np.ndarray, threshold: float = 8.0) -> np.ndarray:
     """Where a replacing task (unmask) changed the crop: 1 where the restored crop differs from
     the input by well over ``threshold`` levels, grown a little past the changed area and
-    feathered, 0 where the network left the crop as it was. float32, the crop's (height, width)."""
+    feathered, 0 where the network left the crop as it was. float32, the crop's (height, width).
+
+    Grown and feathered by 2 % of the crop each (1 px at 128, 5 px at 512): session 16 measured
+    a wider paste (4 % and 5 %, before) losing 0.016 dB on the README polygon (1,034 faces) and
+    0.07 dB around 8 big video and photo faces with soft-edged generator masks, as it lays the
+    network's output over pixels the mask never covered; without growing or feathering, a thin
+    rim of a soft-edged mask stays visible."""
     height, size = crop.shape[:2]
     change = np.abs(restored - crop).max(axis=-1)
     w = np.clip((change - threshold) / (2 * threshold), 0, 1).astype(np.float32)
-    grow = max(3, int(size * 0.04) | 1)
+    grow = max(3, int(size * 0.02) | 1)
     w = cv2.dilate(w, np.ones((grow, grow), np.uint8))
-    blur = max(3, int(size * 0.05) | 1)
+    blur = max(3, int(size * 0.02) | 1)
     w = cv2.GaussianBlur(w, (blur, blur), 0)
     return np.minimum(w, crop_feather(size, height))
 
