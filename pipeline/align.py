@@ -286,10 +286,9 @@ def replace_weight(restored: np.ndarray, crop: np.ndarray, threshold: float = 8.
     height, size = crop.shape[:2]
     change = np.abs(restored - crop).max(axis=-1)
     w = np.clip((change - threshold) / (2 * threshold), 0, 1).astype(np.float32)
-    grow = max(3, int(size * 0.02) | 1)
-    w = cv2.dilate(w, np.ones((grow, grow), np.uint8))
-    blur = max(3, int(size * 0.02) | 1)
-    w = cv2.GaussianBlur(w, (blur, blur), 0)
+    k = max(3, int(size * 0.02) | 1)  # odd: grown by k // 2 px, then feathered over k px
+    w = cv2.dilate(w, np.ones((k, k), np.uint8))
+    w = cv2.GaussianBlur(w, (k, k), 0)
     return np.minimum(w, crop_feather(size, height))
 
 
