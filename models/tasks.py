@@ -37,7 +37,7 @@ class TaskSpec:
     instead of the merged one: 27.59; resampling bilinearly: 27.58). One zoom alone is no better
     (0.95: 27.37, 1.05: 27.27): the gain is the mean of different guesses. The mirror and the
     zooms together are six network passes per face; ``FaceRestorer(ensemble=False)`` (the CLI's
-    ``--fast``) runs one. Shipped session-16 weights: 27.997 dB, 27.60 with one pass.
+    ``--fast``) runs one. Shipped session-17 weights: 28.054 dB, 27.64 with one pass.
     """
 
     name: str
