@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -40,6 +40,7 @@ class ImageResult:
     height: int
     channels: int
     dtype: str
+    notes: list = field(default_factory=list)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -87,6 +88,19 @@ def _unorient(a: np.ndarray, o: int) -> np.ndarray:
     return _ORIENT[o][1](a) if o in _ORIENT else a
 
 
+def too_small_for_faces(detector: FaceDetector, width: int, height: int) -> bool:
+    """True when a picture this size cannot hold a face of the detector's ``min_face`` (its
+    shorter side, as the detector sees it, is shorter than the smallest face it looks for):
+    such a thumbnail or tiny frame goes through unchanged, with 0 faces."""
+    scale = min(1.0, detector.max_side / max(width, height, 1))
+    return min(width, height) * scale < max(12, round(detector.min_face * scale))
+
+
+def small_note(path, width: int, height: int, detector: FaceDetector) -> str:
+    return (f"{path}: {width}x{height} is smaller than the smallest face looked for "
+            f"({detector.min_face} px); left unchanged, 0 faces")
+
+
 def to_rgb8(img: np.ndarray) -> np.ndarray:
     """Any stored image -> RGB uint8 for detection and the network."""
     if img.dtype == np.uint16:
@@ -105,9 +119,15 @@ def restore_image(src: Path, dst: Path, *, detector: FaceDetector, restorer: Fac
     stored = read_image(src)
     o = exif_orientation(src)
     view = np.ascontiguousarray(_orient(stored, o))
-    rgb = to_rgb8(view)
-    faces = detector.detect_image(rgb)
-    deltas = restorer.deltas([rgb], [faces])[0]
+    notes = []
+    if too_small_for_faces(detector, view.shape[1], view.shape[0]):
+        notes.append(small_note(src, stored.shape[1], stored.shape[0], detector))
+        log.warning("%s", notes[-1])
+        faces, deltas = [], []
+    else:
+        rgb = to_rgb8(view)
+        faces = detector.detect_image(rgb)
+        deltas = restorer.deltas([rgb], [faces])[0]
     if deltas:
         out_view = view.copy()
         scale = 257.0 if view.dtype == np.uint16 else 1.0
@@ -122,7 +142,7 @@ def restore_image(src: Path, dst: Path, *, detector: FaceDetector, restorer: Fac
         out = stored
     write_image(dst, out, src, jpeg_quality)
     return ImageResult(str(src), str(dst), len(faces), stored.shape[1], stored.shape[0],
-                       1 if stored.ndim == 2 else stored.shape[2], str(stored.dtype))
+                       1 if stored.ndim == 2 else stored.shape[2], str(stored.dtype), notes)
 
 
 def write_image(dst: Path, img: np.ndarray, src: Path, jpeg_quality: int = 95) -> None:

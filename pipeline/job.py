@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
 from .faces import FaceDetector
-from .images import is_image_path, restore_image
+from .images import is_image_path, restore_image, small_note, too_small_for_faces
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
 from .morph import check_morph, write_morph
 from .restore import FaceRestorer, PreviewSink
@@ -257,6 +257,10 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
                 f"{vplan.out_width}x{vplan.out_height} for yuv420p")
         log.warning(note)
         result.notes.append(note)
+    if too_small_for_faces(engine.detector, vplan.width, vplan.height):
+        note = small_note(vplan.path, vplan.width, vplan.height, engine.detector)
+        log.warning(note)
+        result.notes.append(note)
     dst.parent.mkdir(parents=True, exist_ok=True)
     engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
     with tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent) as tmp:
@@ -314,6 +318,7 @@ def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: J
         result.frames += 1
         result.faces += r.faces
         result.frames_with_faces += int(r.faces > 0)
+        result.notes += r.notes
         faces = r.faces
     else:
         before = result.faces

@@ -61,6 +61,9 @@ class FastMTCNN(torch.nn.Module):
             scales.append(s)
             s *= self.factor
             minl *= self.factor
+        if not scales:  # the frame is smaller than the smallest face asked for: none can be in it
+            return [(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+                    for _ in range(n)]
 
         boxes, image_inds = [], []
         for scale in scales:

@@ -1,0 +1,143 @@
+"""Awkward inputs and outputs through the real CLI: a documented exit code, one error line naming
+the file and the problem, no traceback, nothing half-written left behind, inputs unchanged."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+import cli
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """``cli.main`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, out, err
+
+
+def error_line(err: str, *words: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("facemend: error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def no_error(err: str) -> None:
+    assert "facemend: error:" not in err, err
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha1), to prove inputs are untouched."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files or folders a job must never leave behind."""
+    return [str(p) for p in root.rglob("*") if ".partial." in p.name or p.name.startswith(".facemend-")]
+
+
+def write_image(path: Path, h: int, w: int, channels: int = 3, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return path
+
+
+def write_video(path: Path, w: int, h: int, frames: int = 6, audio: str | None = None) -> Path:
+    """A tiny synthetic clip (libx264), with a PCM or AAC audio track if asked."""
+    rng = np.random.default_rng(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as o:
+        v = o.add_stream("libx264", rate=10)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        a = None
+        if audio:
+            a = o.add_stream(audio, rate=8000)
+            a.layout = "mono"
+        for i in range(frames):
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                o.mux(p)
+        if a is not None:
+            fmt = "s16" if audio.startswith("pcm") else "fltp"
+            n = 8000 * frames // 10
+            samples = (np.sin(np.arange(n) / 5.0) * (3000 if fmt == "s16" else 0.1))
+            samples = samples.astype(np.int16 if fmt == "s16" else np.float32)[None, :]
+            step = 1024
+            for k in range(0, n, step):
+                f = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k:k + step]), format=fmt,
+                                               layout="mono")
+                f.sample_rate = 8000
+                f.pts = k
+                f.time_base = Fraction(1, 8000)
+                for p in a.encode(f):
+                    o.mux(p)
+            for p in a.encode(None):
+                o.mux(p)
+        for p in v.encode(None):
+            o.mux(p)
+    return path
+
+
+# ---- 1. pictures too small to hold a face ----------------------------------------------------
+
+def test_tiny_image_passes_through_unchanged(tmp_path, capsys, caplog):
+    src = write_image(tmp_path / "in" / "thumb.png", 30, 24)
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "thumb.out.png"
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    no_error(err)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["faces"] == 0
+    assert any("thumb.png" in n and "smaller than the smallest face" in n for n in result["notes"])
+    assert any("smaller than the smallest face" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), cv2.imread(str(src), cv2.IMREAD_UNCHANGED))
+    assert snapshot(tmp_path / "in") == before
+    assert leftovers(tmp_path) == []
+
+
+def test_tiny_video_passes_through(tmp_path, capsys):
+    src = write_video(tmp_path / "in" / "tiny.mp4", 32, 24, frames=5)
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "tiny.out.mp4"
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    no_error(err)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["faces"] == 0 and result["frames"] == 5
+    assert any("tiny.mp4" in n and "smaller than the smallest face" in n for n in result["notes"])
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 5
+    assert snapshot(tmp_path / "in") == before
+    assert leftovers(tmp_path) == []
+
+
+def test_thumbnail_in_a_folder_does_not_stop_the_job(tmp_path, capsys):
+    src = tmp_path / "photos"
+    write_image(src / "a_big.png", 120, 160, seed=1)
+    write_image(src / "b_thumb.jpg", 16, 16, seed=2)
+    write_image(src / "sub" / "c_big.png", 90, 90, seed=3)
+    before = snapshot(src)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    assert code == 0, err
+    no_error(err)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["files"]["processed"] == 3 and result["files"]["failed"] == 0
+    dst = tmp_path / "photos.identity"
+    assert sorted(snapshot(dst)) == ["a_big.png", "b_thumb.jpg", "sub/c_big.png"]
+    assert snapshot(src) == before
+    assert leftovers(tmp_path) == []
