@@ -208,10 +208,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     else:
         per = f", {result.faces / max(result.frames, 1):.2f} faces/frame" if result.kind == "video" else ""
         unit = "frames" if result.kind in ("video", "morph") else "files"
-        print(f"{result.output}: {result.frames} {unit}, {result.faces} faces{per}, "
+        count = result.files["processed"] if result.kind == "folder" else result.frames
+        print(f"{result.output}: {count} {unit}, {result.faces} faces{per}, "
               f"{result.seconds:.1f} s")
-        for item in result.failures:
-            print(f"failed: {item['error']}", file=sys.stderr)
+    for item in result.failures:  # on stderr with --json too: stdout stays one JSON object
+        print(f"failed: {item['error']}", file=sys.stderr)
     return 6 if result.failures else 0
 
 
@@ -309,9 +310,8 @@ def follow_job(args: argparse.Namespace, store, job_id: str, timeout: float | No
     finally:
         bar.close()
     print(json.dumps(job.to_dict()) if args.json else describe(job))
-    if not args.json:
-        for item in job.summary.get("failures", []):
-            print(f"failed: {item['error']}", file=sys.stderr)
+    for item in job.summary.get("failures", []):
+        print(f"failed: {item['error']}", file=sys.stderr)
     return exit_code(job)
 
 

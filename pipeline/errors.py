@@ -5,6 +5,8 @@ Each error class carries the CLI exit code that reports it (documented in the RE
 """
 from __future__ import annotations
 
+import errno
+
 
 class FacemendError(Exception):
     """Raised for any failure facemend reports to its user. ``exit_code`` is the CLI's status."""
@@ -40,6 +42,32 @@ class OutputError(FacemendError):
 
 class OutputExists(OutputError, FileExistsError):
     """Raised when the output exists and ``--overwrite`` was not given."""
+
+
+class OutputUnwritable(OutputError):
+    """Raised when the output cannot be written at all (no permission, a read-only or full
+    disk, a file where a folder should be): a folder job stops at once instead of failing
+    every file the same way."""
+
+
+# errno -> the words an output error says (anything else: the system's own text)
+_OUTPUT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a parent of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.EFBIG: "file too large for the file system",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def output_error(path, e: OSError) -> OutputUnwritable:
+    """The one-line OutputError for an OSError met while writing ``path``."""
+    reason = _OUTPUT_ERRNOS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    return OutputUnwritable(f"{path}: cannot write the output ({reason})")
 
 
 class ModelError(FacemendError):

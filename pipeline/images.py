@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from .align import add_delta
-from .errors import CorruptInput, InputNotFound, UnsupportedInput
+from .errors import CorruptInput, InputError, InputNotFound, UnsupportedInput
 from .faces import FaceDetector
 from .media import partial_name
 from .restore import FaceRestorer
@@ -47,8 +47,20 @@ def read_image(path: Path) -> np.ndarray:
     """Pixels as stored: (H, W) gray, (H, W, 3) BGR or (H, W, 4) BGRA; uint8 or uint16."""
     if not path.exists():
         raise InputNotFound(f"{path}: no such file")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:  # no permission, a folder, an I/O error
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    img = None
+    if data.size:
+        level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below says it
+        try:
+            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            img = None
+        finally:
+            cv2.utils.logging.setLogLevel(level)
     if img is None:
         raise CorruptInput(f"{path}: not a readable image (corrupt or unsupported data)")
     if img.dtype not in (np.uint8, np.uint16):

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists, UnsupportedInput
+from .errors import (Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists,
+                     OutputUnwritable, UnsupportedInput)
 from .faces import FaceDetector
 from .images import is_image_path, restore_image, small_note, too_small_for_faces
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
@@ -296,11 +297,22 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
         try:
             process_file(p, out, opts, engine, result)
             result.files["processed"] += 1
-        except FacemendError as e:
+        except (OutputUnwritable, Cancelled):  # every file after it would fail the same way
+            raise
+        except Exception as e:  # one bad file: recorded, and the job goes on with the next
+            error = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
+            if not isinstance(e, FacemendError):
+                log.debug("%s", p, exc_info=True)
             result.files["failed"] += 1
-            result.failures.append({"file": str(p), "error": str(e)})
-            log.warning("%s", e)
+            result.failures.append({"file": str(p), "error": error})
+            log.info("%s", error)
         hooks.advance(1)
+
+
+def unexpected(p: Path, e: BaseException) -> str:
+    """One line for an error no check foresaw, naming the file it happened on."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{p}: cannot be processed ({type(e).__name__}{': ' + text if text else ''})"
 
 
 def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: JobResult) -> None:

@@ -141,3 +141,69 @@ def test_thumbnail_in_a_folder_does_not_stop_the_job(tmp_path, capsys):
     assert sorted(snapshot(dst)) == ["a_big.png", "b_thumb.jpg", "sub/c_big.png"]
     assert snapshot(src) == before
     assert leftovers(tmp_path) == []
+
+
+# ---- 2. bad files inside a folder ------------------------------------------------------------
+
+def test_bad_files_in_a_folder_are_listed_and_the_job_goes_on(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "photos"
+    write_image(src / "a_good.png", 60, 80, seed=1)
+    good = (src / "a_good.png").read_bytes()
+    (src / "b_truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "c_garbage.jpg").write_bytes(os.urandom(700))
+    (src / "d_empty.webp").write_bytes(b"")
+    (src / "e_notes.mp4").write_text("not a video")
+    clip = write_video(src / "f_corrupt.mp4", 64, 48, frames=20).read_bytes()
+    mid = len(clip) // 3  # plans fine (the index is intact), fails while decoding
+    (src / "f_corrupt.mp4").write_bytes(clip[:mid] + os.urandom(2000) + clip[mid + 2000 :])
+    unreadable = write_image(src / "g_unreadable.png", 40, 40, seed=2)
+    unreadable.chmod(0)  # root reads it anyway: simulate the EACCES a user gets
+    real = np.fromfile
+
+    def fromfile(file, *a, **k):
+        if str(file) == str(unreadable):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *a, **k)
+
+    monkeypatch.setattr(np, "fromfile", fromfile)
+    write_image(src / "z_good.png", 60, 60, seed=3)
+    before = snapshot(src)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    unreadable.chmod(0o644)
+    assert code == 6, err
+    no_error(err)
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["files"] == {"processed": 2, "skipped": 0, "failed": 6}
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
+    bad = ["b_truncated.png", "c_garbage.jpg", "d_empty.webp", "e_notes.mp4", "f_corrupt.mp4",
+           "g_unreadable.png"]
+    assert len(failed) == len(bad)
+    for name, line in zip(bad, failed):
+        assert name in line, line
+    assert "Permission denied" in failed[-1]
+    dst = tmp_path / "photos.identity"
+    assert sorted(snapshot(dst)) == ["a_good.png", "z_good.png"]
+    assert snapshot(src) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_an_unexpected_error_on_one_file_fails_that_file_only(tmp_path, capsys, monkeypatch):
+    import pipeline.job
+
+    src = tmp_path / "photos"
+    write_image(src / "a.png", 60, 60, seed=1)
+    write_image(src / "b.png", 60, 60, seed=2)
+    real = pipeline.job.restore_image
+
+    def restore_image(p, *a, **k):
+        if p.name == "a.png":
+            raise RuntimeError("something no check foresaw\nsecond line")
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(pipeline.job, "restore_image", restore_image)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity")
+    assert code == 6, err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
+    assert failed == [f"failed: {src / 'a.png'}: cannot be processed (RuntimeError: something no check foresaw)"]
+    assert "1 files" in stdout
+    assert sorted(snapshot(tmp_path / "photos.identity")) == ["b.png"]
