@@ -47,7 +47,9 @@ class OutputExists(OutputError, FileExistsError):
 class OutputUnwritable(OutputError):
     """Raised when the output cannot be written at all (no permission, a read-only or full
     disk, a file where a folder should be): a folder job stops at once instead of failing
-    every file the same way."""
+    every file the same way. ``reason``: the words after the path."""
+
+    reason = ""
 
 
 # errno -> the words an output error says (anything else: the system's own text)
@@ -67,7 +69,15 @@ _OUTPUT_ERRNOS = {
 def output_error(path, e: OSError) -> OutputUnwritable:
     """The one-line OutputError for an OSError met while writing ``path``."""
     reason = _OUTPUT_ERRNOS.get(e.errno) or e.strerror or str(e) or type(e).__name__
-    return OutputUnwritable(f"{path}: cannot write the output ({reason})")
+    error = OutputUnwritable(f"{path}: cannot write the output ({reason})")
+    error.reason = reason
+    return error
+
+
+def is_output_oserror(e: BaseException) -> bool:
+    """True for an OSError that says the output's storage refuses the write (full, read-only,
+    no permission), as opposed to bad data or a bug."""
+    return isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS
 
 
 class ModelError(FacemendError):

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from .align import add_delta
-from .errors import CorruptInput, InputError, InputNotFound, UnsupportedInput
+from .errors import CorruptInput, InputError, InputNotFound, UnsupportedInput, output_error
 from .faces import FaceDetector
 from .media import partial_name
 from .restore import FaceRestorer
@@ -170,13 +170,18 @@ def write_image(dst: Path, img: np.ndarray, src: Path, jpeg_quality: int = 95) -
     data = buf.tobytes()
     if ext in (".jpg", ".jpeg") and src.suffix.lower() in (".jpg", ".jpeg"):
         data = _copy_jpeg_metadata(src.read_bytes(), data)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_name(dst)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
         os.replace(tmp, dst)
+    except OSError as e:  # disk full, no permission, a file where a folder should be
+        raise output_error(dst, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # its folder could not be made, or is gone
+            pass
 
 
 def _webp_lossless(src: Path) -> bool:

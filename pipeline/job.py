@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import (Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists,
-                     OutputUnwritable, UnsupportedInput)
+                     OutputUnwritable, UnsupportedInput, output_error)
 from .faces import FaceDetector
-from .images import is_image_path, restore_image, small_note, too_small_for_faces
+from .images import IMAGE_EXTENSIONS, is_image_path, restore_image, small_note, too_small_for_faces
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
 from .morph import check_morph, write_morph
 from .restore import FaceRestorer, PreviewSink
@@ -128,12 +128,18 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
             raise OutputError(f"{sheet}: --preview writes an image; give it a .png or .jpg name")
         if sheet.resolve() in (src.resolve(), dst.resolve()):
             raise OutputError(f"{sheet}: --preview would overwrite the input or the output")
+        if sheet.is_dir():
+            raise OutputError(f"{sheet}: --preview names a folder; give it a .png or .jpg file name")
+        check_writable(sheet)
     if opts.task == "morph":
         other = check_morph(src, opts.to, dst)
         if other.resolve() == dst.resolve():
             raise OutputError(f"{dst}: the output path is the --to image; choose another --output")
+        if dst.is_dir():
+            raise OutputError(f"{dst}: is a folder; give --output a file name")
         if dst.exists() and not opts.overwrite and not (opts.skip_existing and is_fresh(src, dst)):
             raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
+        check_writable(dst)
         return "image"
     if src.is_dir():
         if dst.resolve().is_relative_to(src.resolve()):
@@ -144,14 +150,63 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
             raise OutputError(f"{dst}: exists and is not a folder")
         if dst.exists() and any(dst.iterdir()) and not (opts.overwrite or opts.skip_existing):
             raise OutputExists(f"{dst}: the output folder exists (use --overwrite or --skip-existing)")
+        check_writable(dst, folder=True)
         return "folder"
+    if is_video_path(src):
+        kind = "video"
+    elif is_image_path(src):
+        kind = "image"
+    else:
+        raise UnsupportedInput(f"{src}: not a video or image file facemend knows (by its extension)")
+    if dst.is_dir():
+        raise OutputError(f"{dst}: is a folder; give --output a file name such as "
+                          f"{dst / default_output(src, opts.task).name}")
+    check_output_extension(src, dst, kind)
     if dst.exists() and not opts.overwrite and not (opts.skip_existing and is_fresh(src, dst)):
         raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
-    if is_video_path(src):
-        return "video"
-    if is_image_path(src):
-        return "image"
-    raise UnsupportedInput(f"{src}: not a video or image file facemend knows (by its extension)")
+    check_writable(dst)
+    if kind == "video":
+        opts.encoder()  # an encoder missing from this FFmpeg build: refused now, not after the work
+    return kind
+
+
+def check_output_extension(src: Path, dst: Path, kind: str) -> None:
+    """An image is written as an image and a video as a video, in a format facemend writes."""
+    ext = dst.suffix.lower() or "no extension"
+    if kind == "image" and not is_image_path(dst):
+        raise OutputError(f"{dst}: an image is written as {_names(IMAGE_EXTENSIONS)}, not {ext}")
+    if kind == "video" and ext not in KEEP_VIDEO_EXT:
+        raise OutputError(f"{dst}: a video is written as {_names(KEEP_VIDEO_EXT)}, not {ext}")
+
+
+def _names(exts) -> str:
+    exts = sorted(exts)
+    return ", ".join(exts[:-1]) + " or " + exts[-1]
+
+
+def check_writable(path: Path, *, folder: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written: the nearest existing folder
+    at or above it (``path`` itself for an existing output ``folder``) must be a writable folder,
+    not a file."""
+    start = path if folder else path.parent
+    for p in (start, *start.parents):
+        if p.is_symlink() and not p.exists():  # a link to nowhere: mkdir would fail on it
+            raise OutputUnwritable(f"{path}: cannot write the output ({p} is a broken link)")
+        if not p.exists():  # made when the job writes (or under a file, found further up)
+            continue
+        if not p.is_dir():
+            raise OutputUnwritable(f"{path}: cannot write the output ({p} is a file, not a folder)")
+        if not os.access(p, os.W_OK | os.X_OK):
+            why = "read-only file system" if _read_only(p) else "permission denied"
+            raise OutputUnwritable(f"{path}: cannot write the output ({p}: {why})")
+        return
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def scan_folder(root: Path) -> tuple[list[Path], list[dict]]:
@@ -262,14 +317,21 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
         note = small_note(vplan.path, vplan.width, vplan.height, engine.detector)
         log.warning(note)
         result.notes.append(note)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(dst)
     engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
-    with tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent) as tmp:
+    try:
+        work = tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent)
+    except OSError as e:
+        raise output_error(dst, e) from None
+    with work as tmp:
         part = Path(tmp) / "part0.mp4"
-        stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
-                              settings=opts.encoder(), detect_every=opts.detect_every,
-                              progress=hooks.advance,
-                              should_cancel=hooks.cancelled)
+        try:
+            stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
+                                  settings=opts.encoder(), detect_every=opts.detect_every,
+                                  progress=hooks.advance,
+                                  should_cancel=hooks.cancelled)
+        except OutputUnwritable as e:  # the part lives in a temporary folder: name the output
+            raise OutputUnwritable(f"{dst}: cannot write the output ({e.reason})") from None
         summary = join([part], vplan, dst)
     result.frames += stats.frames
     result.faces += stats.faces
@@ -315,9 +377,16 @@ def unexpected(p: Path, e: BaseException) -> str:
     return f"{p}: cannot be processed ({type(e).__name__}{': ' + text if text else ''})"
 
 
+def make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(out, e) from None
+
+
 def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: JobResult) -> None:
     """One file of a folder job into ``out`` (parent folders created)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out)
     if opts.task == "morph":
         m = write_morph(p, Path(opts.to), out, detector=engine.detector, fm=engine.model.fm,
                         frames=opts.frames, fps=opts.fps, crisp=opts.sharpen, crf=opts.crf)

@@ -24,7 +24,8 @@ import av
 import cv2
 import numpy as np
 
-from .errors import CorruptInput, InputNotFound, OutputError, UnsupportedInput
+from .errors import (CorruptInput, FacemendError, InputNotFound, OutputError, UnsupportedInput, is_output_oserror,
+                     output_error)
 
 log = logging.getLogger(__name__)
 
@@ -405,8 +406,7 @@ class VideoEncoder:
             for k, code in vplan.color.items():
                 setattr(s.codec_context, k, code)
         except Exception:
-            self._out.close()
-            self.tmp.unlink(missing_ok=True)
+            _discard(self._out, self.tmp)
             raise
         self._stream = s
         self._tb = tb
@@ -416,22 +416,29 @@ class VideoEncoder:
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self.vplan.pts[index]
         frame.time_base = self._tb
-        for pkt in self._stream.encode(frame):
-            self._out.mux(pkt)
+        try:
+            for pkt in self._stream.encode(frame):
+                self._out.mux(pkt)
+        except OSError as e:
+            if is_output_oserror(e):  # disk full, no permission: one line naming the file
+                raise output_error(self.path, e) from None
+            raise
         self.frames += 1
 
     def close(self) -> None:
-        for pkt in self._stream.encode(None):
-            self._out.mux(pkt)
-        self._out.close()
-        os.replace(self.tmp, self.path)
+        try:
+            for pkt in self._stream.encode(None):
+                self._out.mux(pkt)
+            self._out.close()
+            os.replace(self.tmp, self.path)
+        except BaseException as e:
+            self.abort()
+            if is_output_oserror(e):
+                raise output_error(self.path, e) from None
+            raise
 
     def abort(self) -> None:
-        try:
-            self._out.close()
-        except Exception:  # closing a half-written file may itself fail; the file is removed anyway
-            pass
-        self.tmp.unlink(missing_ok=True)
+        _discard(self._out, self.tmp)
 
     def __enter__(self) -> "VideoEncoder":
         return self
@@ -443,6 +450,20 @@ class VideoEncoder:
             self.abort()
 
 
+def _discard(out, tmp: Path) -> None:
+    """Close a half-written output container and remove its file, whatever either step raises
+    (closing writes the trailer, which fails again on a full disk or a refused stream)."""
+    if out is not None:
+        try:
+            out.close()
+        except Exception:
+            pass
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _stream_packets(path: Path, index: int, out_stream) -> Iterator[tuple[float, int, av.Packet]]:
     """(decode time in seconds, stream index, packet) of one stream, re-targeted to ``out_stream``.
 
@@ -451,23 +472,38 @@ def _stream_packets(path: Path, index: int, out_stream) -> Iterator[tuple[float,
     """
     with av.open(str(path)) as c:
         s = c.streams[index]
-        for pkt in c.demux(s):
-            if pkt.size == 0 or pkt.dts is None:
-                continue
-            pkt.stream = out_stream
-            yield float(pkt.dts * s.time_base), index, pkt
+        try:
+            for pkt in c.demux(s):
+                if pkt.size == 0 or pkt.dts is None:
+                    continue
+                pkt.stream = out_stream
+                yield float(pkt.dts * s.time_base), index, pkt
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: corrupt {s.type} data in stream #{index} ({e})") from None
 
 
 def _reencoded_audio(path: Path, index: int, out_stream) -> Iterator[tuple[float, int, av.Packet]]:
-    """AAC packets of a source audio stream that the output container cannot hold as it is."""
+    """AAC packets of a source audio stream (one the output container cannot hold as it is, or
+    PCM, which MP4 players refuse)."""
+
+    def timed(pkt):
+        t = pkt.dts if pkt.dts is not None else (pkt.pts or 0)
+        tb = pkt.time_base or out_stream.time_base or Fraction(1, out_stream.rate or 48000)
+        return float(t * tb), index, pkt
+
     with av.open(str(path)) as c:
         s = c.streams[index]
-        for frame in c.decode(s):
-            frame.pts = None  # let the encoder count samples
-            for pkt in out_stream.encode(frame):
-                yield float(pkt.dts * pkt.time_base), index, pkt
+        try:
+            for frame in c.decode(s):
+                frame.pts = None  # let the encoder count samples
+                for pkt in out_stream.encode(frame):
+                    yield timed(pkt)
+        except av.error.FFmpegError as e:
+            if is_output_oserror(e):
+                raise
+            raise CorruptInput(f"{path}: cannot decode audio stream #{index} ({e})") from None
         for pkt in out_stream.encode(None):
-            yield float(pkt.dts * pkt.time_base), index, pkt
+            yield timed(pkt)
 
 
 def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
@@ -476,46 +512,16 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
     Audio is copied packet for packet; a codec the output container cannot hold is re-encoded
     to AAC (logged). Subtitle and data streams are copied where the container allows, else
     dropped with a warning. The file is written under a temporary name and renamed once the
-    frame count matches the plan. Returns a summary of what was written.
+    frame count matches the plan; whatever goes wrong, nothing is left at either name. Returns
+    a summary of what was written.
     """
     dst = Path(dst)
     tmp = partial_name(dst)
-    src = Path(vplan.path)
     summary = {"frames": 0, "audio_packets": 0, "dropped_streams": [], "reencoded_streams": []}
-    with _open(src) as source:
-        streams = [(s.index, s.type, s.codec_context.name, s) for s in source.streams if s.type != "video"]
-        out = av.open(str(tmp), "w")
-        try:
-            supported = out.supported_codecs
-            with av.open(str(parts[0])) as first:
-                vout = out.add_stream_from_template(first.streams.video[0])
-            if vplan.rotation:
-                vout.set_display_rotation(vplan.rotation)
-            iters = [_stream_packets(p, 0, vout) for p in parts]
-            for index, kind, name, s in streams:
-                if kind == "audio" and name in supported:
-                    iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
-                elif kind == "audio":
-                    o = out.add_stream("aac", rate=s.codec_context.sample_rate or 48000)
-                    o.layout = s.codec_context.layout
-                    iters.append(_reencoded_audio(src, index, o))
-                    summary["reencoded_streams"].append(f"audio #{index} ({name} -> aac)")
-                    log.warning("%s: audio stream #%d (%s) cannot go in %s; re-encoded to AAC",
-                                src, index, name, dst.suffix)
-                else:
-                    try:
-                        if name not in supported:
-                            raise ValueError(name)
-                        iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
-                    except Exception:
-                        summary["dropped_streams"].append(f"{kind} #{index} ({name})")
-                        log.warning("%s: %s stream #%d (%s) cannot be kept in %s; dropped",
-                                    src, kind, index, name, dst.suffix)
-        except BaseException:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            raise
+    out, iters = None, []
     try:
+        out = av.open(str(tmp), "w")
+        vout = _join_streams(out, parts, vplan, dst, iters, summary)
         for _, _, pkt in heapq.merge(*iters, key=lambda x: (x[0], x[1])):
             if pkt.stream is vout:
                 summary["frames"] += 1
@@ -523,12 +529,52 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
                 summary["audio_packets"] += 1
             out.mux(pkt)
         out.close()
-    except BaseException:
-        out.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    if summary["frames"] != vplan.frames:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{dst}: joined {summary['frames']} frames, the plan has {vplan.frames}")
-    os.replace(tmp, dst)
+        out = None
+        if summary["frames"] != vplan.frames:
+            raise OutputError(f"{dst}: joined {summary['frames']} frames, the plan has {vplan.frames}")
+        os.replace(tmp, dst)
+    except BaseException as e:
+        for it in iters:  # their source files are closed now, not at garbage collection
+            it.close()
+        _discard(out, tmp)
+        if isinstance(e, FacemendError) or not isinstance(e, Exception):  # Ctrl-C, SIGTERM: as they are
+            raise
+        if is_output_oserror(e):
+            raise output_error(dst, e) from None
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OutputError(f"{dst}: cannot write the video as {dst.suffix or 'a file without extension'}"
+                          f" ({text})") from None
     return summary
+
+
+def _join_streams(out, parts: list[Path], vplan: VideoPlan, dst: Path, iters: list, summary: dict):
+    """Add the output's streams and their packet sources to ``iters``; returns the video stream."""
+    src = Path(vplan.path)
+    with _open(src) as source:
+        streams = [(s.index, s.type, s.codec_context.name, s) for s in source.streams if s.type != "video"]
+        supported = out.supported_codecs
+        with av.open(str(parts[0])) as first:
+            vout = out.add_stream_from_template(first.streams.video[0])
+        if vplan.rotation:
+            vout.set_display_rotation(vplan.rotation)
+        iters += [_stream_packets(p, 0, vout) for p in parts]
+        for index, kind, name, s in streams:
+            if kind == "audio" and name in supported:
+                iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
+            elif kind == "audio":
+                o = out.add_stream("aac", rate=s.codec_context.sample_rate or 48000)
+                o.layout = s.codec_context.layout
+                iters.append(_reencoded_audio(src, index, o))
+                summary["reencoded_streams"].append(f"audio #{index} ({name} -> aac)")
+                log.warning("%s: audio stream #%d (%s) cannot go in %s; re-encoded to AAC",
+                            src, index, name, dst.suffix)
+            else:
+                try:
+                    if name not in supported:
+                        raise ValueError(name)
+                    iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
+                except Exception:
+                    summary["dropped_streams"].append(f"{kind} #{index} ({name})")
+                    log.warning("%s: %s stream #%d (%s) cannot be kept in %s; dropped",
+                                src, kind, index, name, dst.suffix)
+    return vout

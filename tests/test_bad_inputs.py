@@ -207,3 +207,111 @@ def test_an_unexpected_error_on_one_file_fails_that_file_only(tmp_path, capsys, 
     assert failed == [f"failed: {src / 'a.png'}: cannot be processed (RuntimeError: something no check foresaw)"]
     assert "1 files" in stdout
     assert sorted(snapshot(tmp_path / "photos.identity")) == ["b.png"]
+
+
+# ---- 3. outputs that cannot be written -------------------------------------------------------
+
+def full_disk_at(path: Path) -> None:
+    """Make writing ``path``'s temporary name hit a full disk: the name this process writes
+    first becomes a link to /dev/full, where every write fails with ENOSPC."""
+    from pipeline.media import partial_name
+
+    partial_name(path).symlink_to("/dev/full")
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("case", ["parent is a file", "under a file", "not writable", "disk full"])
+def test_unwritable_output(tmp_path, capsys, monkeypatch, kind, case):
+    inp = tmp_path / "in"
+    src = write_image(inp / "face.png", 48, 64) if kind == "image" else write_video(inp / "clip.mp4", 64, 48, 4)
+    before = snapshot(inp)
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file, not a folder")
+    name = src.with_suffix(".out" + src.suffix).name
+    if case == "parent is a file":
+        out, words = blocker / name, ("blocker.txt is a file",)
+    elif case == "under a file":
+        out, words = blocker / "deeper" / name, ("blocker.txt is a file",)
+    elif case == "not writable":
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)  # enough for a user; root passes it, so the check is simulated too
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m, **k: False if Path(p) == locked else real(p, m, **k))
+        out, words = locked / name, ("locked", "permission denied")
+    else:
+        out, words = tmp_path / "out" / name, ("no space left",)
+        out.parent.mkdir()
+        full_disk_at(out)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out)
+    assert code == 4, err
+    error_line(err, name, *words)
+    assert not out.exists()
+    assert snapshot(inp) == before
+    assert leftovers(tmp_path) == []
+    if case == "not writable":
+        locked.chmod(0o755)
+
+
+def test_full_disk_stops_a_folder_job(tmp_path, capsys):
+    src = tmp_path / "photos"
+    write_image(src / "a.png", 40, 50, seed=1)
+    write_image(src / "b.png", 40, 50, seed=2)
+    before = snapshot(src)
+    dst = tmp_path / "photos.identity"
+    dst.mkdir()
+    full_disk_at(dst / "a.png")
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--overwrite")
+    assert code == 4, err
+    error_line(err, "a.png", "no space left")
+    assert not [ln for ln in err.splitlines() if ln.startswith("failed:")]
+    assert list(dst.iterdir()) == []
+    assert snapshot(src) == before
+
+
+@pytest.mark.parametrize("src_name,out_name,words", [
+    ("face.png", "face.xyz", ("an image is written as", ".xyz")),
+    ("face.png", "face.mp4", ("an image is written as", ".mp4")),
+    ("clip.mp4", "clip.jpg", ("a video is written as", ".jpg")),
+    ("clip.mp4", "clip.xyz", ("a video is written as", ".xyz")),
+    ("clip.mp4", "clip.avi", ("a video is written as", ".avi")),
+    ("clip.mp4", "clip", ("a video is written as", "no extension")),
+])
+def test_unknown_output_extension(tmp_path, capsys, src_name, out_name, words):
+    inp = tmp_path / "in"
+    src = (write_image(inp / src_name, 40, 40) if src_name.endswith(".png")
+           else write_video(inp / src_name, 64, 48, 3))
+    before = snapshot(inp)
+    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", tmp_path / out_name)
+    assert code == 4, err
+    error_line(err, out_name, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert snapshot(inp) == before
+
+
+def test_existing_folder_as_output_for_a_file(tmp_path, capsys):
+    src = write_image(tmp_path / "in" / "face.png", 40, 40)
+    folder = tmp_path / "results.png"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", folder, *extra)
+        assert code == 4, err
+        error_line(err, "results.png", "is a folder")
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capsys):
+    # nothing listens on the broker's port: exit 4 (not 7) shows the refusal comes first
+    src = write_video(tmp_path / "clip.mp4", 64, 48, 3)
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("x")
+    broker = "redis://127.0.0.1:1/0"
+    for out, words in ((tmp_path / "clip.xyz", ("a video is written as",)),
+                       (blocker / "clip.out.mp4", ("blocker.txt is a file",))):
+        code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--broker", broker)
+        assert code == 4, err
+        error_line(err, out.name, *words)
+        assert stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt", "clip.mp4"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import av
 
 from pipeline import media
-from pipeline.errors import Cancelled, FacemendError, OutputError
+from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
 from pipeline.job import JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
@@ -259,6 +259,10 @@ def chunk(self, job_id: str, index: int) -> dict:
                 progress(1)
             write_sheet()
         progress.flush()
+    except OutputUnwritable as e:  # a full or read-only disk: every other file would fail too
+        progress.flush()
+        fail(job, str(e), e.exit_code)
+        return {"failed": str(e)}
     except Exception as e:
         progress.flush()
         return part_failed(self, job, index, attempt, e)
@@ -272,6 +276,8 @@ def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
     result = JobResult(str(src), str(out), "file", opts.task)
     try:
         process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
+    except OutputUnwritable:
+        raise
     except FacemendError as e:
         log.warning("%s", e)
         return {"status": "failed", "output": str(out), "error": str(e), "exit_code": e.exit_code}
