@@ -63,6 +63,8 @@ def write_video(path: Path, w: int, h: int, frames: int = 6, audio: str | None =
     with av.open(str(path), "w") as o:
         v = o.add_stream("libx264", rate=10)
         v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        if path.suffix == ".avi":  # AVI keeps no pts: no B-frames
+            v.options = {"bf": "0"}
         a = None
         if audio:
             a = o.add_stream(audio, rate=8000)
@@ -315,3 +317,51 @@ def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capsys):
         error_line(err, out.name, *words)
         assert stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt", "clip.mp4"]
+
+
+# ---- 4. no temporary file left behind, whatever happens --------------------------------------
+
+def test_avi_output_is_refused_before_any_work(tmp_path, capsys):
+    src = write_video(tmp_path / "clip.mp4", 64, 48, 4, audio="aac")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", tmp_path / "out.avi")
+    assert code == 4, err
+    error_line(err, "out.avi", ".avi")
+    assert snapshot(tmp_path) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_avi_input_is_written_as_mp4(tmp_path, capsys):
+    src = write_video(tmp_path / "clip.avi", 64, 48, 4)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity")
+    assert code == 0, err
+    assert (tmp_path / "clip.identity.mp4").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_join_stopped_halfway_leaves_nothing(tmp_path, capsys, monkeypatch, stop):
+    import heapq
+
+    import pipeline.media
+
+    real = heapq.merge
+
+    def merge(*iters, **kw):  # a few packets are written, then the join is stopped
+        for k, item in enumerate(real(*iters, **kw)):
+            if k == 3:
+                raise stop("stopped while joining")
+            yield item
+
+    monkeypatch.setattr(pipeline.media.heapq, "merge", merge)
+    src = write_video(tmp_path / "in" / "clip.mp4", 64, 48, 8, audio="aac")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / "out.mp4"
+    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", out)
+    if stop is KeyboardInterrupt:
+        assert code == 130 and err.strip().splitlines()[-1] == "facemend: interrupted", err
+    else:
+        assert code == 4, err
+        error_line(err, "out.mp4", "stopped while joining")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    assert snapshot(tmp_path / "in") == before
