@@ -8,10 +8,13 @@ from dataclasses import dataclass
 class TaskSpec:
     """How a task's network is run by the pipeline.
 
-    size: the crop size the network was trained on. native: True when the network may run on
-    crops at the face's own resolution (denoising is local: noise lives at pixel scale), False
-    when it must see faces at ``size`` (deblur, unmask: their degradations are face-relative);
-    the pipeline then upsamples the network's change to the face's size.
+    size: the crop size the network was trained on. native: True when the network runs on each
+    head cut straight out of the frame at the frame's own resolution (``pipeline.regions``):
+    noise, compression artefacts, blur and the softness of an upscaled frame live on the frame's
+    pixel grid, and a crop resampled to a template size would change them into something the
+    network never saw (``bench/quality.py`` compares the two geometries on real clips). False
+    when the network must see the face aligned to its ``size`` template (unmask paints a mouth
+    where the template puts it; FaceMath edits).
     replaces: True when the network paints new content over part of the face (unmask): the
     pipeline then blends the restored pixels themselves in where the network changed the crop,
     instead of adding the upsampled change, which would leave the mask's fine texture and edges
@@ -63,7 +66,7 @@ TASKS: dict[str, TaskSpec] = {
     "identity": TaskSpec("identity", "restores nothing (a test vehicle: output equals input)", True),
     "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise and JPEG artefacts", True,
                         weights="denoise.safetensors"),
-    "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", False,
+    "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", True,
                         weights="enhance.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
                        weights="unmask.safetensors", replaces=True, below=32, mirror=True,

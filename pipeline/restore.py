@@ -5,10 +5,12 @@ a list of ``(rect, delta)``: the rectangle of the frame a face touches and the f
 change (float32) the model made there. Callers add the delta to their own pixel format (I420
 video, 8/16-bit images, grayscale), so pixels outside faces are never converted or rewritten.
 
-Crop size: a task whose network is local (``spec.native``, e.g. denoise) runs on a crop the size
-of the face (128..512 px, multiples of 32), so a large face is not shrunk and re-enlarged;
-other tasks run at the network's training size and their change is warped back (upsampled)
-onto the face. Either way the face keeps every detail the model did not change.
+Geometry: a task whose network is local (``spec.native``, e.g. denoise: noise and compression
+artefacts live on the frame's pixel grid) runs on each head cut straight out of the frame, at its
+own resolution and integer offsets, and its result is feathered back in the same grid
+(``pipeline.regions``): nothing is resampled. Other tasks see the face aligned to the network's
+template crop and their result is warped back onto the face. Either way the face keeps every
+detail the model did not change.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import align
+from . import align, regions
 from .faces import Face
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class FaceRestorer:
     """Runs a ``models.Restorer`` over the faces of a batch of frames."""
 
     def __init__(self, model, *, device: str = "cpu", batch_size: int = 16,
-                 max_crop: int = 512, colour_match: bool = True, half: bool = False,
+                 colour_match: bool = True, half: bool = False,
                  preview: PreviewSink | None = None, channels_last: bool | None = None,
                  zooms: tuple[float, ...] | None = None, ensemble: bool = True) -> None:
         self.model = model
@@ -57,7 +59,6 @@ class FaceRestorer:
         self._torch = torch
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.max_crop = max_crop
         # FaceMath edits change colour on purpose (grey hair, skin tone): never undo that
         self.colour_match = colour_match and not getattr(self.spec, "latent", False)
         self.uses_tracks = getattr(model, "uses_tracks", False)
@@ -98,18 +99,24 @@ class FaceRestorer:
         return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * size)))
 
     def crop_size(self, face: Face) -> int:
-        """The crop's width (and the side of its template square)."""
-        if not self.spec.native:
-            return self.spec.size
-        size = align.matched_size(face.landmarks, base=self.spec.size, max_size=self.max_crop)
-        m = getattr(self.model, "multiple", 1)
-        return size if size % m == 0 else size + (m - size % m)
+        """The aligned crop's width (and the side of its template square): the network's own."""
+        return self.spec.size
+
+    @property
+    def local(self) -> bool:
+        """True when the network runs on heads cut from the frame at its own resolution."""
+        return bool(self.spec.native) and not getattr(self.spec, "latent", False)
 
     def deltas(self, images: list[np.ndarray], faces: list[list[Face]]) -> list[list[tuple[Rect, np.ndarray]]]:
         """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs = []  # (image index, face, size, matrix, crop), one per face and zoom
         views = self.zooms
+        if self.local:
+            self.faces_restored += sum(len(fs) for fs in faces)
+            if self.identity and self.preview is None:
+                return out  # nothing changes: skip the work, output stays bit-exact
+            return self._local_deltas(images, faces)
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
@@ -137,6 +144,46 @@ class FaceRestorer:
                 if placed is not None:
                     out[i].append(placed)
             start = end
+        return out
+
+    def _local_deltas(self, images: list[np.ndarray], faces: list[list[Face]]) -> list[list[tuple[Rect, np.ndarray]]]:
+        """``deltas`` for a local network: each frame's head regions (``regions.regions``) cut
+        straight from the frame, restored in batches of one shape, and their change feathered
+        in the same pixel grid. A region smaller than the network's stride allows at the frame's
+        edge is padded by reflection, and the padding dropped."""
+        out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
+        m = getattr(self.model, "multiple", 1)
+        jobs = []  # (image index, rect, crop as given to the network, a track in it or -1)
+        for i, (img, fs) in enumerate(zip(images, faces)):
+            for rect in regions.regions([f.box for f in fs], img.shape, multiple=m):
+                x0, y0, x1, y1 = rect
+                inside = [f.track for f in fs if x0 <= (f.box[0] + f.box[2]) / 2 < x1 and y0 <= (f.box[1] + f.box[3]) / 2 < y1]
+                crop = img[y0:y1, x0:x1, :3]
+                ph, pw = (-crop.shape[0]) % m, (-crop.shape[1]) % m
+                if ph or pw:
+                    crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(crop.shape[:2]) > 1 else "edge")
+                jobs.append((i, rect, np.ascontiguousarray(crop), min(inside, default=-1)))
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, (_i, _r, crop, _t) in enumerate(jobs):
+            by_shape.setdefault(crop.shape[:2], []).append(j)
+        for (h, w), idxs in by_shape.items():
+            step = self.batch_for(max(h, w))
+            for k in range(0, len(idxs), step):
+                chunk = idxs[k : k + step]
+                for j, rest in zip(chunk, self._run([jobs[j][2] for j in chunk])):
+                    i, rect, crop, track = jobs[j]
+                    x0, y0, x1, y1 = rect
+                    rh, rw = y1 - y0, x1 - x0
+                    weight = regions.feather(rh, rw, rect, images[i].shape)
+                    given = crop[:rh, :rw].astype(np.float32)
+                    rest = rest[:rh, :rw]
+                    if self.colour_match:
+                        rest = align.match_colour(rest, given, weight)
+                    if self.preview is not None:
+                        self.preview.offer(track, crop[:rh, :rw], np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+                    delta = (rest - given) * weight[..., None]
+                    if np.any(delta):
+                        out[i].append((rect, delta))
         return out
 
     def _restore_jobs(self, jobs: list, given: list[np.ndarray], which) -> dict[int, np.ndarray]:

@@ -244,7 +244,7 @@ def test_zoomed_views_are_averaged_into_one_change_per_face():
     frame = np.full((480, 480, 3), 100, np.uint8)
     face = Face(np.array([140.0, 140, 340, 340]), align.template(1.0) * 200 + [140, 120], 0.99)
     zooms = (1.0, 0.8, 1.25)
-    spec = dataclasses.replace(resolve("enhance"), zooms=zooms)  # a non-replacing, 128 px task
+    spec = dataclasses.replace(resolve("enhance"), zooms=zooms, native=False)  # an aligned, non-replacing 128 px task
     dots = [np.rint(cv2.invertAffineTransform(align.estimate_transform(align.zoomed(face.landmarks, z), 128))
                     @ [64, 30, 1]).astype(int) for z in zooms]  # each view's dot, in the frame
     assert min(np.abs(a - b).max() for a in dots for b in dots if a is not b) >= 10

@@ -1,0 +1,137 @@
+"""The output file's quality, as a user judges it: real clips degraded, the CLI run, faces scored.
+
+``bench.quality`` degrades the clean frames of a real clip (seeded), stores them losslessly, runs
+``cli.py submit`` on them and scores the output file's heads against the clean frames. These
+tests run its quick cut and assert what a user would check; the unit tests below pin the
+geometry that makes the difference (local networks see the frame's own pixels).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import regions
+from pipeline.faces import Face
+
+
+@pytest.fixture(scope="module")
+def quick():
+    from bench import quality
+
+    rows = quality.run(quick=True)["rows"]
+    return {(r["task"], r["degradation"]): r for r in rows}
+
+
+def test_denoise_output_beats_the_noisy_input_and_non_local_means(quick):
+    """Gaussian noise sigma 20 on a real close-up: the file's faces gain well over the input and
+    beat OpenCV's non-local means at its best strength, and come within 1 dB of the network run
+    alone on an unresampled crop; pixels outside the faces are as the input's."""
+    r = quick[("denoise", "noise20")]
+    out = r["facemend"]
+    assert out["faces"] >= 6
+    assert out["psnr"] >= r["input"]["psnr"] + 6.0, r
+    assert out["psnr"] >= r["classical"]["psnr"] + 2.0, r
+    assert out["psnr"] >= r["ceiling"]["psnr"] - 1.0, r
+    assert out["ssim"] > r["input"]["ssim"] + 0.2
+    assert out["outside_psnr"] >= 45.0
+    assert out["flicker"] < r["input"]["flicker"] / 2  # the noise's frame-to-frame change is gone
+
+
+def test_enhance_output_beats_the_x4_degraded_input(quick):
+    r = quick[("enhance", "down4")]
+    assert r["facemend"]["psnr"] >= r["input"]["psnr"] + 0.5, r
+    assert r["facemend"]["psnr"] >= r["classical"]["psnr"], r
+    assert r["facemend"]["outside_psnr"] >= 45.0
+
+
+def test_unmask_output_paints_the_mask_better_than_telea(quick):
+    r = quick[("unmask", "mask")]
+    m = r["mask_psnr"]
+    assert m["facemend"] >= m["classical"] + 1.0, m
+    assert r["facemend"]["psnr"] >= r["input"]["psnr"] + 6.0, r
+    assert r["facemend"]["outside_psnr"] >= 45.0
+
+
+def test_identity_output_is_the_input(quick):
+    r = quick[("identity", "noise20")]
+    assert r["identity_exact"]
+    assert r["facemend"]["psnr"] == r["input"]["psnr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the geometry of local networks
+
+
+def _face(x0, y0, x1, y1):
+    w = x1 - x0
+    lm = np.array([[x0 + 0.3 * w, y0 + 0.4 * w], [x0 + 0.7 * w, y0 + 0.4 * w], [x0 + 0.5 * w, y0 + 0.6 * w],
+                   [x0 + 0.35 * w, y0 + 0.8 * w], [x0 + 0.65 * w, y0 + 0.8 * w]])
+    return Face(np.array([x0, y0, x1, y1], float), lm, 0.99)
+
+
+def test_regions_hold_the_head_with_a_margin_and_merge_overlaps():
+    shape = (720, 1280, 3)
+    a, b = _face(100, 200, 300, 450), _face(700, 100, 800, 230)
+    rects = regions.regions([a.box, b.box], shape, multiple=8)
+    assert len(rects) == 2
+    for (x0, y0, x1, y1), f in zip(sorted(rects), (a, b)):
+        hx0, hy0, hx1, hy1 = regions.head_rect(f.box, shape)
+        assert x0 < hx0 and y0 < hy0 and x1 > hx1 and y1 > hy1  # head and feather margin inside
+        assert (x1 - x0) % 16 == 0 and (y1 - y0) % 16 == 0
+        assert f.box[1] - y0 > 0.4 * (f.box[3] - f.box[1])  # the forehead is in
+    # two overlapping heads are one region (a pixel is restored once)
+    c = _face(260, 220, 460, 470)
+    assert len(regions.regions([a.box, c.box], shape)) == 1
+    # at the frame's edge the region stays inside the frame
+    x0, y0, x1, y1 = regions.regions([_face(-30, -40, 120, 150).box], shape)[0]
+    assert x0 == 0 and y0 == 0 and x1 <= 1280 and y1 <= 720
+
+
+def test_feather_is_one_inside_and_fades_only_towards_the_frame():
+    w = regions.feather(100, 80, (10, 10, 90, 110), (200, 200))
+    assert w[50, 40] == 1.0 and w[0, 40] < 0.05 and w[50, 0] < 0.05
+    edge = regions.feather(100, 80, (0, 0, 80, 100), (100, 200))  # top, left and bottom on the frame's edge
+    assert edge[0, 40] == 1.0 and edge[50, 0] == 1.0 and edge[99, 40] == 1.0 and edge[50, 79] < 0.05
+
+
+def test_a_local_network_sees_and_changes_the_frames_own_pixels():
+    """denoise runs on heads cut straight out of the frame: a network that adds a one-pixel
+    checkerboard gets the frame's pixels unresampled, and its checkerboard comes back at full
+    contrast on the frame's grid inside the head; pixels away from the face are untouched."""
+    import torch
+
+    from models.registry import Restorer
+    from models.tasks import resolve
+    from pipeline import align
+    from pipeline.restore import FaceRestorer
+
+    seen = []
+
+    class Checker(torch.nn.Module):
+        multiple = 8
+
+        def forward(self, x):
+            seen.append(x.clone())
+            yy, xx = torch.meshgrid(torch.arange(x.shape[2]), torch.arange(x.shape[3]), indexing="ij")
+            return x + ((yy + xx) % 2).float() * (20 / 255)
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(60, 200, (400, 600, 3), dtype=np.uint8)
+    face = _face(200, 120, 330, 280)
+    r = FaceRestorer(Restorer(resolve("denoise"), Checker()).eval(), colour_match=False)
+    assert r.local
+    out = frame.copy()
+    placed = r.deltas([frame], [[face]])[0]
+    assert len(placed) == 1
+    (x0, y0, x1, y1), delta = placed[0]
+    given = (seen[0][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(given[: y1 - y0, : x1 - x0], frame[y0:y1, x0:x1])  # unresampled
+    align.add_delta(out, (x0, y0, x1, y1), delta)
+    change = out.astype(int) - frame
+    cy, cx = int(face.box[1] + face.box[3]) // 2, int(face.box[0] + face.box[2]) // 2
+    patch = change[cy - 10 : cy + 10, cx - 10 : cx + 10, 0]
+    yy, xx = np.mgrid[cy - 10 : cy + 10, cx - 10 : cx + 10]
+    assert np.array_equal(patch, ((yy - y0 + xx - x0) % 2) * 20)  # the network's change, as it made it
+    outside = np.ones(frame.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    assert not change[outside].any()
