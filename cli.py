@@ -26,6 +26,7 @@ exit codes:
   8  no such job id (never submitted, or its record expired)
   9  wait --timeout expired while the job was still running
   130 interrupted (Ctrl-C); no partial file is left at the output path
+  143 terminated (SIGTERM); the same clean-up as Ctrl-C
   wait, submit --wait: the job's outcome (0 done, 3/4 its error, 5 cancelled, 6 some files failed)
 """
 
@@ -303,11 +304,11 @@ def follow_job(args: argparse.Namespace, store, job_id: str, timeout: float | No
 
     try:
         job = follow(store, job_id, on_update=update, timeout=timeout)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         print(f"facemend: stopped following {job_id}; the job goes on "
               f"(facemend cancel {job_id} stops it)", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     finally:
         bar.close()
     print(json.dumps(job.to_dict()) if args.json else describe(job))
@@ -385,20 +386,57 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TermAsInterrupt:
+    """While a command runs, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main
+    thread, so that a job unwinds as on Ctrl-C: its temporary files and folders are removed and
+    nothing is left at the output path. A second SIGTERM during that clean-up is ignored. The
+    worker keeps Celery's own SIGTERM handling (a warm shutdown)."""
+
+    def __init__(self) -> None:
+        self.previous = None
+        self.fired = False
+
+    def _handle(self, signum, frame) -> None:
+        from pipeline.errors import Terminated
+
+        if not self.fired:
+            self.fired = True
+            raise Terminated()
+
+    def __enter__(self) -> "_TermAsInterrupt":
+        import signal
+
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_argument_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    from contextlib import nullcontext
+
     from pipeline.errors import FacemendError
 
     try:
-        return args.func(args)
+        with nullcontext() if args.command == "worker" else _TermAsInterrupt():
+            return args.func(args)
     except FacemendError as e:
         print(f"facemend: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("facemend: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        code = getattr(e, "exit_code", 130)
+        print("facemend: terminated (SIGTERM)" if code == 143 else "facemend: interrupted", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -88,3 +88,10 @@ class Cancelled(FacemendError):
     """Raised inside a job when its cancel flag is seen between batches."""
 
     exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process is sent SIGTERM: the job unwinds as on Ctrl-C
+    (temporary files and folders removed, nothing at the output path) and the CLI exits 143."""
+
+    exit_code = 143

@@ -365,3 +365,39 @@ def test_join_stopped_halfway_leaves_nothing(tmp_path, capsys, monkeypatch, stop
         error_line(err, "out.mp4", "stopped while joining")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert snapshot(tmp_path / "in") == before
+
+
+# ---- 5. SIGTERM ------------------------------------------------------------------------------
+
+def test_sigterm_stops_an_embedded_job_like_ctrl_c(tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    src = tmp_path / "closeup.mp4"
+    shutil.copyfile(ROOT / "samples" / "closeup.mp4", src)
+    before = snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "submit", str(src), "--task", "identity"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        # progress has started once the encoder has written into the job's temporary folder
+        deadline = time.monotonic() + 300
+        while not any(p.stat().st_size for p in tmp_path.glob(".facemend-*/*") if p.is_file()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the job never started writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    assert [ln for ln in err.splitlines() if "terminated" in ln] == ["facemend: terminated (SIGTERM)"]
+    assert [ln for ln in err.splitlines() if ln.startswith("facemend: error")] == []
+    assert snapshot(tmp_path) == before  # no output, no temporary folder, no partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["closeup.mp4"]
