@@ -17,7 +17,8 @@ exit codes:
   0  done
   1  unexpected failure (a bug: please report it with the log)
   2  input not found
-  3  bad input: not a video/image, corrupt or truncated, no video stream, empty folder
+  3  bad input: not a video/image, not a regular file (FIFO, device), corrupt or truncated,
+     no video stream, empty folder
   4  output problem: exists (use --overwrite), equals the input, is a folder, a format not
      written, cannot be written (no permission, read-only, a file in its path, disk full)
   5  cancelled

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,6 +121,9 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     """Validate input and output before any work; returns the input kind."""
     if not src.exists():
         raise InputNotFound(f"{src}: no such file or folder")
+    special = special_file(src)
+    if special:  # opening a FIFO would wait for a writer forever
+        raise UnsupportedInput(f"{src}: is {special}, not a file facemend can read")
     if src.resolve() == dst.resolve():
         raise OutputError(f"{dst}: the output path is the input; choose another --output")
     if opts.preview:
@@ -216,11 +220,28 @@ def scan_folder(root: Path) -> tuple[list[Path], list[dict]]:
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            if is_image_path(p) or is_video_path(p):
+            special = special_file(p)
+            if special:
+                skipped.append({"file": str(p), "reason": f"{special}, not a regular file"})
+            elif is_image_path(p) or is_video_path(p):
                 files.append(p)
             else:
                 skipped.append({"file": str(p), "reason": "not an image or video"})
     return files, skipped
+
+
+def special_file(p: Path) -> str:
+    """What ``p`` is when it is neither a regular file nor a folder (links followed): "a named
+    pipe (FIFO)", "a socket", "a character device", "a block device"; "" otherwise."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return ""  # missing or a broken link: reported as such where it is opened
+    for test, name in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return ""
 
 
 def mirrored_output(p: Path, src: Path, dst: Path) -> Path:

@@ -401,3 +401,44 @@ def test_sigterm_stops_an_embedded_job_like_ctrl_c(tmp_path):
     assert [ln for ln in err.splitlines() if ln.startswith("facemend: error")] == []
     assert snapshot(tmp_path) == before  # no output, no temporary folder, no partial file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["closeup.mp4"]
+
+
+# ---- 6. special files ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["clip.mp4", "face.jpg"])
+def test_fifo_input_is_refused_without_opening_it(tmp_path, name):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", str(fifo), "--task", "identity"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error_line(proc.stderr, name, "named pipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_device_linked_as_input_is_refused(tmp_path, capsys):
+    link = tmp_path / "null.mp4"
+    link.symlink_to("/dev/null")
+    code, _, err = run(capsys, "submit", link, "--task", "identity")
+    assert code == 3, err
+    error_line(err, "null.mp4", "character device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null.mp4"]
+
+
+def test_fifo_in_a_folder_is_skipped(tmp_path, capsys):
+    src = tmp_path / "photos"
+    write_image(src / "a.png", 40, 40)
+    os.mkfifo(src / "b.jpg")
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["files"]["processed"] == 1
+    assert [s["file"] for s in result["skipped"]] == [str(src / "b.jpg")]
+    assert "named pipe" in result["skipped"][0]["reason"]
+    assert sorted(p.name for p in (tmp_path / "photos.identity").iterdir()) == ["a.png"]
