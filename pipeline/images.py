@@ -132,6 +132,11 @@ def restore_image(src: Path, dst: Path, *, detector: FaceDetector, restorer: Fac
     o = exif_orientation(src)
     view = np.ascontiguousarray(_orient(stored, o))
     notes = []
+    pages = page_count(src)
+    if pages > 1:  # OpenCV reads the first page (or frame) only
+        notes.append(f"{src}: has {pages} pages; only the first is restored and written, "
+                     f"the other {pages - 1} are dropped")
+        log.warning("%s", notes[-1])
     if too_small_for_faces(detector, view.shape[1], view.shape[0]):
         notes.append(small_note(src, stored.shape[1], stored.shape[0], detector))
         log.warning("%s", notes[-1])
@@ -152,13 +157,45 @@ def restore_image(src: Path, dst: Path, *, detector: FaceDetector, restorer: Fac
         out = np.ascontiguousarray(_unorient(out_view, o))
     else:
         out = stored
-    write_image(dst, out, src, jpeg_quality)
+    notes += write_image(dst, out, src, jpeg_quality)
     return ImageResult(str(src), str(dst), len(faces), stored.shape[1], stored.shape[0],
                        1 if stored.ndim == 2 else stored.shape[2], str(stored.dtype), notes)
 
 
-def write_image(dst: Path, img: np.ndarray, src: Path, jpeg_quality: int = 95) -> None:
+def page_count(path: Path) -> int:
+    """Pages of a multi-page TIFF (frames of an animated WebP); 1 when single or unreadable."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return max(1, int(getattr(im, "n_frames", 1) or 1))
+    except Exception:
+        return 1
+
+
+def fit_format(dst: Path, img: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``img`` as ``dst``'s format can hold it, and a note for each thing that is lost: the
+    transparency of an image written as JPEG (which has no alpha), the low 8 bits of 16-bit
+    pixels written as JPEG, WebP or BMP (8 bits per channel; OpenCV would clip them)."""
     ext = dst.suffix.lower()
+    notes = []
+    if img.ndim == 3 and img.shape[2] == 4 and ext in (".jpg", ".jpeg"):
+        if (img[..., 3] < np.iinfo(img.dtype).max).any():
+            notes.append(f"{dst}: JPEG has no alpha channel; the transparency is dropped")
+        img = np.ascontiguousarray(img[..., :3])
+    if img.dtype == np.uint16 and ext not in (".png", ".tif", ".tiff"):
+        notes.append(f"{dst}: {ext} holds 8 bits per channel; 16-bit pixels are reduced to 8 bits")
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return img, notes
+
+
+def write_image(dst: Path, img: np.ndarray, src: Path, jpeg_quality: int = 95) -> list[str]:
+    """Write ``img`` to ``dst`` under a temporary name; returns notes on what the format lost
+    (each also logged as a warning)."""
+    ext = dst.suffix.lower()
+    img, notes = fit_format(dst, img)
+    for note in notes:
+        log.warning("%s", note)
     params = []
     if ext in (".jpg", ".jpeg"):
         params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
@@ -182,6 +219,7 @@ def write_image(dst: Path, img: np.ndarray, src: Path, jpeg_quality: int = 95) -
             tmp.unlink(missing_ok=True)
         except OSError:  # its folder could not be made, or is gone
             pass
+    return notes
 
 
 def _webp_lossless(src: Path) -> bool:

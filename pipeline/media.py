@@ -450,6 +450,11 @@ class VideoEncoder:
             self.abort()
 
 
+# PCM audio is re-encoded to AAC in these containers (MP4 can hold PCM, but many players refuse
+# it); .mkv and the rest keep it as it is
+PCM_TO_AAC_EXTENSIONS = {".mp4", ".m4v", ".mov"}
+
+
 def _discard(out, tmp: Path) -> None:
     """Close a half-written output container and remove its file, whatever either step raises
     (closing writes the trailer, which fails again on a full disk or a refused stream)."""
@@ -559,15 +564,17 @@ def _join_streams(out, parts: list[Path], vplan: VideoPlan, dst: Path, iters: li
             vout.set_display_rotation(vplan.rotation)
         iters += [_stream_packets(p, 0, vout) for p in parts]
         for index, kind, name, s in streams:
-            if kind == "audio" and name in supported:
+            pcm_in_mp4 = name.startswith("pcm_") and dst.suffix.lower() in PCM_TO_AAC_EXTENSIONS
+            if kind == "audio" and name in supported and not pcm_in_mp4:
                 iters.append(_stream_packets(src, index, out.add_stream_from_template(s)))
             elif kind == "audio":
                 o = out.add_stream("aac", rate=s.codec_context.sample_rate or 48000)
                 o.layout = s.codec_context.layout
                 iters.append(_reencoded_audio(src, index, o))
                 summary["reencoded_streams"].append(f"audio #{index} ({name} -> aac)")
-                log.warning("%s: audio stream #%d (%s) cannot go in %s; re-encoded to AAC",
-                            src, index, name, dst.suffix)
+                why = "many players refuse PCM in" if pcm_in_mp4 else "cannot go in"
+                log.warning("%s: audio stream #%d (%s): %s %s; re-encoded to AAC",
+                            src, index, name, why, dst.suffix)
             else:
                 try:
                     if name not in supported:

@@ -442,3 +442,83 @@ def test_fifo_in_a_folder_is_skipped(tmp_path, capsys):
     assert [s["file"] for s in result["skipped"]] == [str(src / "b.jpg")]
     assert "named pipe" in result["skipped"][0]["reason"]
     assert sorted(p.name for p in (tmp_path / "photos.identity").iterdir()) == ["a.png"]
+
+
+# ---- 7. what a format cannot hold is said, or kept ------------------------------------------
+
+def notes_of(stdout: str) -> list[str]:
+    return json.loads(stdout.strip().splitlines()[-1])["notes"]
+
+
+def test_rgba_png_written_as_jpeg_says_the_transparency_is_dropped(tmp_path, capsys, caplog):
+    img = np.random.default_rng(0).integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    img[:10, :, 3] = 0  # a transparent band
+    src = tmp_path / "logo.png"
+    cv2.imwrite(str(src), img)
+    out = tmp_path / "logo.jpg"
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    notes = [n for n in notes_of(stdout) if "transparency" in n]
+    assert notes == [f"{out}: JPEG has no alpha channel; the transparency is dropped"]
+    assert any(r.levelname == "WARNING" and "transparency" in r.getMessage() for r in caplog.records)
+    assert cv2.imread(str(out), cv2.IMREAD_UNCHANGED).shape == (40, 48, 3)
+    # an opaque alpha channel loses nothing: no note
+    img[..., 3] = 255
+    cv2.imwrite(str(src), img)
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--overwrite", "--json")
+    assert code == 0 and not [n for n in notes_of(stdout) if "transparency" in n]
+
+
+def test_16_bit_written_as_jpeg_is_scaled_and_said(tmp_path, capsys):
+    img = np.full((40, 40, 3), 40000, np.uint16)
+    src = tmp_path / "scan.png"
+    cv2.imwrite(str(src), img)
+    out = tmp_path / "scan.jpg"
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    assert [n for n in notes_of(stdout) if "16-bit" in n] == [
+        f"{out}: .jpg holds 8 bits per channel; 16-bit pixels are reduced to 8 bits"]
+    assert abs(float(cv2.imread(str(out)).mean()) - 40000 / 257) < 2  # scaled, not clipped to white
+
+
+def test_multi_page_tiff_says_the_other_pages_are_dropped(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(3)]
+    src = tmp_path / "in" / "scan.tif"
+    src.parent.mkdir()
+    pages[0].save(src, save_all=True, append_images=pages[1:])
+    before = snapshot(src.parent)
+    out = tmp_path / "scan.out.tif"
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    assert [n for n in notes_of(stdout) if "pages" in n] == [
+        f"{src}: has 3 pages; only the first is restored and written, the other 2 are dropped"]
+    assert snapshot(src.parent) == before
+
+
+@pytest.mark.parametrize("out_name,codec", [("out.mp4", "aac"), ("out.mov", "aac"), ("out.mkv", "pcm_s16le")])
+def test_pcm_audio_is_aac_in_mp4_and_kept_in_mkv(tmp_path, capsys, out_name, codec):
+    src = write_video(tmp_path / "in" / "clip.mov", 64, 48, 10, audio="pcm_s16le")
+    before = snapshot(tmp_path / "in")
+    out = tmp_path / out_name
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    assert code == 0, err
+    with av.open(str(out)) as c:
+        assert [s.codec_context.name for s in c.streams.audio] == [codec]
+        samples = sum(f.samples for f in c.decode(c.streams.audio[0]))
+    assert samples >= 8000  # one second of sound, none lost (AAC adds its priming samples)
+    reencoded = [n for n in notes_of(stdout) if n.startswith("re-encoded")]
+    assert reencoded == (["re-encoded audio #1 (pcm_s16le -> aac)"] if codec == "aac" else [])
+    assert snapshot(tmp_path / "in") == before
+    assert leftovers(tmp_path) == []
+
+
+def test_aac_audio_is_still_copied(tmp_path, capsys):
+    src = write_video(tmp_path / "clip.mp4", 64, 48, 10, audio="aac")
+    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    assert code == 0, err
+    assert not [n for n in notes_of(stdout) if n.startswith("re-encoded")]
+    with av.open(str(src)) as a, av.open(str(tmp_path / "clip.identity.mp4")) as b:
+        assert [bytes(p) for p in a.demux(audio=0) if p.size] == [bytes(p) for p in b.demux(audio=0) if p.size]
