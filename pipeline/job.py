@@ -169,8 +169,6 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     if dst.exists() and not opts.overwrite and not (opts.skip_existing and is_fresh(src, dst)):
         raise OutputExists(f"{dst}: the output exists (use --overwrite to replace it)")
     check_writable(dst)
-    if kind == "video":
-        opts.encoder()  # an encoder missing from this FFmpeg build: refused now, not after the work
     return kind
 
 
@@ -305,6 +303,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         result.skipped.append({"file": str(src), "reason": "output is newer than input"})
         log.info("%s: skipped (output %s is newer)", src, dst)
     elif kind == "video":
+        opts.encoder()  # an encoder missing from this FFmpeg build: refused before any work
         vplan = plan(src)  # validate before loading models
         engine = engine or Engine(opts)
         hooks.total(vplan.frames, "frames")
