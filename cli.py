@@ -201,9 +201,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = get_settings(args, segment_seconds=args.segment_seconds)
     if settings.queued:
         return submit_queued(args, opts, settings)
+    hooks = Hooks()
+    if settings.storage_roots:  # embedded, as a worker does: every file opened or written
+        from worker.storage import check_options, check_roots
+
+        check_options(opts, Path(), settings)
+        hooks.check_file = lambda src, dst: check_roots(src, dst, settings)
     bar = ProgressBar(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
+    hooks.total, hooks.advance = bar.total, bar.advance
     try:
-        result = run_job(args.input, opts, Hooks(total=bar.total, advance=bar.advance))
+        result = run_job(args.input, opts, hooks)
     finally:
         bar.close()
     if args.json:

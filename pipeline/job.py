@@ -82,6 +82,9 @@ class Hooks:
     total: Callable[[int, str], None] = lambda n, unit: None
     advance: Callable[[int], None] = lambda n: None
     cancelled: Callable[[], bool] = lambda: False
+    # check_file(src, dst) before the job and before each file of a folder: raises a
+    # FacemendError to refuse it (FACEMEND_STORAGE_ROOTS in the embedded mode)
+    check_file: Callable[[Path, Path], None] = lambda src, dst: None
 
 
 @dataclass
@@ -295,6 +298,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     src = Path(src)
     hooks = hooks or Hooks()
     dst = resolve_output(src, opts)
+    hooks.check_file(src, dst)
     kind = check_paths(src, dst, opts)
     t0 = time.perf_counter()
     result = JobResult(str(src), str(dst), "morph" if opts.task == "morph" else kind, opts.task)
@@ -377,6 +381,7 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
             hooks.advance(1)
             continue
         try:
+            hooks.check_file(p, out)  # a link in the folder may point elsewhere
             process_file(p, out, opts, engine, result)
             result.files["processed"] += 1
         except (OutputUnwritable, Cancelled):  # every file after it would fail the same way

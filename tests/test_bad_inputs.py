@@ -522,3 +522,141 @@ def test_aac_audio_is_still_copied(tmp_path, capsys):
     assert not [n for n in notes_of(stdout) if n.startswith("re-encoded")]
     with av.open(str(src)) as a, av.open(str(tmp_path / "clip.identity.mp4")) as b:
         assert [bytes(p) for p in a.demux(audio=0) if p.size] == [bytes(p) for p in b.demux(audio=0) if p.size]
+
+
+# ---- 8. storage roots, on the real path ------------------------------------------------------
+
+@pytest.fixture
+def storage(tmp_path, monkeypatch):
+    """A shared storage root and a folder outside it; FACEMEND_STORAGE_ROOTS set to the root."""
+    root, away = tmp_path / "shared", tmp_path / "elsewhere"
+    root.mkdir()
+    away.mkdir()
+    monkeypatch.setenv("FACEMEND_STORAGE_ROOTS", str(root))
+    monkeypatch.delenv("FACEMEND_BROKER_URL", raising=False)
+    return root, away
+
+
+def test_embedded_job_refuses_a_link_out_of_the_storage(storage, capsys):
+    root, away = storage
+    secret = write_image(away / "secret.png", 40, 40)
+    link = root / "innocent.png"
+    link.symlink_to(secret)
+    code, _, err = run(capsys, "submit", link, "--task", "identity")
+    assert code == 3, err
+    error_line(err, "innocent.png", "outside the shared storage", f"resolves to {secret}")
+    code, _, err = run(capsys, "submit", secret, "--task", "identity", "-o", root / "copy.png")
+    assert code == 3, err
+    error_line(err, "secret.png", "outside the shared storage")
+    inside = write_image(root / "mine.png", 40, 40)
+    (root / "out").symlink_to(away, target_is_directory=True)
+    code, _, err = run(capsys, "submit", inside, "--task", "identity", "-o", root / "out" / "mine.png")
+    assert code == 4, err
+    error_line(err, "mine.png", "outside the shared storage")
+    code, _, err = run(capsys, "submit", inside, "--task", "identity", "--preview", away / "sheet.png")
+    assert code == 4, err
+    error_line(err, "sheet.png", "outside the shared storage")
+    assert sorted(p.name for p in root.iterdir()) == ["innocent.png", "mine.png", "out"]
+    assert sorted(p.name for p in away.iterdir()) == ["secret.png"]
+
+
+def test_embedded_folder_job_fails_a_link_out_of_the_storage(storage, capsys):
+    root, away = storage
+    write_image(away / "secret.png", 40, 40)
+    src = root / "photos"
+    write_image(src / "a.png", 40, 40)
+    (src / "b.png").symlink_to(away / "secret.png")
+    code, _, err = run(capsys, "submit", src, "--task", "identity")
+    assert code == 6, err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == 1 and "b.png" in failed[0] and "outside the shared storage" in failed[0]
+    assert sorted(p.name for p in (root / "photos.identity").iterdir()) == ["a.png"]
+
+
+# ---- queued: a real worker on a Redis database of these tests' own ---------------------------
+
+QUEUE_REDIS = os.environ.get("FACEMEND_TEST_REDIS_BAD_INPUTS", "redis://127.0.0.1:6379/12")
+
+
+def queue_env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FACEMEND_")}
+    e.update(FACEMEND_BROKER_URL=QUEUE_REDIS, FACEMEND_PRELOAD_TASKS="identity", FACEMEND_TORCH_THREADS="1",
+             FACEMEND_PROGRESS_INTERVAL="0.2", PYTHONUNBUFFERED="1")
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+@pytest.fixture
+def queue_db():
+    import redis
+
+    r = redis.Redis.from_url(QUEUE_REDIS)
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        pytest.fail(f"Redis at {QUEUE_REDIS} is not reachable ({e})")
+    r.flushdb()
+    yield r
+    r.flushdb()
+
+
+@pytest.fixture
+def start_worker(queue_db, tmp_path):
+    """start_worker(**env): a ``cli.py worker`` process (killed with its group afterwards)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    procs = []
+
+    def start(**extra):
+        log_path = tmp_path / f"worker{len(procs)}.log"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"w{len(procs)}@%h"],
+                                cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                env=queue_env(**extra), start_new_session=True)
+        procs.append(proc)
+        deadline = time.monotonic() + 180
+        while "models loaded" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.3)
+        return proc
+
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def queued(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    """The CLI in this process against the tests' Redis database."""
+    monkeypatch.setenv("FACEMEND_BROKER_URL", QUEUE_REDIS)
+    return run(capsys, *args)
+
+
+def test_worker_checks_storage_roots_on_real_paths(tmp_path, capsys, monkeypatch, start_worker):
+    root, away = tmp_path / "shared", tmp_path / "elsewhere"
+    write_image(away / "secret.png", 40, 40)
+    src = root / "photos"
+    write_image(src / "a.png", 40, 40)
+    (src / "b.png").symlink_to(away / "secret.png")
+    start_worker(FACEMEND_STORAGE_ROOTS=root, FACEMEND_CHUNK_FILES=1)
+    # the worker judges each file of a folder where it really is: the link fails, alone
+    monkeypatch.delenv("FACEMEND_STORAGE_ROOTS", raising=False)
+    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity", "--wait", "-q")
+    assert code == 6, out + err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
+    assert len(failed) == 1 and "b.png" in failed[0] and "outside the shared storage" in failed[0], err
+    assert sorted(p.name for p in (root / "photos.identity").iterdir()) == ["a.png"]
+    # a job submitted from a machine without the setting is refused by the worker's plan
+    code, out, err = queued(capsys, monkeypatch, "submit", away / "secret.png", "--task", "identity",
+                            "-o", root / "copy.png", "--wait", "-q")
+    assert code == 3, out + err
+    assert "outside the shared storage" in out
+    assert not (root / "copy.png").exists()

@@ -21,7 +21,7 @@ from .errors import BrokerUnavailable, WaitTimeout
 from .records import CANCELLED, DONE, TERMINAL, Job, JobStore
 from .segments import parts_dir
 from .settings import Settings, redact
-from .storage import check_roots
+from .storage import check_options, check_roots
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,7 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     opts = JobOptions(**{**asdict(opts), **absolute})
     dst = resolve_output(src, opts).absolute()
     check_roots(src, dst, settings)
-    if opts.to:
-        check_roots(Path(opts.to), dst, settings)
-    if opts.preview:
-        check_roots(src, Path(opts.preview), settings)
+    check_options(opts, dst, settings)
     kind = check_paths(src, dst, opts)
     store = connect(settings)
     configure(settings)

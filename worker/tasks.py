@@ -31,7 +31,7 @@ from .parts import (PartTask, Progress, begin_part, cleanup, fail, guarded, part
                     stop_requested, stopped_by_cancel, store)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
-from .storage import check_roots
+from .storage import check_input, check_options, check_output, check_roots
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def plan_job(job_id: str) -> dict:
     try:
         opts = JobOptions.from_dict(job.options)
         check_roots(src, dst, settings)
-        if opts.to:
-            check_roots(Path(opts.to), dst, settings)
+        check_options(opts, dst, settings)
         if job.parts:  # a redelivered plan (its worker died, or the visibility timeout passed)
             return _send_parts(job, [p["index"] for p in job.parts if not p["sent"]])
         kind = check_paths(src, dst, opts)
@@ -135,6 +134,7 @@ def preview_sheet(opts: JobOptions, index: int):
     if not opts.preview or index != 0:
         yield lambda: None
         return
+    check_output(Path(opts.preview), app.facemend_settings)
     restorer = engine_for(opts, app.facemend_settings).restorer
     sink = restorer.preview = PreviewSink()
     try:
@@ -155,6 +155,7 @@ def segment(self, job_id: str, index: int) -> dict:
     path = part_path(Path(job.output), job_id, index)
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
     try:
+        check_roots(Path(job.input), path, app.facemend_settings)
         if part_complete(path, stop - start):
             progress(stop - start)
             stats = {"frames": stop - start, "reused": True}
@@ -217,6 +218,9 @@ def join_job(job_id: str) -> dict:
     vplan = media.VideoPlan.from_dict(store().load_plan(job_id))
     paths = [part_path(dst, job_id, p["index"]) for p in job.parts]
     try:
+        check_roots(Path(vplan.path), dst, app.facemend_settings)
+        for p in paths:
+            check_output(p, app.facemend_settings)
         missing = [p.name for p in paths if not p.exists()]
         if missing:
             raise OutputError(f"{dst}: parts missing at join: {', '.join(missing)}")
@@ -275,6 +279,7 @@ def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
         return {"status": "skipped", "output": str(out), "reason": "output is newer than input"}
     result = JobResult(str(src), str(out), "file", opts.task)
     try:
+        check_roots(src, out, app.facemend_settings)  # a link in the folder may point elsewhere
         process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
     except OutputUnwritable:
         raise
