@@ -373,7 +373,9 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
     hooks.total(len(files), "files")
     for p in files:
         if hooks.cancelled():
-            raise Cancelled(f"{src}: cancelled after {result.files['processed']} files")
+            remove_written([Path(item["output"]) for item in result.items], dst)
+            raise Cancelled(f"{src}: cancelled after {result.files['processed']} files "
+                            "(the files it wrote are removed)")
         out = mirrored_output(p, src, dst)
         if out.exists() and opts.skip_existing and is_fresh(p, out):
             result.files["skipped"] += 1
@@ -394,6 +396,27 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
             result.failures.append({"file": str(p), "error": error})
             log.info("%s", error)
         hooks.advance(1)
+
+
+def remove_written(outputs: list[Path], top: Path | None) -> None:
+    """Remove the files a cancelled job wrote, then the folders under (and including) a folder
+    job's output folder ``top`` that this leaves empty; a folder still holding other files stays
+    (``top`` None: no folder is removed)."""
+    dirs = {top} if top is not None else set()
+    for out in outputs:
+        try:
+            out.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("%s: cannot remove (%s)", out, e.strerror or e)
+        d = out.parent
+        while top is not None and d != top and d.is_relative_to(top):
+            dirs.add(d)
+            d = d.parent
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def unexpected(p: Path, e: BaseException) -> str:

@@ -660,3 +660,38 @@ def test_worker_checks_storage_roots_on_real_paths(tmp_path, capsys, monkeypatch
     assert code == 3, out + err
     assert "outside the shared storage" in out
     assert not (root / "copy.png").exists()
+
+
+# ---- 9. a cancelled folder job takes back what it wrote ---------------------------------------
+
+def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capsys, monkeypatch, start_worker, queue_db):
+    import time
+
+    src = tmp_path / "photos"
+    for i in range(12):
+        write_image(src / f"sub{i % 2}" / f"p{i:02d}.png", 480, 640, seed=i)
+    before = snapshot(src)
+    dst = tmp_path / "photos.identity"
+    start_worker(FACEMEND_CHUNK_FILES=1)
+    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity")
+    assert code == 0, err
+    job_id = out.strip()
+    deadline = time.monotonic() + 180
+    while len(list(dst.rglob("*.png"))) < 2:
+        assert time.monotonic() < deadline, "no file written"
+        time.sleep(0.05)
+    code, out, err = queued(capsys, monkeypatch, "cancel", job_id)
+    assert code == 0 and "CANCELLED" in out, out + err
+
+    def running() -> bool:
+        parts = queue_db.hgetall(f"facemend:job:{job_id}:parts")
+        return any(k.endswith(b".state") and v == b"RUNNING" for k, v in parts.items())
+
+    while running():  # the chunk being written when the cancel came stops after that file
+        assert time.monotonic() < deadline, "a chunk never stopped"
+        time.sleep(0.1)
+    assert not dst.exists(), sorted(map(str, dst.rglob("*")))
+    assert snapshot(src) == before
+    assert leftovers(tmp_path) == []
+    code, out, err = queued(capsys, monkeypatch, "wait", job_id)
+    assert code == 5, out + err

@@ -93,6 +93,10 @@ def cancel(store: JobStore, settings: Settings, job_id: str) -> Job:
         app.control.revoke(ids)  # never terminate: running parts see the flag and stop themselves
         if job.kind == "video":
             shutil.rmtree(parts_dir(Path(job.output), job_id), ignore_errors=True)
+        else:  # the files written so far (a running chunk removes the one it is writing)
+            from .parts import remove_outputs
+
+            remove_outputs(store, job)
     return job
 
 

@@ -73,9 +73,28 @@ def fail(job: Job, error: str, exit_code: int = 1) -> None:
 
 
 def cleanup(job: Job) -> None:
-    """Remove a video job's parts (the job is over, whichever way)."""
+    """Remove a video job's parts (the job is over, whichever way); a cancelled folder or image
+    job's outputs."""
     if job.kind == "video" and job.output:
         shutil.rmtree(parts_dir(Path(job.output), job.id), ignore_errors=True)
+    elif job.output:
+        try:
+            state, _ = store().state(job.id)
+        except Exception:  # Redis hiccup: the cancel's own clean-up, or the next part's, removes them
+            return
+        if state == CANCELLED:
+            remove_outputs(store(), job)
+
+
+def remove_outputs(records: JobStore, job: Job) -> None:
+    """A cancelled folder or image job: remove the files it wrote (recorded as processed; a
+    skipped file's output was not written by it) and the folders this leaves empty."""
+    from pipeline.job import remove_written
+
+    written = [Path(r["output"]) for r in records.file_results(job.id).values()
+               if r.get("status") == "processed" and r.get("output")]
+    if written:
+        remove_written(written, Path(job.output) if job.kind == "folder" else None)
 
 
 class PartTask(Task):

@@ -260,6 +260,8 @@ def chunk(self, job_id: str, index: int) -> dict:
                     return part_cancelled(job, index)
                 if src not in seen:
                     store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
+                    if cancelled():  # cancelled while it was written: it goes with the others
+                        return part_cancelled(job, index)
                 progress(1)
             write_sheet()
         progress.flush()
