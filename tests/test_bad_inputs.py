@@ -695,3 +695,23 @@ def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capsys, monke
     assert leftovers(tmp_path) == []
     code, out, err = queued(capsys, monkeypatch, "wait", job_id)
     assert code == 5, out + err
+
+
+def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capsys, monkeypatch, start_worker):
+    src = tmp_path / "photos"
+    write_image(src / "a.png", 40, 50, seed=1)
+    good = (src / "a.png").read_bytes()
+    (src / "b_truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "c_notes.mp4").write_text("not a video")
+    write_image(src / "d_thumb.png", 12, 12, seed=2)
+    before = snapshot(src)
+    start_worker(FACEMEND_CHUNK_FILES=2)
+    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity", "--wait", "--json")
+    assert code == 6, out + err
+    failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
+    assert [("b_truncated.png" in f, "c_notes.mp4" in f) for f in sorted(failed)] == [(True, False), (False, True)]
+    job = json.loads(out.strip().splitlines()[-1])
+    assert job["summary"]["processed"] == 2 and job["summary"]["failed"] == 2
+    assert sorted(p.name for p in (tmp_path / "photos.identity").iterdir()) == ["a.png", "d_thumb.png"]
+    assert snapshot(src) == before
+    assert leftovers(tmp_path) == []

@@ -17,10 +17,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+from celery.exceptions import SoftTimeLimitExceeded
 
 from pipeline import media
 from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
-from pipeline.job import JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder
+from pipeline.job import (JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder,
+                          unexpected)
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
 from pipeline.video import process_range
@@ -283,11 +285,14 @@ def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
     try:
         check_roots(src, out, app.facemend_settings)  # a link in the folder may point elsewhere
         process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
-    except OutputUnwritable:
+    except (OutputUnwritable, SoftTimeLimitExceeded):  # the chunk's concern, not this file's
         raise
     except FacemendError as e:
         log.warning("%s", e)
         return {"status": "failed", "output": str(out), "error": str(e), "exit_code": e.exit_code}
+    except Exception as e:  # as the embedded run: an error no check foresaw fails this file only
+        log.warning("%s", src, exc_info=True)
+        return {"status": "failed", "output": str(out), "error": unexpected(src, e), "exit_code": 1}
     return {"status": "processed", "output": str(out), "faces": result.faces}
 
 
