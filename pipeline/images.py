@@ -51,6 +51,9 @@ def read_image(path: Path) -> np.ndarray:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as e:  # no permission, a folder, an I/O error
         raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and data[-4096:].tobytes().rfind(b"IEND") < 0:
+        # refused here: libpng would print its own complaint on stderr before OpenCV gives up
+        raise CorruptInput(f"{path}: truncated PNG (its end is missing)")
     img = None
     if data.size:
         level = cv2.utils.logging.getLogLevel()

@@ -715,3 +715,20 @@ def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capsys, m
     assert sorted(p.name for p in (tmp_path / "photos.identity").iterdir()) == ["a.png", "d_thumb.png"]
     assert snapshot(src) == before
     assert leftovers(tmp_path) == []
+
+
+def test_truncated_png_is_one_line_on_stderr_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    whole = write_image(tmp_path / "whole.png", 60, 80).read_bytes()
+    src = tmp_path / "cut.png"
+    src.write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "whole.png").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", str(src), "--task", "identity"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines() == [f"facemend: error: {src}: truncated PNG (its end is missing)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png"]
