@@ -732,3 +732,31 @@ def test_truncated_png_is_one_line_on_stderr_and_nothing_else(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.splitlines() == [f"facemend: error: {src}: truncated PNG (its end is missing)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png"]
+
+
+def test_read_only_output_folder(tmp_path, capsys):
+    """A real read-only file system (a read-only bind mount; needs the right to mount, as root
+    in a container has): refused before any work, and the write-time mapping says the same."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    bound = subprocess.run(["mount", "--bind", "-o", "ro", str(ro), str(ro)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here ({bound.stderr.decode().strip()})")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+        src = write_image(tmp_path / "in" / "face.png", 40, 40)
+        before = snapshot(tmp_path / "in")
+        code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", ro / "face.png")
+        assert code == 4, err
+        error_line(err, "face.png", "read-only file system")
+        from pipeline.images import write_image as write_image_file
+
+        with pytest.raises(Exception) as e:  # past the check: the OSError is mapped to one line
+            write_image_file(ro / "x.png", np.zeros((4, 4, 3), np.uint8), src)
+        assert type(e.value).__name__ == "OutputUnwritable" and "read-only file system" in str(e.value)
+        assert list(ro.iterdir()) == []
+        assert snapshot(tmp_path / "in") == before
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
