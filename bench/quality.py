@@ -446,11 +446,11 @@ def mask_psnr(frames, clean, masks) -> float:
 
 
 def write_sheet(path: Path, clean, given, out, heads, limit: int = 4, size: int = 256) -> None:
-    """Rows of (clean, degraded, facemend) head crops at ``size`` px high: the first frame's
-    heads, largest first."""
+    """Rows of (clean, degraded, facemend) head crops at ``size`` px high: the last frame's
+    heads (a clip's output there has been through every frame before it), largest first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for k in range(len(clean)):
+    for k in reversed(range(len(clean))):
         for x0, y0, x1, y1 in sorted(heads[k], key=lambda b: -(b[2] - b[0]))[:limit]:
             # the head and as much again around it: the feathered edge of the paste is in view
             H, W = clean[k].shape[:2]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from . import align, regions
@@ -74,6 +75,7 @@ class FaceRestorer:
         self.ensemble = ensemble
         self.identity = getattr(model, "net", None) is None
         self.faces_restored = 0
+        self._last = None  # (frame index, [(rect, output)]) of the last video frame restored
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
         # the layout tensor cores want on CUDA; same outputs. None: on for learned non-latent nets
         if channels_last is None:
@@ -83,7 +85,9 @@ class FaceRestorer:
             self.model = model.to(memory_format=torch.channels_last)
 
     def reset(self) -> None:
-        """Forget per-track state (a FaceMath edit's smoothed codes); call before each video."""
+        """Forget per-track state (a FaceMath edit's smoothed codes, the last frame's output);
+        call before each video."""
+        self._last = None
         reset = getattr(self.model, "reset", None)
         if reset is not None:
             reset()
@@ -107,8 +111,11 @@ class FaceRestorer:
         """True when the network runs on heads cut from the frame at its own resolution."""
         return bool(self.spec.native) and not getattr(self.spec, "latent", False)
 
-    def deltas(self, images: list[np.ndarray], faces: list[list[Face]]) -> list[list[tuple[Rect, np.ndarray]]]:
-        """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3)."""
+    def deltas(self, images: list[np.ndarray], faces: list[list[Face]],
+               frames: list[int] | None = None) -> list[list[tuple[Rect, np.ndarray]]]:
+        """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3). frames:
+        the images' frame indices when they are frames of one video, in order (a local network's
+        output is then steadied over time)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs = []  # (image index, face, size, matrix, crop), one per face and zoom
         views = self.zooms
@@ -116,7 +123,7 @@ class FaceRestorer:
             self.faces_restored += sum(len(fs) for fs in faces)
             if self.identity and self.preview is None:
                 return out  # nothing changes: skip the work, output stays bit-exact
-            return self._local_deltas(images, faces)
+            return self._local_deltas(images, faces, frames)
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
@@ -146,11 +153,13 @@ class FaceRestorer:
             start = end
         return out
 
-    def _local_deltas(self, images: list[np.ndarray], faces: list[list[Face]]) -> list[list[tuple[Rect, np.ndarray]]]:
+    def _local_deltas(self, images: list[np.ndarray], faces: list[list[Face]],
+                      frames: list[int] | None = None) -> list[list[tuple[Rect, np.ndarray]]]:
         """``deltas`` for a local network: each frame's head regions (``regions.regions``) cut
         straight from the frame, restored in batches of one shape, and their change feathered
         in the same pixel grid. A region smaller than the network's stride allows at the frame's
-        edge is padded by reflection, and the padding dropped."""
+        edge is padded by reflection, and the padding dropped. With ``frames`` (the frames'
+        indices in a video) the result is steadied over time (``_steady``)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         m = getattr(self.model, "multiple", 1)
         jobs = []  # (image index, rect, crop as given to the network, a track in it or -1)
@@ -166,25 +175,60 @@ class FaceRestorer:
         by_shape: dict[tuple[int, int], list[int]] = {}
         for j, (_i, _r, crop, _t) in enumerate(jobs):
             by_shape.setdefault(crop.shape[:2], []).append(j)
+        restored: dict[int, np.ndarray] = {}
         for (h, w), idxs in by_shape.items():
             step = self.batch_for(max(h, w))
             for k in range(0, len(idxs), step):
                 chunk = idxs[k : k + step]
-                for j, rest in zip(chunk, self._run([jobs[j][2] for j in chunk])):
-                    i, rect, crop, track = jobs[j]
-                    x0, y0, x1, y1 = rect
-                    rh, rw = y1 - y0, x1 - x0
-                    weight = regions.feather(rh, rw, rect, images[i].shape)
-                    given = crop[:rh, :rw].astype(np.float32)
-                    rest = rest[:rh, :rw]
-                    if self.colour_match:
-                        rest = align.match_colour(rest, given, weight)
-                    if self.preview is not None:
-                        self.preview.offer(track, crop[:rh, :rw], np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                    delta = (rest - given) * weight[..., None]
-                    if np.any(delta):
-                        out[i].append((rect, delta))
+                restored.update(zip(chunk, self._run([jobs[j][2] for j in chunk])))
+        previous = None
+        for j, (i, rect, crop, track) in enumerate(jobs):  # in frame order
+            x0, y0, x1, y1 = rect
+            rh, rw = y1 - y0, x1 - x0
+            weight = regions.feather(rh, rw, rect, images[i].shape)
+            given = crop[:rh, :rw].astype(np.float32)
+            rest = restored.pop(j)[:rh, :rw]
+            if self.colour_match:
+                rest = align.match_colour(rest, given, weight)
+            if frames is not None:
+                rest = self._steady(frames[i], rect, rest)
+            if self.preview is not None:
+                self.preview.offer(track, crop[:rh, :rw], np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+            delta = (rest - given) * weight[..., None]
+            if np.any(delta):
+                out[i].append((rect, delta))
         return out
+
+    # temporal steadying of a local network's output (video): see ``_steady``
+    STEADY = 0.6  # how much of the previous frame's output a still pixel keeps
+    STEADY_LEVELS = 10.0  # the change (0..255 levels, locally averaged) at which it keeps 1/e of that
+
+    def _steady(self, frame: int, rect: Rect, rest: np.ndarray) -> np.ndarray:
+        """A restored region blended with the previous frame's output where the two agree.
+
+        A network restores each frame alone, so what it leaves of the noise changes from frame
+        to frame and a face shimmers more than the clean clip does. Where the previous frame's
+        output (same pixels) differs from this one's by little, locally averaged, the two are
+        blended (a motion-adaptive recursive filter, as video denoisers do); where they differ
+        (the face moved, the mouth opened) this frame's output is kept as it is. ``reset``
+        forgets the previous frame."""
+        last = self._last if self._last is not None and self._last[0] == frame - 1 else None
+        if self._last is None or self._last[0] != frame:
+            self._last = (frame, [])
+        if last is not None:
+            rest = rest.copy()
+            x0, y0, x1, y1 = rect
+            for (a0, b0, a1, b1), prev in last[1]:
+                ox0, oy0, ox1, oy1 = max(x0, a0), max(y0, b0), min(x1, a1), min(y1, b1)
+                if ox1 <= ox0 or oy1 <= oy0:
+                    continue
+                cur = rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
+                old = prev[oy0 - b0 : oy1 - b0, ox0 - a0 : ox1 - a0]
+                diff = cv2.blur(np.abs(old - cur).mean(axis=-1), (5, 5))
+                w = self.STEADY * np.exp(-((diff / self.STEADY_LEVELS) ** 2))
+                rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = cur + w[..., None] * (old - cur)
+        self._last[1].append((rect, rest))
+        return rest
 
     def _restore_jobs(self, jobs: list, given: list[np.ndarray], which) -> dict[int, np.ndarray]:
         """The network's (colour-matched) output for ``given[j]``, j in ``which``, in batches of

@@ -215,6 +215,9 @@ def process_range(
     tracker = FaceTracker(first=max(0, start - ctx))
     first, last = max(0, start - ctx), min(vplan.frames, stop + ctx)
     stats = RangeStats(start=start, stop=stop)
+    reset = getattr(restorer, "reset", None)
+    if reset is not None:  # per-video state (the last frame's output, smoothed codes) starts anew
+        reset()
     clock = _Clock(stats.stages)
     t0 = time.perf_counter()
     pending: dict[int, np.ndarray] = {}  # frame index -> I420, awaiting final faces
@@ -232,7 +235,7 @@ def process_range(
             with_faces = [i for i in idx if faces[i]]
             rgbs = [i420_to_rgb(pending[i], matrix) for i in with_faces]
             with clock("restore"):
-                deltas = restorer.deltas(rgbs, [faces[i] for i in with_faces])
+                deltas = restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces)
             with clock("paste"):
                 for i, ds in zip(with_faces, deltas):
                     for rect, d in ds:

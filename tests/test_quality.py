@@ -135,3 +135,42 @@ def test_a_local_network_sees_and_changes_the_frames_own_pixels():
     outside = np.ones(frame.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
     assert not change[outside].any()
+
+
+def test_a_local_networks_video_output_is_steadied_where_frames_agree():
+    """What a network leaves of the noise changes from frame to frame; where the previous
+    frame's output is nearly this one's, the two are blended (the face shimmers less), where it
+    differs (motion) this frame's output stands, and frames that do not follow each other, or
+    still images, are never blended."""
+    import torch
+
+    from models.registry import Restorer
+    from models.tasks import resolve
+    from pipeline.restore import FaceRestorer
+
+    class Level(torch.nn.Module):  # paints the crop one flat level, set from outside
+        multiple = 8
+        level = 100.0
+
+        def forward(self, x):
+            return torch.full_like(x, self.level / 255)
+
+    net = Level()
+    r = FaceRestorer(Restorer(resolve("denoise"), net).eval(), colour_match=False)
+    frame = np.full((240, 320, 3), 50, np.uint8)
+    face = _face(120, 60, 200, 160)
+    cy, cx = 110, 160
+
+    def centre(frames, level):
+        net.level = level
+        (x0, y0, _, _), delta = r.deltas([frame], [[face]], frames=frames)[0][0]
+        return 50 + delta[cy - y0, cx - x0, 0]
+
+    assert centre([0], 100) == 100
+    small = centre([1], 104)  # nearly the last frame's: pulled towards it
+    assert 100 < small < 103
+    assert centre([2], 160) > 155  # far from it (motion): kept
+    assert centre([5], 100) == 100  # not the next frame: nothing to blend with
+    r.reset()
+    assert centre([6], 104) == 104
+    assert centre(None, 100) == 100  # still images

@@ -251,7 +251,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.faces: list = []
 
-    def deltas(self, images, faces):
+    def deltas(self, images, faces, frames=None):
         self.faces += [list(fs) for fs in faces]
         return [[] for _ in images]
 

@@ -86,9 +86,9 @@ class RecordingRestorer:
     def __init__(self, inner) -> None:
         self.inner, self.seen = inner, []
 
-    def deltas(self, images, faces):
+    def deltas(self, images, faces, frames=None):
         self.seen += [np.array([f.landmarks for f in fs]) for fs in faces]
-        return self.inner.deltas(images, faces)
+        return self.inner.deltas(images, faces, frames)
 
 
 def test_faces_do_not_jump_at_a_segment_cut(tmp_path):
