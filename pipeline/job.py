@@ -124,9 +124,10 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     """Validate input and output before any work; returns the input kind."""
     if not src.exists():
         raise InputNotFound(f"{src}: no such file or folder")
-    special = special_file(src)
-    if special:  # opening a FIFO would wait for a writer forever
-        raise UnsupportedInput(f"{src}: is {special}, not a file facemend can read")
+    for path in (src, *([Path(opts.to)] if opts.to else [])):
+        special = special_file(path)
+        if special:  # opening a FIFO would wait for a writer forever
+            raise UnsupportedInput(f"{path}: is {special}, not a file facemend can read")
     if src.resolve() == dst.resolve():
         raise OutputError(f"{dst}: the output path is the input; choose another --output")
     if opts.preview:

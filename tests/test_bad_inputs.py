@@ -422,6 +422,15 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_fifo_as_the_morph_target_is_refused(tmp_path, capsys):
+    src = write_image(tmp_path / "a.png", 40, 40)
+    os.mkfifo(tmp_path / "b.png")
+    code, _, err = run(capsys, "submit", src, "--task", "morph", "--to", tmp_path / "b.png")
+    assert code == 3, err
+    error_line(err, "b.png", "named pipe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 def test_device_linked_as_input_is_refused(tmp_path, capsys):
     link = tmp_path / "null.mp4"
     link.symlink_to("/dev/null")
@@ -712,6 +721,7 @@ def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capsys, m
     assert [("b_truncated.png" in f, "c_notes.mp4" in f) for f in sorted(failed)] == [(True, False), (False, True)]
     job = json.loads(out.strip().splitlines()[-1])
     assert job["summary"]["processed"] == 2 and job["summary"]["failed"] == 2
+    assert [n for n in job["summary"]["notes"] if "d_thumb.png" in n and "smaller than" in n]
     assert sorted(p.name for p in (tmp_path / "photos.identity").iterdir()) == ["a.png", "d_thumb.png"]
     assert snapshot(src) == before
     assert leftovers(tmp_path) == []

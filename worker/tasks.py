@@ -293,7 +293,7 @@ def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
     except Exception as e:  # as the embedded run: an error no check foresaw fails this file only
         log.warning("%s", src, exc_info=True)
         return {"status": "failed", "output": str(out), "error": unexpected(src, e), "exit_code": 1}
-    return {"status": "processed", "output": str(out), "faces": result.faces}
+    return {"status": "processed", "output": str(out), "faces": result.faces, "notes": result.notes}
 
 
 @app.task(name="facemend.summarise")
@@ -310,6 +310,7 @@ def summarise(job_id: str) -> dict:
         "faces": sum(r.get("faces", 0) for r in by["processed"].values()),
         "failures": [{"file": f, "error": r["error"]} for f, r in by["failed"].items()],
         "skipped_files": [{"file": f, "reason": r["reason"]} for f, r in by["skipped"].items()],
+        "notes": [n for r in by["processed"].values() for n in r.get("notes", [])],
     }
     if job.kind == "image" and by["failed"]:
         (f, r), = by["failed"].items()
