@@ -16,18 +16,21 @@ import pytest
 import cli
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
+def run(capfd, *args) -> tuple[int, str, str]:
     """``cli.main`` in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
+    capfd.readouterr()
     code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     assert "Traceback" not in err, err
     return code, out, err
 
 
 def error_line(err: str, *words: str) -> str:
+    """The one error line on stderr (captured at the file descriptor: a library's own output
+    would show too), holding ``words``; anything else there is facemend's own log lines."""
     lines = [ln for ln in err.splitlines() if ln.startswith("facemend: error:")]
     assert len(lines) == 1, err
+    assert all(ln.startswith("facemend: ") for ln in err.splitlines() if ln.strip()), err
     for w in words:
         assert w in lines[0], lines[0]
     return lines[0]
@@ -96,11 +99,11 @@ def write_video(path: Path, w: int, h: int, frames: int = 6, audio: str | None =
 
 # ---- 1. pictures too small to hold a face ----------------------------------------------------
 
-def test_tiny_image_passes_through_unchanged(tmp_path, capsys, caplog):
+def test_tiny_image_passes_through_unchanged(tmp_path, capfd, caplog):
     src = write_image(tmp_path / "in" / "thumb.png", 30, 24)
     before = snapshot(tmp_path / "in")
     out = tmp_path / "thumb.out.png"
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     no_error(err)
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -112,11 +115,11 @@ def test_tiny_image_passes_through_unchanged(tmp_path, capsys, caplog):
     assert leftovers(tmp_path) == []
 
 
-def test_tiny_video_passes_through(tmp_path, capsys):
+def test_tiny_video_passes_through(tmp_path, capfd):
     src = write_video(tmp_path / "in" / "tiny.mp4", 32, 24, frames=5)
     before = snapshot(tmp_path / "in")
     out = tmp_path / "tiny.out.mp4"
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     no_error(err)
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -128,13 +131,13 @@ def test_tiny_video_passes_through(tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
-def test_thumbnail_in_a_folder_does_not_stop_the_job(tmp_path, capsys):
+def test_thumbnail_in_a_folder_does_not_stop_the_job(tmp_path, capfd):
     src = tmp_path / "photos"
     write_image(src / "a_big.png", 120, 160, seed=1)
     write_image(src / "b_thumb.jpg", 16, 16, seed=2)
     write_image(src / "sub" / "c_big.png", 90, 90, seed=3)
     before = snapshot(src)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--json")
     assert code == 0, err
     no_error(err)
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -147,7 +150,7 @@ def test_thumbnail_in_a_folder_does_not_stop_the_job(tmp_path, capsys):
 
 # ---- 2. bad files inside a folder ------------------------------------------------------------
 
-def test_bad_files_in_a_folder_are_listed_and_the_job_goes_on(tmp_path, capsys, monkeypatch):
+def test_bad_files_in_a_folder_are_listed_and_the_job_goes_on(tmp_path, capfd, monkeypatch):
     src = tmp_path / "photos"
     write_image(src / "a_good.png", 60, 80, seed=1)
     good = (src / "a_good.png").read_bytes()
@@ -170,7 +173,7 @@ def test_bad_files_in_a_folder_are_listed_and_the_job_goes_on(tmp_path, capsys, 
     monkeypatch.setattr(np, "fromfile", fromfile)
     write_image(src / "z_good.png", 60, 60, seed=3)
     before = snapshot(src)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--json")
     unreadable.chmod(0o644)
     assert code == 6, err
     no_error(err)
@@ -189,7 +192,7 @@ def test_bad_files_in_a_folder_are_listed_and_the_job_goes_on(tmp_path, capsys, 
     assert leftovers(tmp_path) == []
 
 
-def test_an_unexpected_error_on_one_file_fails_that_file_only(tmp_path, capsys, monkeypatch):
+def test_an_unexpected_error_on_one_file_fails_that_file_only(tmp_path, capfd, monkeypatch):
     import pipeline.job
 
     src = tmp_path / "photos"
@@ -203,7 +206,7 @@ def test_an_unexpected_error_on_one_file_fails_that_file_only(tmp_path, capsys, 
         return real(p, *a, **k)
 
     monkeypatch.setattr(pipeline.job, "restore_image", restore_image)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity")
     assert code == 6, err
     failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert failed == [f"failed: {src / 'a.png'}: cannot be processed (RuntimeError: something no check foresaw)"]
@@ -223,7 +226,7 @@ def full_disk_at(path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["image", "video"])
 @pytest.mark.parametrize("case", ["parent is a file", "under a file", "not writable", "disk full"])
-def test_unwritable_output(tmp_path, capsys, monkeypatch, kind, case):
+def test_unwritable_output(tmp_path, capfd, monkeypatch, kind, case):
     inp = tmp_path / "in"
     src = write_image(inp / "face.png", 48, 64) if kind == "image" else write_video(inp / "clip.mp4", 64, 48, 4)
     before = snapshot(inp)
@@ -245,7 +248,7 @@ def test_unwritable_output(tmp_path, capsys, monkeypatch, kind, case):
         out, words = tmp_path / "out" / name, ("no space left",)
         out.parent.mkdir()
         full_disk_at(out)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out)
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out)
     assert code == 4, err
     error_line(err, name, *words)
     assert not out.exists()
@@ -255,7 +258,7 @@ def test_unwritable_output(tmp_path, capsys, monkeypatch, kind, case):
         locked.chmod(0o755)
 
 
-def test_full_disk_stops_a_folder_job(tmp_path, capsys):
+def test_full_disk_stops_a_folder_job(tmp_path, capfd):
     src = tmp_path / "photos"
     write_image(src / "a.png", 40, 50, seed=1)
     write_image(src / "b.png", 40, 50, seed=2)
@@ -263,7 +266,7 @@ def test_full_disk_stops_a_folder_job(tmp_path, capsys):
     dst = tmp_path / "photos.identity"
     dst.mkdir()
     full_disk_at(dst / "a.png")
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--overwrite")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--overwrite")
     assert code == 4, err
     error_line(err, "a.png", "no space left")
     assert not [ln for ln in err.splitlines() if ln.startswith("failed:")]
@@ -279,32 +282,32 @@ def test_full_disk_stops_a_folder_job(tmp_path, capsys):
     ("clip.mp4", "clip.avi", ("a video is written as", ".avi")),
     ("clip.mp4", "clip", ("a video is written as", "no extension")),
 ])
-def test_unknown_output_extension(tmp_path, capsys, src_name, out_name, words):
+def test_unknown_output_extension(tmp_path, capfd, src_name, out_name, words):
     inp = tmp_path / "in"
     src = (write_image(inp / src_name, 40, 40) if src_name.endswith(".png")
            else write_video(inp / src_name, 64, 48, 3))
     before = snapshot(inp)
-    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", tmp_path / out_name)
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", tmp_path / out_name)
     assert code == 4, err
     error_line(err, out_name, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert snapshot(inp) == before
 
 
-def test_existing_folder_as_output_for_a_file(tmp_path, capsys):
+def test_existing_folder_as_output_for_a_file(tmp_path, capfd):
     src = write_image(tmp_path / "in" / "face.png", 40, 40)
     folder = tmp_path / "results.png"
     folder.mkdir()
     (folder / "keep.txt").write_text("mine")
     for extra in ([], ["--overwrite"]):
-        code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", folder, *extra)
+        code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", folder, *extra)
         assert code == 4, err
         error_line(err, "results.png", "is a folder")
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
     assert leftovers(tmp_path) == []
 
 
-def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capsys):
+def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capfd):
     # nothing listens on the broker's port: exit 4 (not 7) shows the refusal comes first
     src = write_video(tmp_path / "clip.mp4", 64, 48, 3)
     blocker = tmp_path / "blocker.txt"
@@ -312,7 +315,7 @@ def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capsys):
     broker = "redis://127.0.0.1:1/0"
     for out, words in ((tmp_path / "clip.xyz", ("a video is written as",)),
                        (blocker / "clip.out.mp4", ("blocker.txt is a file",))):
-        code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--broker", broker)
+        code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--broker", broker)
         assert code == 4, err
         error_line(err, out.name, *words)
         assert stdout == ""
@@ -321,26 +324,26 @@ def test_queued_job_refuses_a_bad_output_at_submit(tmp_path, capsys):
 
 # ---- 4. no temporary file left behind, whatever happens --------------------------------------
 
-def test_avi_output_is_refused_before_any_work(tmp_path, capsys):
+def test_avi_output_is_refused_before_any_work(tmp_path, capfd):
     src = write_video(tmp_path / "clip.mp4", 64, 48, 4, audio="aac")
     before = snapshot(tmp_path)
-    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", tmp_path / "out.avi")
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", tmp_path / "out.avi")
     assert code == 4, err
     error_line(err, "out.avi", ".avi")
     assert snapshot(tmp_path) == before
     assert leftovers(tmp_path) == []
 
 
-def test_avi_input_is_written_as_mp4(tmp_path, capsys):
+def test_avi_input_is_written_as_mp4(tmp_path, capfd):
     src = write_video(tmp_path / "clip.avi", 64, 48, 4)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity")
     assert code == 0, err
     assert (tmp_path / "clip.identity.mp4").exists()
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
-def test_join_stopped_halfway_leaves_nothing(tmp_path, capsys, monkeypatch, stop):
+def test_join_stopped_halfway_leaves_nothing(tmp_path, capfd, monkeypatch, stop):
     import heapq
 
     import pipeline.media
@@ -357,7 +360,7 @@ def test_join_stopped_halfway_leaves_nothing(tmp_path, capsys, monkeypatch, stop
     src = write_video(tmp_path / "in" / "clip.mp4", 64, 48, 8, audio="aac")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.mp4"
-    code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", out)
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", out)
     if stop is KeyboardInterrupt:
         assert code == 130 and err.strip().splitlines()[-1] == "facemend: interrupted", err
     else:
@@ -422,29 +425,29 @@ def test_fifo_input_is_refused_without_opening_it(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-def test_fifo_as_the_morph_target_is_refused(tmp_path, capsys):
+def test_fifo_as_the_morph_target_is_refused(tmp_path, capfd):
     src = write_image(tmp_path / "a.png", 40, 40)
     os.mkfifo(tmp_path / "b.png")
-    code, _, err = run(capsys, "submit", src, "--task", "morph", "--to", tmp_path / "b.png")
+    code, _, err = run(capfd, "submit", src, "--task", "morph", "--to", tmp_path / "b.png")
     assert code == 3, err
     error_line(err, "b.png", "named pipe")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
-def test_device_linked_as_input_is_refused(tmp_path, capsys):
+def test_device_linked_as_input_is_refused(tmp_path, capfd):
     link = tmp_path / "null.mp4"
     link.symlink_to("/dev/null")
-    code, _, err = run(capsys, "submit", link, "--task", "identity")
+    code, _, err = run(capfd, "submit", link, "--task", "identity")
     assert code == 3, err
     error_line(err, "null.mp4", "character device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["null.mp4"]
 
 
-def test_fifo_in_a_folder_is_skipped(tmp_path, capsys):
+def test_fifo_in_a_folder_is_skipped(tmp_path, capfd):
     src = tmp_path / "photos"
     write_image(src / "a.png", 40, 40)
     os.mkfifo(src / "b.jpg")
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--json")
     assert code == 0, err
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["files"]["processed"] == 1
@@ -459,13 +462,13 @@ def notes_of(stdout: str) -> list[str]:
     return json.loads(stdout.strip().splitlines()[-1])["notes"]
 
 
-def test_rgba_png_written_as_jpeg_says_the_transparency_is_dropped(tmp_path, capsys, caplog):
+def test_rgba_png_written_as_jpeg_says_the_transparency_is_dropped(tmp_path, capfd, caplog):
     img = np.random.default_rng(0).integers(0, 256, (40, 48, 4), dtype=np.uint8)
     img[:10, :, 3] = 0  # a transparent band
     src = tmp_path / "logo.png"
     cv2.imwrite(str(src), img)
     out = tmp_path / "logo.jpg"
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     notes = [n for n in notes_of(stdout) if "transparency" in n]
     assert notes == [f"{out}: JPEG has no alpha channel; the transparency is dropped"]
@@ -474,23 +477,23 @@ def test_rgba_png_written_as_jpeg_says_the_transparency_is_dropped(tmp_path, cap
     # an opaque alpha channel loses nothing: no note
     img[..., 3] = 255
     cv2.imwrite(str(src), img)
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--overwrite", "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--overwrite", "--json")
     assert code == 0 and not [n for n in notes_of(stdout) if "transparency" in n]
 
 
-def test_16_bit_written_as_jpeg_is_scaled_and_said(tmp_path, capsys):
+def test_16_bit_written_as_jpeg_is_scaled_and_said(tmp_path, capfd):
     img = np.full((40, 40, 3), 40000, np.uint16)
     src = tmp_path / "scan.png"
     cv2.imwrite(str(src), img)
     out = tmp_path / "scan.jpg"
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     assert [n for n in notes_of(stdout) if "16-bit" in n] == [
         f"{out}: .jpg holds 8 bits per channel; 16-bit pixels are reduced to 8 bits"]
     assert abs(float(cv2.imread(str(out)).mean()) - 40000 / 257) < 2  # scaled, not clipped to white
 
 
-def test_multi_page_tiff_says_the_other_pages_are_dropped(tmp_path, capsys):
+def test_multi_page_tiff_says_the_other_pages_are_dropped(tmp_path, capfd):
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -500,7 +503,7 @@ def test_multi_page_tiff_says_the_other_pages_are_dropped(tmp_path, capsys):
     pages[0].save(src, save_all=True, append_images=pages[1:])
     before = snapshot(src.parent)
     out = tmp_path / "scan.out.tif"
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     assert [n for n in notes_of(stdout) if "pages" in n] == [
         f"{src}: has 3 pages; only the first is restored and written, the other 2 are dropped"]
@@ -508,11 +511,11 @@ def test_multi_page_tiff_says_the_other_pages_are_dropped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("out_name,codec", [("out.mp4", "aac"), ("out.mov", "aac"), ("out.mkv", "pcm_s16le")])
-def test_pcm_audio_is_aac_in_mp4_and_kept_in_mkv(tmp_path, capsys, out_name, codec):
+def test_pcm_audio_is_aac_in_mp4_and_kept_in_mkv(tmp_path, capfd, out_name, codec):
     src = write_video(tmp_path / "in" / "clip.mov", 64, 48, 10, audio="pcm_s16le")
     before = snapshot(tmp_path / "in")
     out = tmp_path / out_name
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "-o", out, "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "-o", out, "--json")
     assert code == 0, err
     with av.open(str(out)) as c:
         assert [s.codec_context.name for s in c.streams.audio] == [codec]
@@ -524,9 +527,9 @@ def test_pcm_audio_is_aac_in_mp4_and_kept_in_mkv(tmp_path, capsys, out_name, cod
     assert leftovers(tmp_path) == []
 
 
-def test_aac_audio_is_still_copied(tmp_path, capsys):
+def test_aac_audio_is_still_copied(tmp_path, capfd):
     src = write_video(tmp_path / "clip.mp4", 64, 48, 10, audio="aac")
-    code, stdout, err = run(capsys, "submit", src, "--task", "identity", "--json")
+    code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--json")
     assert code == 0, err
     assert not [n for n in notes_of(stdout) if n.startswith("re-encoded")]
     with av.open(str(src)) as a, av.open(str(tmp_path / "clip.identity.mp4")) as b:
@@ -546,36 +549,36 @@ def storage(tmp_path, monkeypatch):
     return root, away
 
 
-def test_embedded_job_refuses_a_link_out_of_the_storage(storage, capsys):
+def test_embedded_job_refuses_a_link_out_of_the_storage(storage, capfd):
     root, away = storage
     secret = write_image(away / "secret.png", 40, 40)
     link = root / "innocent.png"
     link.symlink_to(secret)
-    code, _, err = run(capsys, "submit", link, "--task", "identity")
+    code, _, err = run(capfd, "submit", link, "--task", "identity")
     assert code == 3, err
     error_line(err, "innocent.png", "outside the shared storage", f"resolves to {secret}")
-    code, _, err = run(capsys, "submit", secret, "--task", "identity", "-o", root / "copy.png")
+    code, _, err = run(capfd, "submit", secret, "--task", "identity", "-o", root / "copy.png")
     assert code == 3, err
     error_line(err, "secret.png", "outside the shared storage")
     inside = write_image(root / "mine.png", 40, 40)
     (root / "out").symlink_to(away, target_is_directory=True)
-    code, _, err = run(capsys, "submit", inside, "--task", "identity", "-o", root / "out" / "mine.png")
+    code, _, err = run(capfd, "submit", inside, "--task", "identity", "-o", root / "out" / "mine.png")
     assert code == 4, err
     error_line(err, "mine.png", "outside the shared storage")
-    code, _, err = run(capsys, "submit", inside, "--task", "identity", "--preview", away / "sheet.png")
+    code, _, err = run(capfd, "submit", inside, "--task", "identity", "--preview", away / "sheet.png")
     assert code == 4, err
     error_line(err, "sheet.png", "outside the shared storage")
     assert sorted(p.name for p in root.iterdir()) == ["innocent.png", "mine.png", "out"]
     assert sorted(p.name for p in away.iterdir()) == ["secret.png"]
 
 
-def test_embedded_folder_job_fails_a_link_out_of_the_storage(storage, capsys):
+def test_embedded_folder_job_fails_a_link_out_of_the_storage(storage, capfd):
     root, away = storage
     write_image(away / "secret.png", 40, 40)
     src = root / "photos"
     write_image(src / "a.png", 40, 40)
     (src / "b.png").symlink_to(away / "secret.png")
-    code, _, err = run(capsys, "submit", src, "--task", "identity")
+    code, _, err = run(capfd, "submit", src, "--task", "identity")
     assert code == 6, err
     failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert len(failed) == 1 and "b.png" in failed[0] and "outside the shared storage" in failed[0]
@@ -643,13 +646,13 @@ def start_worker(queue_db, tmp_path):
         proc.wait(timeout=30)
 
 
-def queued(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+def queued(capfd, monkeypatch, *args) -> tuple[int, str, str]:
     """The CLI in this process against the tests' Redis database."""
     monkeypatch.setenv("FACEMEND_BROKER_URL", QUEUE_REDIS)
-    return run(capsys, *args)
+    return run(capfd, *args)
 
 
-def test_worker_checks_storage_roots_on_real_paths(tmp_path, capsys, monkeypatch, start_worker):
+def test_worker_checks_storage_roots_on_real_paths(tmp_path, capfd, monkeypatch, start_worker):
     root, away = tmp_path / "shared", tmp_path / "elsewhere"
     write_image(away / "secret.png", 40, 40)
     src = root / "photos"
@@ -658,13 +661,13 @@ def test_worker_checks_storage_roots_on_real_paths(tmp_path, capsys, monkeypatch
     start_worker(FACEMEND_STORAGE_ROOTS=root, FACEMEND_CHUNK_FILES=1)
     # the worker judges each file of a folder where it really is: the link fails, alone
     monkeypatch.delenv("FACEMEND_STORAGE_ROOTS", raising=False)
-    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity", "--wait", "-q")
+    code, out, err = queued(capfd, monkeypatch, "submit", src, "--task", "identity", "--wait", "-q")
     assert code == 6, out + err
     failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert len(failed) == 1 and "b.png" in failed[0] and "outside the shared storage" in failed[0], err
     assert sorted(p.name for p in (root / "photos.identity").iterdir()) == ["a.png"]
     # a job submitted from a machine without the setting is refused by the worker's plan
-    code, out, err = queued(capsys, monkeypatch, "submit", away / "secret.png", "--task", "identity",
+    code, out, err = queued(capfd, monkeypatch, "submit", away / "secret.png", "--task", "identity",
                             "-o", root / "copy.png", "--wait", "-q")
     assert code == 3, out + err
     assert "outside the shared storage" in out
@@ -673,7 +676,7 @@ def test_worker_checks_storage_roots_on_real_paths(tmp_path, capsys, monkeypatch
 
 # ---- 9. a cancelled folder job takes back what it wrote ---------------------------------------
 
-def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capsys, monkeypatch, start_worker, queue_db):
+def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capfd, monkeypatch, start_worker, queue_db):
     import time
 
     src = tmp_path / "photos"
@@ -682,14 +685,14 @@ def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capsys, monke
     before = snapshot(src)
     dst = tmp_path / "photos.identity"
     start_worker(FACEMEND_CHUNK_FILES=1)
-    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity")
+    code, out, err = queued(capfd, monkeypatch, "submit", src, "--task", "identity")
     assert code == 0, err
     job_id = out.strip()
     deadline = time.monotonic() + 180
     while len(list(dst.rglob("*.png"))) < 2:
         assert time.monotonic() < deadline, "no file written"
         time.sleep(0.05)
-    code, out, err = queued(capsys, monkeypatch, "cancel", job_id)
+    code, out, err = queued(capfd, monkeypatch, "cancel", job_id)
     assert code == 0 and "CANCELLED" in out, out + err
 
     def running() -> bool:
@@ -702,11 +705,11 @@ def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capsys, monke
     assert not dst.exists(), sorted(map(str, dst.rglob("*")))
     assert snapshot(src) == before
     assert leftovers(tmp_path) == []
-    code, out, err = queued(capsys, monkeypatch, "wait", job_id)
+    code, out, err = queued(capfd, monkeypatch, "wait", job_id)
     assert code == 5, out + err
 
 
-def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capsys, monkeypatch, start_worker):
+def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capfd, monkeypatch, start_worker):
     src = tmp_path / "photos"
     write_image(src / "a.png", 40, 50, seed=1)
     good = (src / "a.png").read_bytes()
@@ -715,7 +718,7 @@ def test_queued_folder_with_bad_files_lists_them_and_exits_6(tmp_path, capsys, m
     write_image(src / "d_thumb.png", 12, 12, seed=2)
     before = snapshot(src)
     start_worker(FACEMEND_CHUNK_FILES=2)
-    code, out, err = queued(capsys, monkeypatch, "submit", src, "--task", "identity", "--wait", "--json")
+    code, out, err = queued(capfd, monkeypatch, "submit", src, "--task", "identity", "--wait", "--json")
     assert code == 6, out + err
     failed = [ln for ln in err.splitlines() if ln.startswith("failed: ")]
     assert [("b_truncated.png" in f, "c_notes.mp4" in f) for f in sorted(failed)] == [(True, False), (False, True)]
@@ -744,7 +747,7 @@ def test_truncated_png_is_one_line_on_stderr_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.png"]
 
 
-def test_read_only_output_folder(tmp_path, capsys):
+def test_read_only_output_folder(tmp_path, capfd):
     """A real read-only file system (a read-only bind mount; needs the right to mount, as root
     in a container has): refused before any work, and the write-time mapping says the same."""
     import subprocess
@@ -758,7 +761,7 @@ def test_read_only_output_folder(tmp_path, capsys):
         subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
         src = write_image(tmp_path / "in" / "face.png", 40, 40)
         before = snapshot(tmp_path / "in")
-        code, _, err = run(capsys, "submit", src, "--task", "identity", "-o", ro / "face.png")
+        code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", ro / "face.png")
         assert code == 4, err
         error_line(err, "face.png", "read-only file system")
         from pipeline.images import write_image as write_image_file
