@@ -241,9 +241,9 @@ def check_facemath_args(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipeline.errors import InputError, ModelError, OutputError, OutputExists
+    from pipeline.errors import InputError, ModelError, OutputError, OutputExists, output_error
     from pipeline.generate import write_grid
-    from pipeline.job import pick_device
+    from pipeline.job import check_writable, pick_device
 
     if not 1 <= args.count <= 1024:
         raise InputError(f"--count {args.count}: choose 1 to 1024 faces")
@@ -251,16 +251,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--face-size {args.face_size}: choose 16 to 1024 pixels")
     if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise OutputError(f"{args.output}: the grid is written as .png, .jpg or .webp")
+    if args.output.is_dir():
+        raise OutputError(f"{args.output}: is a folder; give --output a file name")
     if args.output.exists() and not args.overwrite:
         raise OutputExists(f"{args.output}: the output exists (use --overwrite to replace it)")
+    check_writable(args.output)
     try:
         from models.facemath import FaceMath
 
         fm = FaceMath.load(pick_device(args.device))
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ModelError(f"generate: {e}") from None
-    n = write_grid(fm, args.output, count=args.count, seed=args.seed, temperature=args.temperature,
-                   face_size=args.face_size, columns=args.columns, crisp=args.sharpen, prior=args.prior)
+    try:
+        n = write_grid(fm, args.output, count=args.count, seed=args.seed, temperature=args.temperature,
+                       face_size=args.face_size, columns=args.columns, crisp=args.sharpen, prior=args.prior)
+    except OSError as e:  # a full disk, no permission: one line
+        raise output_error(args.output, e) from None
     print(f"{args.output}: {n} faces (seed {args.seed}, temperature {args.temperature:g})")
     return 0
 

@@ -773,3 +773,16 @@ def test_read_only_output_folder(tmp_path, capfd):
         assert snapshot(tmp_path / "in") == before
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_generate_refuses_an_unwritable_output_before_loading_anything(tmp_path, capfd):
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("x")
+    code, _, err = run(capfd, "generate", "--count", "1", "-o", blocker / "grid.png")
+    assert code == 4, err
+    error_line(err, "grid.png", "blocker.txt is a file")
+    (tmp_path / "grids.png").mkdir()
+    code, _, err = run(capfd, "generate", "--count", "1", "-o", tmp_path / "grids.png", "--overwrite")
+    assert code == 4, err
+    error_line(err, "grids.png", "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt", "grids.png"]
