@@ -152,7 +152,7 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     if src.is_dir():
         if dst.resolve().is_relative_to(src.resolve()):
             raise OutputError(f"{dst}: the output folder is inside the input folder {src}")
-        if not scan_folder(src)[0]:
+        if not scan_folder(src, warn=False)[0]:
             raise InputError(f"{src}: the folder holds no images or videos")
         if dst.exists() and not dst.is_dir():
             raise OutputError(f"{dst}: exists and is not a folder")
@@ -215,10 +215,16 @@ def _read_only(p: Path) -> bool:
         return False
 
 
-def scan_folder(root: Path) -> tuple[list[Path], list[dict]]:
+def scan_folder(root: Path, *, warn: bool = True) -> tuple[list[Path], list[dict]]:
     """Media files under ``root`` (sorted, recursive) and the other files with a skip reason."""
     files, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(e: OSError) -> None:  # a subfolder that cannot be listed: said, not ignored
+        skipped.append({"file": str(e.filename), "reason": f"folder cannot be read ({e.strerror or e})"})
+        if warn:
+            log.warning("%s: skipped (%s)", e.filename, skipped[-1]["reason"])
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name

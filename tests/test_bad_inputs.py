@@ -786,3 +786,27 @@ def test_generate_refuses_an_unwritable_output_before_loading_anything(tmp_path,
     assert code == 4, err
     error_line(err, "grids.png", "is a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt", "grids.png"]
+
+
+def test_unreadable_subfolder_is_said_not_ignored(tmp_path, capfd, monkeypatch, caplog):
+    src = tmp_path / "photos"
+    write_image(src / "a.png", 40, 40)
+    write_image(src / "locked" / "b.png", 40, 40)
+    (src / "locked").chmod(0)  # root lists it anyway: simulate the EACCES a user gets
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == src / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        code, stdout, err = run(capfd, "submit", src, "--task", "identity", "--json")
+    finally:
+        (src / "locked").chmod(0o755)
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["skipped"] == [{"file": str(src / "locked"), "reason": "folder cannot be read (Permission denied)"}]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "locked" in r.getMessage()]
+    assert said == [f"{src / 'locked'}: skipped (folder cannot be read (Permission denied))"]
