@@ -243,7 +243,7 @@ def check_facemath_args(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.errors import InputError, ModelError, OutputError, OutputExists, output_error
     from pipeline.generate import write_grid
-    from pipeline.job import check_writable, pick_device
+    from pipeline.job import check_name_length, check_writable, pick_device
 
     if not 1 <= args.count <= 1024:
         raise InputError(f"--count {args.count}: choose 1 to 1024 faces")
@@ -251,6 +251,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--face-size {args.face_size}: choose 16 to 1024 pixels")
     if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise OutputError(f"{args.output}: the grid is written as .png, .jpg or .webp")
+    check_name_length(args.output, OutputError)
     if args.output.is_dir():
         raise OutputError(f"{args.output}: is a folder; give --output a file name")
     if args.output.exists() and not args.overwrite:

@@ -117,11 +117,25 @@ def default_output(src: Path, task: str) -> Path:
 
 
 def resolve_output(src: Path, opts: JobOptions) -> Path:
+    check_name_length(Path(src), InputNotFound)  # such a path cannot even be asked about
     return Path(opts.output) if opts.output else default_output(src, opts.task)
+
+
+def check_name_length(path: Path, error: type[FacemendError]) -> None:
+    """Raise ``error`` when a component of ``path`` is longer than a file name can be (255 bytes
+    on Linux file systems; ``Path.exists`` raises instead of answering for such a path)."""
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > 255:
+        raise error(f"{path}: file name too long ({longest} bytes, 255 at most)")
 
 
 def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     """Validate input and output before any work; returns the input kind."""
+    check_name_length(src, InputNotFound)
+    check_name_length(dst, OutputUnwritable)
+    for other, error in ((opts.to, InputNotFound), (opts.preview, OutputUnwritable)):
+        if other:
+            check_name_length(Path(other), error)
     if not src.exists():
         raise InputNotFound(f"{src}: no such file or folder")
     for path in (src, *([Path(opts.to)] if opts.to else [])):

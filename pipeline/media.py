@@ -382,8 +382,14 @@ def encoder_available(codec: str) -> bool:
 
 
 def partial_name(path: Path) -> Path:
-    """Temporary sibling used while ``path`` is being written (renamed when complete)."""
-    return path.with_name(f".{path.stem}.partial.{os.getpid()}{path.suffix}")
+    """Temporary sibling used while ``path`` is being written (renamed when complete). Its stem
+    is shortened where the name would pass the file system's 255 bytes (the output's own name
+    may be up to that long)."""
+    tail = f".partial.{os.getpid()}{path.suffix}"
+    stem = path.stem
+    while len(f".{stem}{tail}".encode()) > 255 and stem:
+        stem = stem[:-1]
+    return path.with_name(f".{stem}{tail}")
 
 
 class VideoEncoder:

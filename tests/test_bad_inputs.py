@@ -810,3 +810,19 @@ def test_unreadable_subfolder_is_said_not_ignored(tmp_path, capfd, monkeypatch, 
     assert result["skipped"] == [{"file": str(src / "locked"), "reason": "folder cannot be read (Permission denied)"}]
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "locked" in r.getMessage()]
     assert said == [f"{src / 'locked'}: skipped (folder cannot be read (Permission denied))"]
+
+
+def test_an_output_name_near_the_length_limit_is_written(tmp_path, capfd):
+    src = write_image(tmp_path / "in" / "face.png", 40, 40)
+    out = tmp_path / ("é" * 100 + "x" * 50 + ".png")  # 254 bytes: legal, its temporary name too
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", out)
+    assert code == 0, err
+    assert out.is_file() and leftovers(tmp_path) == []
+    too_long = tmp_path / ("x" * 256 + ".png")
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", too_long)
+    assert code == 4, err
+    error_line(err, "xxxx.png", "file name too long")
+    code, _, err = run(capfd, "submit", too_long, "--task", "identity")
+    assert code == 2, err
+    error_line(err, "xxxx.png", "file name too long")
+    assert leftovers(tmp_path) == []
