@@ -220,6 +220,23 @@ def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -
     return restored + shift.astype(np.float32)
 
 
+def match_colour_robust(restored: np.ndarray, original: np.ndarray, mask: np.ndarray,
+                        spread: float = 12.0) -> np.ndarray:
+    """``match_colour`` for a network that repaints part of the reference region (unmask: a mask
+    pulled up over the nose lies in the upper face): each channel is shifted by the mean
+    difference over the pixels of ``mask`` (weight over 0.5) whose difference lies within
+    ``spread`` levels of the median difference, so the repainted pixels, far from it, do not
+    pull the face's colour towards the mask's."""
+    sel = mask > 0.5
+    if not sel.any():
+        return match_colour(restored, original, mask)
+    diff = (original[sel] - restored[sel]).astype(np.float32)  # (n, C)
+    med = np.median(diff, axis=0)
+    close = np.all(np.abs(diff - med) <= spread, axis=-1)
+    shift = diff[close].mean(axis=0) if close.sum() >= 16 else med
+    return restored + shift.astype(np.float32)
+
+
 def _frame_rect(matrix: np.ndarray, size: int, frame_shape: tuple[int, int], height: int | None = None):
     """The frame rectangle a ``size`` crop (``height`` tall if given) under ``matrix`` covers,
     clipped to the frame, and the affine map crop -> that rectangle; None when the crop lies

@@ -268,8 +268,8 @@ class FaceRestorer:
         """The restored crop, colour-matched to the crop it came from when that is on."""
         if not self.colour_match:
             return rest
-        return align.match_colour(rest, crop.astype(np.float32),
-                                  align.colour_region(crop.shape[1], crop.shape[0]))
+        match = align.match_colour_robust if self.replaces else align.match_colour
+        return match(rest, crop.astype(np.float32), align.colour_region(crop.shape[1], crop.shape[0]))
 
     def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray):
         """The (rect, delta) that puts a restored crop into its frame; None when nothing changes."""

@@ -174,3 +174,20 @@ def test_a_local_networks_video_output_is_steadied_where_frames_agree():
     r.reset()
     assert centre([6], 104) == 104
     assert centre(None, 100) == 100  # still images
+
+
+def test_unmask_colour_match_ignores_the_repainted_pixels():
+    """A mask pulled up over the nose lies in the region colour matching looks at: the robust
+    match takes the face's shift from the pixels the network left alone, so the painted face is
+    not pulled towards the mask's colour (a blue mask once tinted a whole face blue)."""
+    from pipeline import align
+
+    rng = np.random.default_rng(0)
+    original = rng.uniform(90, 110, (160, 128, 3)).astype(np.float32)
+    restored = original + 3.0  # the network's slight overall shift...
+    original[60:160, 20:108] = (20, 40, 230)  # ...and a blue mask reaching into the region
+    region = align.colour_region(128, 160)
+    robust = align.match_colour_robust(restored, original, region)
+    assert np.allclose((robust - restored)[0, 0], -3.0, atol=0.01)
+    plain = align.match_colour(restored, original, region)
+    assert np.abs((plain - restored)[0, 0] + 3.0).max() > 5  # the plain mean is pulled away
