@@ -5,8 +5,11 @@ deterministic given it. Images are RGB uint8 (H, W, 3): a degraded image is roun
 to [0, 255] like a real decoded frame.
 
 Tasks:
-- denoise: Gaussian noise (sigma uniform in [0, 50] / 255), sometimes low-frequency chroma
-  noise, sometimes JPEG (quality 30-95).
+- denoise: 45 %: Gaussian noise (sigma uniform in [0, 50] / 255), sometimes low-frequency chroma
+  noise, sometimes JPEG (quality 30-95); 55 %: compression after mild sensor noise (half the
+  time, sigma up to 15) or none: JPEG quality 10-60 (20 %) or a real video encoder (35 %,
+  ``video_codec``: libx264 CRF 30-45, MPEG-2 or MPEG-4 at quantiser 6-31), its block grid at a
+  random offset.
 - enhance (alias deblur): downscale x1-x4 (INTER_AREA) and back up (bicubic), sometimes Gaussian
   or motion blur, sometimes JPEG.
 - unmask: a synthetic face mask (surgical, cloth or N95-like; random colours, textures, shading
@@ -22,6 +25,7 @@ up; unmask = the training mask generator, seeded per image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import cv2
 import numpy as np
@@ -75,6 +79,60 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     assert ok, "JPEG encoding failed"
     return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+VIDEO_CODECS = ("libx264", "mpeg2video", "mpeg4")
+
+
+def video_codec(img: np.ndarray, rng: np.random.Generator, codec: str | None = None,
+                quality: float | None = None) -> np.ndarray:
+    """``img`` through a real video encoder and decoder (PyAV, one frame, yuv420p): blocks,
+    ringing and smeared chroma as archive footage has them. codec: one of ``VIDEO_CODECS``
+    (default: drawn); quality: libx264's CRF (default U[30, 45]) or the MPEG encoders' fixed
+    quantiser (default U[6, 31]). The image is shifted by a random 0..15 pixels (reflected) before
+    encoding, so the block grid lands anywhere on it, as it does on a face cut from a frame."""
+    import av
+
+    codec = codec or str(rng.choice(VIDEO_CODECS, p=[0.5, 0.25, 0.25]))
+    if quality is None:
+        quality = rng.uniform(30, 45) if codec == "libx264" else rng.uniform(6, 31)
+    oy, ox = (int(v) for v in rng.integers(0, 16, size=2))
+    h, w = img.shape[:2]
+    ph, pw = oy + h, ox + w
+    ph, pw = ph + (-ph) % 16, pw + (-pw) % 16
+    big = cv2.copyMakeBorder(img, oy, ph - h - oy, ox, pw - w - ox, cv2.BORDER_REFLECT101)
+    ctx = av.CodecContext.create(codec, "w")
+    ctx.width, ctx.height, ctx.pix_fmt = pw, ph, "yuv420p"
+    ctx.time_base = Fraction(1, 25)
+    ctx.thread_count = 1
+    if codec == "libx264":
+        ctx.options = {"crf": f"{quality:.1f}", "preset": "veryfast", "tune": "zerolatency"}
+    else:
+        q = int(round(quality))
+        ctx.options = {"qmin": str(q), "qmax": str(q)}
+        ctx.bit_rate = 1
+    frame = av.VideoFrame.from_ndarray(big, format="rgb24").reformat(format="yuv420p")
+    frame.pts = 0
+    packets = list(ctx.encode(frame)) + list(ctx.encode(None))
+    dec = av.CodecContext.create({"libx264": "h264"}.get(codec, codec), "r")
+    out = None
+    for pkt in packets:
+        for f in dec.decode(pkt):
+            out = f.to_ndarray(format="rgb24")
+    for f in dec.decode(None):
+        out = f.to_ndarray(format="rgb24")
+    if out is None:  # no frame came back: an encoder that gave nothing leaves the image as it was
+        return img.copy()
+    return np.ascontiguousarray(out[oy : oy + h, ox : ox + w])
+
+
+def jpeg_anywhere(img: np.ndarray, quality: int, rng: np.random.Generator) -> np.ndarray:
+    """``jpeg`` with its 8 x 8 block grid shifted by a random 0..7 pixels (reflected border), as
+    it lands on a face cut from a frame at any offset."""
+    oy, ox = (int(v) for v in rng.integers(0, 8, size=2))
+    h, w = img.shape[:2]
+    big = cv2.copyMakeBorder(img, oy, 0, ox, 0, cv2.BORDER_REFLECT101)
+    return np.ascontiguousarray(jpeg(big, quality)[oy : oy + h, ox : ox + w])
 
 
 def down_up(img: np.ndarray, scale: float) -> np.ndarray:
@@ -308,12 +366,22 @@ def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
     """A random training degradation of the uint8 RGB crop ``img`` for ``task``."""
     task = canonical(task)
     if task == "denoise":
-        out = gaussian_noise(img, rng.uniform(0, 50), rng)
-        if rng.random() < 0.25:
-            out = chroma_noise(out, rng.uniform(2, 15), rng)
-        if rng.random() < 0.25:
-            out = jpeg(out, int(rng.integers(30, 96)))
-        return Degraded(out)
+        kind = rng.random()
+        if kind < 0.45:  # sensor noise
+            out = gaussian_noise(img, rng.uniform(0, 50), rng)
+            if rng.random() < 0.25:
+                out = chroma_noise(out, rng.uniform(2, 15), rng)
+            if rng.random() < 0.25:
+                out = jpeg(out, int(rng.integers(30, 96)))
+            return Degraded(out)
+        out = img  # compression, after some sensor noise or none
+        if rng.random() < 0.5:
+            out = gaussian_noise(out, rng.uniform(0, 15), rng)
+            if rng.random() < 0.25:
+                out = chroma_noise(out, rng.uniform(2, 10), rng)
+        if kind < 0.65:
+            return Degraded(jpeg_anywhere(out, int(rng.integers(10, 61)), rng))
+        return Degraded(video_codec(out, rng))
     if task == "enhance":
         out = img
         if rng.random() < 0.25:

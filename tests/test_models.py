@@ -165,6 +165,40 @@ def test_degradations_are_deterministic(task, train_crops):
     assert x.tobytes() == y.tobytes()
 
 
+@pytest.mark.parametrize("codec", ["libx264", "mpeg2video", "mpeg4"])
+def test_video_codec_degradation_is_a_real_encode_deterministic_per_seed(codec, train_crops):
+    """The codec degradation runs the real encoder and decoder (PyAV): harder settings lose
+    more, the same seed gives the same bytes, another seed moves the block grid."""
+    from models.degrade import video_codec
+
+    crop = np.ascontiguousarray(train_crops[0][:64, :64])
+    q_soft, q_hard = (28, 45) if codec == "libx264" else (4, 31)
+
+    def psnr(x):
+        return 10 * np.log10(255.0**2 / np.mean((x.astype(float) - crop) ** 2))
+
+    soft = video_codec(crop, np.random.default_rng(1), codec, q_soft)
+    hard = video_codec(crop, np.random.default_rng(1), codec, q_hard)
+    assert soft.shape == crop.shape and soft.dtype == np.uint8
+    assert 22 < psnr(hard) < psnr(soft) < 50
+    assert np.array_equal(hard, video_codec(crop, np.random.default_rng(1), codec, q_hard))
+    assert not np.array_equal(hard, video_codec(crop, np.random.default_rng(2), codec, q_hard))
+
+
+def test_denoise_training_mixes_noise_jpeg_and_video_codecs(train_crops):
+    """About half of denoise's training inputs are compressed (JPEG or a video codec) rather
+    than noisy: their error is blocky (low-frequency), a pure noise input's is not."""
+    crop = np.ascontiguousarray(train_crops[1][:64, :64])
+    smooth = 0
+    for seed in range(40):
+        bad = degrade("denoise", crop, np.random.default_rng(seed)).image.astype(np.float32)
+        err = bad - crop
+        # the share of the error that survives a 3x3 box blur: near 1/9 for white noise
+        kept = np.mean(cv2.blur(err, (3, 3)) ** 2) / max(np.mean(err**2), 1e-6)
+        smooth += kept > 0.3
+    assert 10 <= smooth <= 32, smooth
+
+
 def test_denoise_eval_is_sigma_25(train_crops):
     crop = np.full((128, 128, 3), 128, np.uint8)
     noisy = degrade_eval("denoise", crop, np.random.default_rng(0)).image.astype(float)
