@@ -329,6 +329,8 @@ def follow_job(args: argparse.Namespace, store, job_id: str, timeout: float | No
     print(json.dumps(job.to_dict()) if args.json else describe(job))
     for item in job.summary.get("failures", []):
         print(f"failed: {item['error']}", file=sys.stderr)
+    if job.state == "FAILED" and job.error:  # as the embedded run reports it: one line on stderr
+        print(f"facemend: error: {job.error.splitlines()[0]}", file=sys.stderr)
     return exit_code(job)
 
 

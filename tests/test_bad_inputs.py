@@ -671,6 +671,7 @@ def test_worker_checks_storage_roots_on_real_paths(tmp_path, capfd, monkeypatch,
                             "-o", root / "copy.png", "--wait", "-q")
     assert code == 3, out + err
     assert "outside the shared storage" in out
+    error_line(err, "secret.png", "outside the shared storage")
     assert not (root / "copy.png").exists()
 
 
