@@ -183,9 +183,17 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
         v.thread_type = "AUTO"
         if start > 0:
             c.seek(vplan.pts[start], stream=v, backward=True, any_frame=False)
+        # AVI stores no presentation times: its packets are numbered in decode order, and with
+        # B-frames the decoder hands those numbers out of order. Frames come out in presentation
+        # order all the same, so they are counted from the first one (a keyframe, whose number
+        # is its place, GOPs being closed).
+        counted = "avi" in c.format.name.split(",")
+        counter = None
         try:
             for frame in c.decode(v):
-                i = index.get(frame.pts)
+                i = index.get(frame.pts) if counter is None else counter
+                if counted and i is not None:
+                    counter = i + 1
                 if i is None:
                     log.warning("%s: frame with pts %s not seen in the plan; dropped", path, frame.pts)
                     continue
