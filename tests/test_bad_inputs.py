@@ -408,7 +408,9 @@ def test_sigterm_stops_an_embedded_job_like_ctrl_c(tmp_path):
     src = tmp_path / "closeup.mp4"
     shutil.copyfile(ROOT / "samples" / "closeup.mp4", src)
     before = snapshot(tmp_path)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "submit", str(src), "--task", "identity"],
+    # detection on every frame, on the CPU: the job lasts long enough to be caught halfway
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "submit", str(src), "--task", "identity",
+                             "--device", "cpu", "--detect-every", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         # progress has started once the encoder has written into the job's temporary folder
@@ -705,12 +707,12 @@ def test_cancelled_folder_job_removes_the_files_it_wrote(tmp_path, capfd, monkey
     import time
 
     src = tmp_path / "photos"
-    for i in range(12):
-        write_image(src / f"sub{i % 2}" / f"p{i:02d}.png", 480, 640, seed=i)
+    for i in range(24):
+        write_image(src / f"sub{i % 2}" / f"p{i:02d}.png", 360, 480, seed=i)
     before = snapshot(src)
     dst = tmp_path / "photos.identity"
     start_worker(FACEMEND_CHUNK_FILES=1)
-    code, out, err = queued(capfd, monkeypatch, "submit", src, "--task", "identity")
+    code, out, err = queued(capfd, monkeypatch, "submit", src, "--task", "identity", "--device", "cpu")
     assert code == 0, err
     job_id = out.strip()
     deadline = time.monotonic() + 180
