@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,21 +56,46 @@ def read_image(path: Path) -> np.ndarray:
     if data[:8].tobytes() == b"\x89PNG\r\n\x1a\n" and data[-4096:].tobytes().rfind(b"IEND") < 0:
         # refused here: libpng would print its own complaint on stderr before OpenCV gives up
         raise CorruptInput(f"{path}: truncated PNG (its end is missing)")
-    img = None
-    if data.size:
-        level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # the error below says it
-        try:
-            img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-        except cv2.error:
-            img = None
-        finally:
-            cv2.utils.logging.setLogLevel(level)
+    img, said = _decode(data) if data.size else (None, [])
     if img is None:
         raise CorruptInput(f"{path}: not a readable image (corrupt or unsupported data)")
+    for line in said:  # what libjpeg or libpng had to say, as one line naming the file
+        level = logging.INFO if "warning" in line.lower() else logging.WARNING
+        log.log(level, "%s: decoded with a complaint from the codec: %s", path, line)
     if img.dtype not in (np.uint8, np.uint16):
         raise UnsupportedInput(f"{path}: {img.dtype} pixels are not supported (8 or 16 bit only)")
     return img
+
+
+def _decode(data: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+    """``cv2.imdecode`` with what the codecs print caught: OpenCV's own log is silenced (the
+    caller's error says it), and what libjpeg or libpng write straight to file descriptor 2
+    ("Corrupt JPEG data: ...", which names no file) is returned as lines instead."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to guard
+        saved = None
+    try:
+        with tempfile.TemporaryFile() as caught:
+            if saved is not None:
+                os.dup2(caught.fileno(), 2)
+            try:
+                img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+            except cv2.error:
+                img = None
+            finally:
+                if saved is not None:
+                    os.dup2(saved, 2)
+            caught.seek(0)
+            said = [ln.strip() for ln in caught.read().decode(errors="replace").splitlines() if ln.strip()]
+    finally:
+        if saved is not None:
+            os.close(saved)
+        cv2.utils.logging.setLogLevel(level)
+    return img, said
 
 
 def exif_orientation(path: Path) -> int:

@@ -853,3 +853,17 @@ def test_an_output_name_near_the_length_limit_is_written(tmp_path, capfd):
     assert code == 2, err
     error_line(err, "xxxx.png", "file name too long")
     assert leftovers(tmp_path) == []
+
+
+def test_damaged_jpeg_is_processed_and_the_codec_complaint_names_the_file(tmp_path, capfd, caplog):
+    ok, buf = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    data = bytearray(buf.tobytes())
+    data[800:900] = bytes(100)  # damaged entropy-coded data: libjpeg decodes it and complains
+    src = tmp_path / "damaged.jpg"
+    src.write_bytes(bytes(data))
+    code, _, err = run(capfd, "submit", src, "--task", "identity")
+    assert code == 0, err
+    assert "Corrupt JPEG data" not in err  # not libjpeg's own line on stderr, naming no file ...
+    said = [r.getMessage() for r in caplog.records if "Corrupt JPEG data" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{src}: ")  # ... but one naming it
+    assert (tmp_path / "damaged.identity.jpg").is_file()
