@@ -131,6 +131,17 @@ def check_name_length(path: Path, error: type[FacemendError]) -> None:
 
 def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     """Validate input and output before any work; returns the input kind."""
+    try:
+        return _check_paths(src, dst, opts)
+    except OSError as e:  # a folder on the way that may not be searched (Path.exists raises)
+        inputs = [src, *([Path(opts.to)] if opts.to else [])]
+        bad = Path(e.filename) if e.filename else None
+        if bad is not None and any(p == bad or p.is_relative_to(bad) for p in inputs):
+            raise InputError(f"{bad}: cannot be read ({e.strerror or e})") from None
+        raise output_error(dst, e) from None
+
+
+def _check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     check_name_length(src, InputNotFound)
     check_name_length(dst, OutputUnwritable)
     for other, error in ((opts.to, InputNotFound), (opts.preview, OutputUnwritable)):

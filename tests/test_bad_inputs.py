@@ -867,3 +867,29 @@ def test_damaged_jpeg_is_processed_and_the_codec_complaint_names_the_file(tmp_pa
     said = [r.getMessage() for r in caplog.records if "Corrupt JPEG data" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"{src}: ")  # ... but one naming it
     assert (tmp_path / "damaged.identity.jpg").is_file()
+
+
+@pytest.mark.parametrize("which", ["input", "output"])
+def test_a_folder_that_may_not_be_searched(tmp_path, capfd, monkeypatch, which):
+    """A path under a folder the user may not search (no x permission): ``Path.exists`` raises
+    EACCES there instead of answering. Root searches anything, so the EACCES is simulated."""
+    closed = tmp_path / "closed"
+    src = write_image((closed if which == "input" else tmp_path) / "face.png", 40, 40)
+    out = (tmp_path if which == "input" else closed) / "out.png"
+    real = os.stat
+
+    def stat(path, *a, **k):
+        if Path(path) != closed and Path(path).is_relative_to(closed):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", out)
+    monkeypatch.undo()
+    if which == "input":
+        assert code == 3, err
+        error_line(err, "face.png", "cannot be read", "Permission denied")
+    else:
+        assert code == 4, err
+        error_line(err, "out.png", "permission denied")
+    assert leftovers(tmp_path) == [] and not out.exists()
