@@ -133,6 +133,8 @@ def check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     """Validate input and output before any work; returns the input kind."""
     try:
         return _check_paths(src, dst, opts)
+    except FacemendError:  # InputNotFound and OutputExists are OSErrors too
+        raise
     except OSError as e:  # a folder on the way that may not be searched (Path.exists raises)
         inputs = [src, *([Path(opts.to)] if opts.to else [])]
         bad = Path(e.filename) if e.filename else None
