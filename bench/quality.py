@@ -172,7 +172,10 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
 
 
 def h264(frames: list[np.ndarray], crf: int) -> list[np.ndarray]:
-    """Frames through a real libx264 encode at ``crf`` (yuv420p, BT.601) and back."""
+    """Frames through a real libx264 encode at ``crf`` (yuv420p, BT.601) and back: a clip as one
+    stream, photos of different sizes one by one."""
+    if len({f.shape for f in frames}) > 1:
+        return [h264([f], crf)[0] for f in frames]
     import av
 
     h, w = frames[0].shape[:2]
@@ -347,7 +350,7 @@ def submit(path: Path, out: Path, task: str, crf: int) -> None:
     import cli
 
     args = ["submit", str(path), "--task", task, "-o", str(out), "--overwrite", "-q", "--crf", str(crf)]
-    with _no_broker():
+    with _no_broker(), contextlib.redirect_stdout(sys.stderr):  # stdout is the bench's
         rc = cli.main(args)
     if rc != 0:
         raise SystemExit(f"cli {' '.join(args)} exited {rc}")

@@ -75,7 +75,8 @@ class FaceRestorer:
         self.ensemble = ensemble
         self.identity = getattr(model, "net", None) is None
         self.faces_restored = 0
-        self._last = None  # (frame index, [(rect, output)]) of the last video frame restored
+        # (frame index, [(rect, output)]) of the last video frame restored and of this one
+        self._last = self._now = None
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
         # the layout tensor cores want on CUDA; same outputs. None: on for learned non-latent nets
         if channels_last is None:
@@ -87,7 +88,7 @@ class FaceRestorer:
     def reset(self) -> None:
         """Forget per-track state (a FaceMath edit's smoothed codes, the last frame's output);
         call before each video."""
-        self._last = None
+        self._last = self._now = None
         reset = getattr(self.model, "reset", None)
         if reset is not None:
             reset()
@@ -181,7 +182,6 @@ class FaceRestorer:
             for k in range(0, len(idxs), step):
                 chunk = idxs[k : k + step]
                 restored.update(zip(chunk, self._run([jobs[j][2] for j in chunk])))
-        previous = None
         for j, (i, rect, crop, track) in enumerate(jobs):  # in frame order
             x0, y0, x1, y1 = rect
             rh, rw = y1 - y0, x1 - x0
@@ -212,9 +212,9 @@ class FaceRestorer:
         blended (a motion-adaptive recursive filter, as video denoisers do); where they differ
         (the face moved, the mouth opened) this frame's output is kept as it is. ``reset``
         forgets the previous frame."""
+        if self._now is None or self._now[0] != frame:  # a new frame: the current one is done
+            self._last, self._now = self._now, (frame, [])
         last = self._last if self._last is not None and self._last[0] == frame - 1 else None
-        if self._last is None or self._last[0] != frame:
-            self._last = (frame, [])
         if last is not None:
             rest = rest.copy()
             x0, y0, x1, y1 = rect
@@ -227,7 +227,7 @@ class FaceRestorer:
                 diff = cv2.blur(np.abs(old - cur).mean(axis=-1), (5, 5))
                 w = self.STEADY * np.exp(-((diff / self.STEADY_LEVELS) ** 2))
                 rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = cur + w[..., None] * (old - cur)
-        self._last[1].append((rect, rest))
+        self._now[1].append((rect, rest))
         return rest
 
     def _restore_jobs(self, jobs: list, given: list[np.ndarray], which) -> dict[int, np.ndarray]:

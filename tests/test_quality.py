@@ -157,14 +157,17 @@ def test_a_local_networks_video_output_is_steadied_where_frames_agree():
 
     net = Level()
     r = FaceRestorer(Restorer(resolve("denoise"), net).eval(), colour_match=False)
-    frame = np.full((240, 320, 3), 50, np.uint8)
-    face = _face(120, 60, 200, 160)
-    cy, cx = 110, 160
+    frame = np.full((240, 480, 3), 50, np.uint8)
+    faces = [_face(40, 60, 120, 160), _face(340, 60, 420, 160)]  # two heads, two regions
+    centres = [(110, 80), (110, 380)]
 
     def centre(frames, level):
         net.level = level
-        (x0, y0, _, _), delta = r.deltas([frame], [[face]], frames=frames)[0][0]
-        return 50 + delta[cy - y0, cx - x0, 0]
+        placed = r.deltas([frame], [faces], frames=frames)[0]
+        assert len(placed) == 2
+        got = [50 + d[cy - y0, cx - x0, 0] for ((x0, y0, _, _), d), (cy, cx) in zip(placed, centres)]
+        assert got[0] == got[1]  # every head of the frame is steadied alike
+        return got[0]
 
     assert centre([0], 100) == 100
     small = centre([1], 104)  # nearly the last frame's: pulled towards it
