@@ -72,7 +72,12 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="output path (default: INPUT.TASK.ext beside the input; INPUT.TASK/ for a folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--skip-existing", action="store_true",
-                   help="folders: skip files whose output is newer than the input")
+                   help="folders: skip files already done with the same input, options and weights "
+                        "(OUTPUT/.facemend/manifest.jsonl; without a record of a file: its output is "
+                        "newer than it); a single file: its output is newer than it")
+    p.add_argument("--manifest", action="store_true",
+                   help="folders: keep OUTPUT/.facemend/ (the manifest of what was done and a report) "
+                        "without --skip-existing too (with it, or once the folder has a manifest, always)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--codec", default="libx264", help="video encoder: libx264 (default), h264_nvenc, libx265")
     p.add_argument("--crf", type=int, default=18, help="video quality, lower is better (default 18)")
@@ -200,6 +205,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_facemath_args(args)
     settings = get_settings(args, segment_seconds=args.segment_seconds)
     if settings.queued:
+        if args.manifest:
+            log.warning("--manifest: kept by embedded folder jobs only; ignored for a queued job")
         return submit_queued(args, opts, settings)
     hooks = Hooks()
     if settings.storage_roots:  # embedded, as a worker does: every file opened or written
@@ -210,7 +217,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     bar = ProgressBar(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
     hooks.total, hooks.advance = bar.total, bar.advance
     try:
-        result = run_job(args.input, opts, hooks)
+        result = run_job(args.input, opts, hooks, records=args.manifest or None)
     finally:
         bar.close()
     if args.json:
@@ -219,8 +226,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         per = f", {result.faces / max(result.frames, 1):.2f} faces/frame" if result.kind == "video" else ""
         unit = "frames" if result.kind in ("video", "morph") else "files"
         count = result.files["processed"] if result.kind == "folder" else result.frames
-        print(f"{result.output}: {count} {unit}, {result.faces} faces{per}, "
-              f"{result.seconds:.1f} s")
+        skipped = f", {result.files['skipped']} skipped" if result.kind == "folder" and result.files["skipped"] else ""
+        report = f"; report {Path(result.report).with_suffix('.html')}" if result.report else ""
+        print(f"{result.output}: {count} {unit}{skipped}, {result.faces} faces{per}, "
+              f"{result.seconds:.1f} s{report}")
     for item in result.failures:  # on stderr with --json too: stdout stays one JSON object
         print(f"failed: {item['error']}", file=sys.stderr)
     return 6 if result.failures else 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .errors import (Cancelled, FacemendError, ModelError, InputError, InputNotFound, OutputError, OutputExists,
                      OutputUnwritable, UnsupportedInput, output_error)
+from . import manifest
 from .faces import FaceDetector
 from .images import IMAGE_EXTENSIONS, is_image_path, restore_image, small_note, too_small_for_faces
 from .media import EncoderSettings, VideoPlan, encoder_available, is_video_path, join, plan
@@ -102,9 +104,13 @@ class JobResult:
     failures: list = field(default_factory=list)  # [{"file": ..., "error": ...}]
     skipped: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    report: str | None = None  # folder jobs: OUTPUT/.facemend/report.json
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["report"] is None:
+            del d["report"]
+        return d
 
 
 def default_output(src: Path, task: str) -> Path:
@@ -183,7 +189,8 @@ def _check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
             raise InputError(f"{src}: the folder holds no images or videos")
         if dst.exists() and not dst.is_dir():
             raise OutputError(f"{dst}: exists and is not a folder")
-        if dst.exists() and any(dst.iterdir()) and not (opts.overwrite or opts.skip_existing):
+        if dst.exists() and any(p.name != manifest.DIR_NAME for p in dst.iterdir()) and not (
+                opts.overwrite or opts.skip_existing):
             raise OutputExists(f"{dst}: the output folder exists (use --overwrite or --skip-existing)")
         check_writable(dst, folder=True)
         return "folder"
@@ -252,7 +259,7 @@ def scan_folder(root: Path, *, warn: bool = True) -> tuple[list[Path], list[dict
             log.warning("%s: skipped (%s)", e.filename, skipped[-1]["reason"])
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d != manifest.DIR_NAME)  # a result folder's records
         for name in sorted(filenames):
             p = Path(dirpath) / name
             special = special_file(p)
@@ -327,8 +334,11 @@ class Engine:
                                      **(FaceDetector.MASKED if self.restorer.replaces else {}))
 
 
-def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, engine: Engine | None = None) -> JobResult:
-    """Process ``src`` as ``opts`` says. Raises a FacemendError subclass on bad input/output."""
+def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, engine: Engine | None = None,
+            records: bool | None = None) -> JobResult:
+    """Process ``src`` as ``opts`` says. Raises a FacemendError subclass on bad input/output.
+    ``records``: a folder job keeps its manifest and report even without ``skip_existing``
+    (``keeps_records``)."""
     src = Path(src)
     hooks = hooks or Hooks()
     dst = resolve_output(src, opts)
@@ -355,7 +365,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         hooks.advance(1)
     else:
         engine = engine or Engine(opts)
-        run_folder(src, dst, opts, engine, hooks, result)
+        run_folder_reported(src, dst, opts, engine, hooks, result, records=records)
     if opts.preview and engine is not None and engine.preview is not None:
         from .preview import write_preview
 
@@ -398,24 +408,105 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
     result.notes += [f"re-encoded {d}" for d in summary["reencoded_streams"]]
 
 
+def keeps_records(dst: Path, opts: JobOptions, records: bool | None = None) -> bool:
+    """Whether a folder job into ``dst`` keeps ``dst/.facemend`` (manifest and report): when
+    asked (``records``, the CLI's ``--manifest``), with ``--skip-existing`` (the nightly rerun
+    the manifest is for), and always once ``dst`` has a manifest (a run that did not record
+    could leave a record that no longer matches the output)."""
+    return bool(records or opts.skip_existing or manifest.manifest_files(manifest.manifest_dir(dst)))
+
+
+def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+                        result: JobResult, *, records: bool | None = None) -> None:
+    """``run_folder``; where the folder keeps records (``keeps_records``) with its manifest,
+    then the morning report (``pipeline.report``) however the job ended: done, some files
+    failed, stopped by an error, interrupted, or cancelled (a cancelled job that made its
+    output folder leaves nothing, report included). A report that cannot be written is a
+    warning; it never hides the job's own outcome."""
+    if not keeps_records(dst, opts, records):
+        run_folder(src, dst, opts, engine, hooks, result)
+        return
+    from .report import SAMPLES, build_report, write_report
+
+    existed = dst.is_dir()
+    restorer = engine.restorer
+    sink, own_sink = restorer.preview, False
+    if sink is None and not getattr(restorer, "identity", False):  # identity skips the faces' work
+        sink = restorer.preview = PreviewSink(limit=SAMPLES)
+        own_sink = True
+    started = time.time()
+    status, error = "interrupted", None
+    try:
+        with manifest.Manifest(src, dst, opts, lock=True) as book:
+            run_folder(src, dst, opts, engine, hooks, result, book=book)
+        status = "partly failed" if result.failures else "done"
+    except (Cancelled, manifest.FolderBusy) as e:
+        status = "cancelled" if isinstance(e, Cancelled) else "busy"
+        raise
+    except FacemendError as e:
+        status, error = "stopped", str(e)
+        raise
+    except Exception as e:
+        status, error = "stopped", unexpected(src, e)
+        raise
+    finally:
+        if own_sink:
+            restorer.preview = None
+        if dst.is_dir() and status != "busy" and (existed or status != "cancelled"):
+            report = build_report(result, opts, status=status, started=started, ended=time.time(),
+                                  error=error)
+            try:
+                result.report = str(write_report(dst, report, sink.pairs if sink else []))
+            except OSError as e:
+                log.warning("%s: the report cannot be written (%s)", manifest.manifest_dir(dst),
+                            e.strerror or e)
+
+
 def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
-               result: JobResult) -> None:
+               result: JobResult, *, book: manifest.Manifest | None = None) -> None:
+    """Each media file under ``src`` into its mirrored place under ``dst``. With a manifest
+    (``book``), each file's outcome is recorded as soon as it is known and ``skip_existing``
+    asks the manifest which files are already done; without one, a file is skipped when its
+    output is newer than it."""
     files, skipped = scan_folder(src)
     for item in skipped:
         log.info("%s: skipped (%s)", item["file"], item["reason"])
     result.skipped += skipped
     hooks.total(len(files), "files")
+    existed = book is not None and book.existed
     for p in files:
         if hooks.cancelled():
-            remove_written([Path(item["output"]) for item in result.items], dst)
+            written = [Path(item["output"]) for item in result.items]
+            if book is not None:
+                for item in result.items:
+                    book.record(Path(item["file"]), Path(item["output"]), manifest.REMOVED,
+                                error="the job was cancelled")
+                book.close()
+                if not existed:  # no records before this run: take them back with the files
+                    shutil.rmtree(manifest.manifest_dir(dst), ignore_errors=True)
+            remove_written(written, dst)
             raise Cancelled(f"{src}: cancelled after {result.files['processed']} files "
                             "(the files it wrote are removed)")
         out = mirrored_output(p, src, dst)
-        if out.exists() and opts.skip_existing and is_fresh(p, out):
-            result.files["skipped"] += 1
-            result.skipped.append({"file": str(p), "reason": "output is newer than input"})
-            hooks.advance(1)
-            continue
+        if opts.skip_existing:
+            if book is not None:
+                skip, why = book.decide(p, out)
+            else:
+                skip, why = out.exists() and is_fresh(p, out), manifest.FRESH_REASON
+            if skip:
+                if book is not None and why == manifest.FRESH_REASON:  # no record yet: adopted
+                    book.record(p, out, manifest.DONE, adopted=True)
+                result.files["skipped"] += 1
+                result.skipped.append({"file": str(p), "reason": why})
+                log.debug("%s: skipped (%s)", p, why)
+                hooks.advance(1)
+                continue
+            log.debug("%s: processing (%s)", p, why)
+        try:
+            st = os.stat(p)
+        except OSError:
+            st = None
+        t0 = time.perf_counter()
         try:
             hooks.check_file(p, out)  # a link in the folder may point elsewhere
             process_file(p, out, opts, engine, result)
@@ -429,6 +520,13 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
             result.files["failed"] += 1
             result.failures.append({"file": str(p), "error": error})
             log.info("%s", error)
+            if book is not None:
+                book.record(p, out, manifest.FAILED, error=error, stat=st,
+                            seconds=time.perf_counter() - t0)
+        else:
+            if book is not None:
+                book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st,
+                            seconds=time.perf_counter() - t0)
         hooks.advance(1)
 
 

@@ -44,3 +44,14 @@ def write_preview(path: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Non
     sheet = contact_sheet(pairs)
     path = Path(path)
     write_image(path, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), path)
+
+
+def data_uri(rgb: np.ndarray, *, quality: int = 88) -> str:
+    """An RGB uint8 crop as a ``data:image/jpeg;base64,...`` URI (a self-contained HTML page)."""
+    import base64
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError("a crop could not be encoded as JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
