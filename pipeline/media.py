@@ -528,18 +528,22 @@ def _reencoded_audio(path: Path, index: int, out_stream) -> Iterator[tuple[float
 def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
     """Remux the video parts and every audio/subtitle stream of the source into ``dst``.
 
-    Audio is copied packet for packet; a codec the output container cannot hold is re-encoded
-    to AAC (logged). Subtitle and data streams are copied where the container allows, else
-    dropped with a warning. The file is written under a temporary name and renamed once the
-    frame count matches the plan; whatever goes wrong, nothing is left at either name. Returns
-    a summary of what was written.
+    Every video frame keeps the source's pts: the parts' own timestamps are not trusted (an MP4
+    part that does not start at 0 begins with an edit list counted in milliseconds, which moves
+    its frames by up to a millisecond), each frame is given the plan's pts instead, the parts
+    covering the plan's frames in order. Audio is copied packet for packet; a codec the output
+    container cannot hold is re-encoded to AAC (logged). Subtitle and data streams are copied
+    where the container allows, else dropped with a warning. The file is written under a
+    temporary name and renamed once its frame count and every frame's pts match the plan
+    (``check_timing``); whatever goes wrong, nothing is left at either name. Returns a summary
+    of what was written.
     """
     dst = Path(dst)
     tmp = partial_name(dst)
     summary = {"frames": 0, "audio_packets": 0, "dropped_streams": [], "reencoded_streams": []}
     out, iters = None, []
     try:
-        out = av.open(str(tmp), "w")
+        out = av.open(str(tmp), "w", options=_timescale_options(dst, vplan))
         vout = _join_streams(out, parts, vplan, dst, iters, summary)
         for _, _, pkt in heapq.merge(*iters, key=lambda x: (x[0], x[1])):
             if pkt.stream is vout:
@@ -551,6 +555,7 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
         out = None
         if summary["frames"] != vplan.frames:
             raise OutputError(f"{dst}: joined {summary['frames']} frames, the plan has {vplan.frames}")
+        check_timing(tmp, vplan, name=dst)
         os.replace(tmp, dst)
     except BaseException as e:
         for it in iters:  # their source files are closed now, not at garbage collection
@@ -566,6 +571,117 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
     return summary
 
 
+MOV_EXTENSIONS = {".mp4", ".m4v", ".mov"}
+
+
+def _timescale_options(dst: Path, vplan: VideoPlan) -> dict[str, str]:
+    """Muxer options for ``dst``: an MP4/MOV's movie timescale (1000 by default, the unit of its
+    edit list) is the source's, so that a first frame later than 0 keeps its exact time."""
+    tb = Fraction(vplan.time_base)
+    if dst.suffix.lower() in MOV_EXTENSIONS and tb.numerator == 1 and 1000 <= tb.denominator < 2**31:
+        return {"movie_timescale": str(tb.denominator)}
+    return {}
+
+
+def _part_times(path: Path) -> tuple[list[int], Fraction, bool]:
+    """The pts of a part's video packets in decode order, its time base, and whether any packet
+    is decoded before it is shown (dts != pts: B-frames)."""
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            pts, reordered = [], False
+            for pkt in c.demux(s):
+                if pkt.size == 0:
+                    continue
+                if pkt.pts is None:
+                    raise OutputError(f"{path}: a video packet without a timestamp")
+                pts.append(int(pkt.pts))
+                reordered = reordered or (pkt.dts is not None and pkt.dts != pkt.pts)
+            return pts, s.time_base, reordered
+    except (av.error.FFmpegError, IndexError) as e:
+        raise OutputError(f"{path}: cannot read the part ({e})") from None
+
+
+def _retimed_parts(parts: list[Path], vplan: VideoPlan, out_stream) -> list[Iterator]:
+    """One packet source per part, each packet carrying the plan's pts for its frame.
+
+    The parts hold the plan's frames in order (part k the next ``len(part k)`` frames); within
+    a part the n-th smallest pts is the n-th frame. A part whose frames lie more than 2 ms (or
+    one tick of its time base) from the plan's, or too many frames in all, is refused: it does
+    not belong to this plan."""
+    tb = Fraction(vplan.time_base)
+    iters, first = [], 0
+    for path in parts:
+        pts, ptb, reordered = _part_times(path)
+        if first + len(pts) > vplan.frames:
+            raise OutputError(f"{path}: the parts hold more than the plan's {vplan.frames} frames")
+        want = vplan.pts[first : first + len(pts)]
+        new = dict(zip(sorted(pts), want))
+        if len(new) != len(pts):
+            raise OutputError(f"{path}: two video packets with the same pts")
+        slack = max(Fraction(1, 500), ptb)
+        for old, p in new.items():
+            if abs(old * ptb - p * tb) > slack:
+                raise OutputError(f"{path}: frame {first + want.index(p)} is at {float(old * ptb):.6f} s, "
+                                  f"the source's at {float(p * tb):.6f} s")
+        iters.append(_retimed_packets(path, new, ptb, tb, reordered, out_stream))
+        first += len(pts)
+    return iters
+
+
+def _retimed_packets(path: Path, new: dict[int, int], ptb: Fraction, tb: Fraction, reordered: bool,
+                     out_stream) -> Iterator[tuple[float, int, av.Packet]]:
+    """The part's video packets re-targeted to ``out_stream`` in the plan's time base ``tb``:
+    pts from ``new``; dts equal to it where the part has no B-frames, else the part's dts moved
+    as its first frame moved (kept below the pts and rising)."""
+    shift = min(new.values()) * tb - min(new) * ptb
+    last_dts = None
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        try:
+            for pkt in c.demux(s):
+                if pkt.size == 0:
+                    continue
+                pts = new[int(pkt.pts)]
+                if reordered and pkt.dts is not None:
+                    dts = min(pts, round((pkt.dts * ptb + shift) / tb))
+                else:
+                    dts = pts
+                if last_dts is not None and dts <= last_dts:
+                    dts = last_dts + 1
+                last_dts = dts
+                duration = round(pkt.duration * ptb / tb) if pkt.duration else 0
+                pkt.stream = out_stream
+                pkt.time_base = tb
+                pkt.pts, pkt.dts, pkt.duration = pts, dts, duration
+                yield float(dts * tb), 0, pkt
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: corrupt video data ({e})") from None
+
+
+def check_timing(path: Path, vplan: VideoPlan, *, name: Path | None = None) -> None:
+    """Raise OutputError unless the video at ``path`` has the plan's frame count and every frame
+    the plan's pts (to the nearest tick of the file's own time base: a container with a coarser
+    clock, Matroska's milliseconds, rounds them). ``name``: the file to name in the message."""
+    name = name or path
+    try:
+        with av.open(str(path)) as c:
+            v = c.streams.video[0]
+            got = sorted(int(p.pts) for p in c.demux(v) if p.size and p.pts is not None)
+            otb = v.time_base
+    except (av.error.FFmpegError, IndexError) as e:
+        raise OutputError(f"{name}: cannot read the joined video back ({e})") from None
+    if len(got) != vplan.frames:
+        raise OutputError(f"{name}: has {len(got)} frames, the plan has {vplan.frames}")
+    tb = Fraction(vplan.time_base)
+    off = [i for i, (g, w) in enumerate(zip(got, vplan.pts)) if abs(g * otb - w * tb) * 2 > otb]
+    if off:
+        i = off[0]
+        raise OutputError(f"{name}: {len(off)} of {len(got)} frames are not at the source's time: "
+                          f"frame {i} at {float(got[i] * otb):.6f} s, the source's at "
+                          f"{float(vplan.pts[i] * tb):.6f} s")
+
+
 def _join_streams(out, parts: list[Path], vplan: VideoPlan, dst: Path, iters: list, summary: dict):
     """Add the output's streams and their packet sources to ``iters``; returns the video stream."""
     src = Path(vplan.path)
@@ -574,9 +690,10 @@ def _join_streams(out, parts: list[Path], vplan: VideoPlan, dst: Path, iters: li
         supported = out.supported_codecs
         with av.open(str(parts[0])) as first:
             vout = out.add_stream_from_template(first.streams.video[0])
+        vout.time_base = Fraction(vplan.time_base)  # the source's clock: its pts go in unrounded
         if vplan.rotation:
             vout.set_display_rotation(vplan.rotation)
-        iters += [_stream_packets(p, 0, vout) for p in parts]
+        iters += _retimed_parts(parts, vplan, vout)
         for index, kind, name, s in streams:
             pcm_in_mp4 = name.startswith("pcm_") and dst.suffix.lower() in PCM_TO_AAC_EXTENSIONS
             if kind == "audio" and name in supported and not pcm_in_mp4:

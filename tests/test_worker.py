@@ -162,6 +162,32 @@ def test_two_workers_share_a_video_and_match_the_embedded_output(workers, tmp_pa
     same_media(probe(src), probe(out))
 
 
+def test_segments_between_milliseconds_keep_every_frame_time(workers, tmp_path):
+    """Half-second segments of a variable-frame-rate, rotated clip on a 1/90000 clock start
+    between milliseconds: the queued output's frames are at the source's times exactly, as the
+    embedded output's are (an MP4 part's millisecond edit list used to move 12 of 36 frames)."""
+    from test_worker_units import frame_times, vfr_clip
+
+    src = vfr_clip(tmp_path / "vfr.mp4")
+    workers.start("w1")
+    out = tmp_path / "vfr.queued.mp4"
+    job = cli_json("submit", src, *FAST, "-o", out, "--segment-seconds", 0.5, "--wait", timeout=300)
+    assert job["state"] == "DONE", job
+    assert len(job["parts"]) >= 3
+    ref = tmp_path / "vfr.embedded.mp4"
+    emb = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", src, *FAST, "-o", ref, "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={k: v for k, v in env().items() if k != "FACEMEND_BROKER_URL"})
+    assert emb.returncode == 0, emb.stderr
+    want = frame_times(src)
+    assert len(want) == 36
+    assert frame_times(ref) == want  # exact fractions of a second, frame by frame
+    assert frame_times(out) == want
+    a, b = probe(src), probe(out)
+    same_media(a, b)
+    assert a["rotation"] == b["rotation"] == 90
+
+
 def test_sigkill_of_a_worker_mid_segment_the_job_still_completes(workers, db, tmp_path):
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)  # 72 frames
     short = {"FACEMEND_VISIBILITY_TIMEOUT": 12}

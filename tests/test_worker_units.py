@@ -155,3 +155,104 @@ def test_an_error_after_a_cancel_stops_the_part_without_a_retry(monkeypatch, tmp
     with pytest.raises(Retry):
         parts.part_failed(Task(), job, 0, 1, error)
     assert fake.parts[0]["state"] == FAILED
+
+
+def vfr_clip(path, frames: int = 36, rotation: int = 90, audio: bool = True):
+    """A short variable-frame-rate clip on a 1/90000 clock (frame times that are no whole
+    millisecond, as a phone's are), with a display rotation and, with ``audio``, the first
+    second of a real clip's MP3 audio. Segments of 0.5 s start between milliseconds."""
+    from fractions import Fraction
+
+    import av
+
+    tb = Fraction(1, 90000)
+    steps = [3003, 2700, 3600, 3003, 2002, 4004]  # 1/30 s, 1/33.3 s, 1/25 s, ...
+    pts = [sum(steps[i % len(steps)] for i in range(k)) for k in range(frames)]
+    end = float((pts[-1] + steps[0]) * tb)
+    yy, xx = np.mgrid[0:120, 0:160]
+    with av.open(str(path), "w") as o:
+        s = o.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+        s.time_base = s.codec_context.time_base = tb
+        s.options = {"preset": "ultrafast", "g": "12", "bf": "2"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        if audio:
+            src = av.open(str(VIDEOS / "selfie_mp3audio.mp4"))
+            a_in = src.streams.audio[0]
+            a_out = o.add_stream_from_template(a_in)
+            for p in src.demux(a_in):
+                if p.dts is None or p.size == 0 or float(p.pts * a_in.time_base) >= end:
+                    continue
+                p.stream = a_out
+                o.mux(p)
+            src.close()
+        for k, p in enumerate(pts):
+            img = np.stack([(xx + 5 * k) % 256, (yy + 3 * k) % 256, (xx ^ yy) % 256], -1).astype(np.uint8)
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = p, tb
+            for pkt in s.encode(f):
+                o.mux(pkt)
+        for pkt in s.encode(None):
+            o.mux(pkt)
+    return path
+
+
+def frame_times(path) -> list:
+    """Every frame's presentation time as an exact fraction of a second, in order."""
+    import av
+
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        return sorted(p.pts * v.time_base for p in c.demux(v) if p.size and p.pts is not None)
+
+
+def test_join_keeps_every_frame_at_the_source_pts(tmp_path):
+    """Parts that start between milliseconds (an MP4 part later than 0 starts with an edit list
+    in milliseconds, which moves its frames by up to 1 ms) join into an output whose every frame
+    has the source's pts, exactly; the check refuses a file one tick off."""
+    from fractions import Fraction
+
+    import av
+
+    from pipeline.errors import OutputError
+    from pipeline.job import Engine, JobOptions
+    from pipeline.media import check_timing, join
+    from pipeline.video import process_range
+
+    src = vfr_clip(tmp_path / "vfr.mp4", audio=False)
+    vplan = plan(src)
+    tb = Fraction(vplan.time_base)
+    ranges = split(vplan, 0.5)
+    assert len(ranges) >= 3
+    assert any((vplan.pts[a] * tb * 1000).denominator != 1 for a, _ in ranges[1:])  # between ms
+    opts = JobOptions(task="identity", device="cpu", preset="ultrafast")
+    engine = Engine(opts)
+    parts = []
+    for i, (a, b) in enumerate(ranges):
+        parts.append(tmp_path / f"seg{i}.mp4")
+        process_range(vplan, parts[-1], detector=engine.detector, restorer=engine.restorer,
+                      settings=opts.encoder(joinable=True), start=a, stop=b)
+    out = tmp_path / "out.mp4"
+    join(parts, vplan, out)
+    want = frame_times(src)
+    assert len(want) == 36 and frame_times(out) == want  # exact fractions, every frame
+    check_timing(out, vplan)
+
+    # one frame moved by one tick of the 1/90000 clock (11 us): refused, naming the frame
+    moved = tmp_path / "moved.mp4"
+    with av.open(str(out)) as c, av.open(str(moved), "w") as o:
+        v = c.streams.video[0]
+        assert v.time_base == tb  # the output keeps the source's clock
+        s = o.add_stream_from_template(v)
+        s.time_base = tb
+        for p in c.demux(v):
+            if p.size == 0:
+                continue
+            p.stream = s
+            if p.pts == vplan.pts[-1]:
+                p.pts = p.dts = p.pts + 1
+            o.mux(p)
+    assert len(frame_times(moved)) == 36 and frame_times(moved) != want
+    with pytest.raises(OutputError, match="1 of 36 frames are not at the source's time: frame 35"):
+        check_timing(moved, vplan)
