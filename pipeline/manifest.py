@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -186,7 +187,8 @@ def _read_lines(path: Path, offset: int = 0) -> tuple[list[dict], int]:
             log.info("%s: a line that is not a whole record (a crash while it was written?) is ignored",
                      path)
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("input"), str):
+        if (isinstance(rec, dict) and isinstance(rec.get("input"), str)
+                and isinstance(rec.get("t", 0.0), (int, float))):
             records.append(rec)
     return records, offset + end
 
@@ -215,6 +217,8 @@ class Manifest:
                  lock: bool = False) -> None:
         self.src_root, self.dst_root, self.opts = Path(src_root), Path(dst_root), opts
         self.dir = manifest_dir(dst_root)
+        if shard:
+            shard = re.sub(r"[^A-Za-z0-9@._-]", "-", shard)
         self.path = self.dir / (f"manifest.{shard}.jsonl" if shard else MANIFEST)
         self.task = opts.task
         self.weights = weights_digest(opts.task)
@@ -252,6 +256,12 @@ class Manifest:
             if _is_fresh(st, out):
                 return True, FRESH_REASON
             return False, "new"
+        try:
+            return self._decide(rec, st, src, out)
+        except (AttributeError, TypeError, ValueError):  # a record from elsewhere, malformed
+            return False, "its record cannot be understood"
+
+    def _decide(self, rec: dict, st: os.stat_result, src: Path, out: Path) -> tuple[bool, str]:
         if rec.get("outcome") != DONE:
             return False, f"{rec.get('outcome', 'unknown')} last time"
         if (rec.get("size"), rec.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
@@ -387,16 +397,27 @@ def _fsync_dir(d: Path) -> None:
 
 # ---- for a queued chunk task: two calls per file -------------------------------------------
 
-_open: dict[tuple, Manifest] = {}
+_open: dict[tuple, Manifest] = {}  # the manifests a long-lived worker process has open, newest last
+OPEN_AT_MOST = 8
 
 
 def _manifest(src_root, dst_root, opts, shard: str | None) -> Manifest:
-    key = (str(src_root), str(dst_root), json.dumps(pixel_options(opts), sort_keys=True, default=str),
+    key = (str(src_root), str(dst_root), opts.task,
+           json.dumps(pixel_options(opts), sort_keys=True, default=str),
            shard or worker_name().replace(":", "-"))
-    book = _open.get(key)
+    book = _open.pop(key, None)
     if book is None:
-        book = _open[key] = Manifest(src_root, dst_root, opts, shard=key[3])
+        book = Manifest(src_root, dst_root, opts, shard=key[-1])
+    _open[key] = book
+    while len(_open) > OPEN_AT_MOST:  # close the least recently used
+        _open.pop(next(iter(_open))).close()
     return book
+
+
+def forget(dst_root=None) -> None:
+    """Close the cached manifests of ``dst_root`` (all of them when None), e.g. when a job ends."""
+    for key in [k for k in _open if dst_root is None or k[1] == str(dst_root)]:
+        _open.pop(key).close()
 
 
 def should_skip(src_root, dst_root, src, out, opts, *, shard: str | None = None) -> str | None:
@@ -415,6 +436,9 @@ def record(src_root, dst_root, src, out, opts, outcome: str, *, error: str | Non
            faces: int | None = None, seconds: float | None = None, stat=None,
            shard: str | None = None) -> dict:
     """Append the outcome of one file (``"done"`` or ``"failed"`` with ``error``) to this
-    worker's shard of ``dst_root``'s manifest (default shard: host-pid), durably."""
+    worker's shard of ``dst_root``'s manifest, durably. ``shard``: a name no other process
+    writing the folder at the same time uses (a Celery node name such as ``w1@host`` is stable
+    across restarts; default host-pid, a new file for each process). ``stat``: the input's
+    ``os.stat`` taken before it was processed."""
     return _manifest(src_root, dst_root, opts, shard).record(
         Path(src), Path(out), outcome, error=error, faces=faces, seconds=seconds, stat=stat)

@@ -235,3 +235,96 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, capfd):
     assert not (dst / ".facemend" / "report.json").exists()
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert code == 0 and r["files"]["processed"] == 3
+
+
+def test_video_options_count_for_videos_only_and_records_stay_out_of_scans(tmp_path, capfd):
+    from conftest import VIDEOS, cut
+    from pipeline.job import scan_folder
+
+    src = album(tmp_path, n=3)
+    cut(VIDEOS / "no_face_cartoon.mp4", src / "clip.mp4", 1.0)
+    dst = tmp_path / "album.identity"
+    common = ("submit", src, "--task", "identity", "--skip-existing", "--preset", "ultrafast")
+    code, r, _ = run(capfd, *common)
+    assert code == 0 and r["files"]["processed"] == 4
+    code, r, _ = run(capfd, *common, "--crf", "30")  # a new crf: the video only
+    assert names(r) == ["clip.mp4"]
+    rec = [x for x in records(dst) if x["input"] == "clip.mp4"][-1]
+    assert (rec["options"]["crf"], rec["options"]["preset"], rec["output"]) == (30, "ultrafast", "clip.mp4")
+    # the output folder fed to another job: its records are not inputs, nor "skipped" noise
+    files, skipped = scan_folder(dst)
+    assert sorted(p.name for p in files) == ["clip.mp4", "face0.jpg", "face1.jpg", "face2.jpg"]
+    assert skipped == []
+
+
+def test_interrupted_run_reports_and_a_cancelled_one_takes_its_records_back(tmp_path):
+    import pytest
+
+    from pipeline.errors import Cancelled
+    from pipeline.job import Hooks, JobOptions, run_job
+
+    src = album(tmp_path)
+    dst = tmp_path / "album.identity"
+    opts = JobOptions(task="identity", skip_existing=True)
+
+    def interrupt_after_one(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(src, opts, Hooks(advance=interrupt_after_one))
+    report = json.loads((dst / ".facemend" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["files"]["processed"] == 1
+    assert [x["input"] for x in records(dst)] == ["face1.jpg"]
+
+    # cancelled after two more files: those are taken back, and recorded as removed
+    calls = []
+
+    def cancel_after_two():
+        calls.append(1)
+        return len(calls) > 3  # file 1 skipped, files 2 and 3 written, then cancelled
+
+    with pytest.raises(Cancelled):
+        run_job(src, opts, Hooks(cancelled=cancel_after_two))
+    latest = {x["input"]: x["outcome"] for x in records(dst)}
+    assert latest == {"face1.jpg": "done", "face2.jpg": "removed", "scene.jpg": "removed"}
+    assert sorted(p.name for p in dst.glob("*.jpg")) == ["face1.jpg"]
+    assert json.loads((dst / ".facemend" / "report.json").read_text())["status"] == "cancelled"
+    r = run_job(src, opts)
+    assert r.files == {"processed": 3, "skipped": 1, "failed": 0}
+
+    # a cancelled first run into a new folder leaves nothing at all
+    other = tmp_path / "fresh"
+    with pytest.raises(Cancelled):
+        run_job(src, JobOptions(task="identity", skip_existing=True, output=str(other)),
+                Hooks(cancelled=lambda: bool(calls.append(1)) or len(calls) > 6))
+    assert not other.exists()
+
+
+def test_chunk_api_two_workers_share_one_manifest(tmp_path):
+    """What a queued chunk task calls per file: should_skip, then record, each worker process
+    appending to a shard of its own; every worker reads all shards."""
+    from pipeline import manifest
+    from pipeline.job import JobOptions, mirrored_output
+
+    src = album(tmp_path)
+    dst = tmp_path / "out"
+    opts = JobOptions(task="identity", skip_existing=True)
+    files = sorted(p for p in src.rglob("*.jpg"))
+    for i, p in enumerate(files):  # two workers, files alternating
+        out = mirrored_output(p, src, dst)
+        assert manifest.should_skip(src, dst, p, out, opts, shard=f"w{i % 2}") is None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, out)
+        shutil.copystat(p, out)  # as old as its input: the file-time rule would redo it
+        bump(out, seconds=-60)
+        manifest.record(src, dst, p, out, opts, "done", faces=1, shard=f"w{i % 2}")
+    assert sorted(p.name for p in (dst / ".facemend").iterdir()) == ["manifest.w0.jsonl", "manifest.w1.jsonl"]
+    for i, p in enumerate(files):  # each worker sees what the other did
+        assert manifest.should_skip(src, dst, p, mirrored_output(p, src, dst), opts,
+                                    shard=f"w{(i + 1) % 2}") == manifest.SKIP_REASON
+    # a fresh process's view (no cache): all done, one record each
+    book = manifest.Manifest(src, dst, opts)
+    assert sorted(book.latest) == ["face1.jpg", "face2.jpg", "scene.jpg", "sub/face0.jpg"]
+    assert all(book.decide(p, mirrored_output(p, src, dst))[0] for p in files)
+    bump(files[0])
+    assert book.decide(files[0], mirrored_output(files[0], src, dst)) == (False, "input changed")
