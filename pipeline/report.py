@@ -74,6 +74,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _small(rgb: np.ndarray, side: int = 256) -> np.ndarray:
+    """A crop at most ``side`` px wide (shown 128 px wide: sharp on a high-density screen)."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    if w <= side:
+        return rgb
+    return cv2.resize(rgb, (side, max(1, round(h * side / w))), interpolation=cv2.INTER_AREA)
+
+
 CSS = """
 body{font:15px/1.45 system-ui,sans-serif;margin:2em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em} .sub{color:#666;margin-bottom:1.2em}
@@ -105,6 +115,7 @@ def render_html(report: dict, pairs: list[tuple[np.ndarray, np.ndarray]]) -> str
     weights = "".join(f"<tr><th>{e(k)}</th><td><code>sha256 {e(v)}</code></td></tr>"
                       for k, v in report["weights"].items()) or "<tr><td>none (this task loads no weights)</td></tr>"
     if pairs:
+        pairs = [(_small(b), _small(a)) for b, a in pairs]
         faces = "<div class='faces'>" + "".join(
             f"<div class='pair'>before / after<br><img alt='before' src='{data_uri(b)}'>"
             f"<img alt='after' src='{data_uri(a)}'></div>" for b, a in pairs) + "</div>"
