@@ -34,6 +34,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import OutputError
+
 log = logging.getLogger(__name__)
 
 DIR_NAME = ".facemend"  # under a folder job's output folder; never scanned as input
@@ -46,13 +48,7 @@ SKIP_REASON = "done before from the same input, options and weights (manifest)"
 FRESH_REASON = "output is newer than input"  # the rule without a manifest record
 
 
-def _output_error():
-    from .errors import OutputError
-
-    return OutputError
-
-
-class FolderBusy(_output_error()):
+class FolderBusy(OutputError):
     """Another run holds the output folder's lock (exit 4, as other output problems)."""
 
 
