@@ -192,8 +192,11 @@ class FaceRestorer:
                 rest = align.match_colour(rest, given, weight)
             if frames is not None:
                 rest = self._steady(frames[i], rect, rest)
-            if self.preview is not None:
-                self.preview.offer(track, crop[:rh, :rw], np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+            if self.preview is not None:  # a square about the head's centre, as other tasks' tiles
+                side = min(rh, rw)
+                sy, sx = (rh - side) // 2, (rw - side) // 2
+                self.preview.offer(track, crop[sy : sy + side, sx : sx + side],
+                                   np.clip(np.rint(rest[sy : sy + side, sx : sx + side]), 0, 255).astype(np.uint8))
             delta = (rest - given) * weight[..., None]
             if np.any(delta):
                 out[i].append((rect, delta))
