@@ -53,9 +53,9 @@ class Source:
 
 
 SOURCES = (
-    Source("walking", "videos/walking_1080p.mp4", 16),
-    Source("closeup", "videos/closeup_pexels.mp4", 24, 6),
-    Source("selfie", "videos/selfie_mp3audio.mp4", 24),
+    Source("walking", "videos/walking_1080p.mp4", 8),
+    Source("closeup", "videos/closeup_pexels.mp4", 12, 6),
+    Source("selfie", "videos/selfie_mp3audio.mp4", 12),
     Source("scenes", "scenes", 0),
 )
 SCENE_PHOTOS = ("facenetpt_multiface.jpg", "facerec_obama_partial_face.jpg", "facerec_two_people.jpg",
