@@ -12,24 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_CODES = """\
-exit codes:
-  0  done
-  1  unexpected failure (a bug: please report it with the log)
-  2  input not found
-  3  bad input: not a video/image, not a regular file (FIFO, device), corrupt or truncated,
-     no video stream, empty folder
-  4  output problem: exists (use --overwrite), equals the input, is a folder, a format not
-     written, cannot be written (no permission, read-only, a file in its path, disk full)
-  5  cancelled
-  6  folder job finished but some files failed (listed on stderr)
-  7  broker or job store unreachable (refused, wrong password, TLS)
-  8  no such job id (never submitted, or its record expired)
-  9  wait --timeout expired while the job was still running
-  130 interrupted (Ctrl-C); no partial file is left at the output path
-  143 terminated (SIGTERM); the same clean-up as Ctrl-C
-  wait, submit --wait: the job's outcome (0 done, 3/4 its error, 5 cancelled, 6 some files failed)
-"""
+from pipeline.errors import exit_codes_text  # light: no media or torch
+
+EXIT_CODES = exit_codes_text()
 
 EXAMPLES = """\
 examples:

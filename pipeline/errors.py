@@ -8,6 +8,39 @@ from __future__ import annotations
 import errno
 
 
+# The CLI's exit codes, one line each: the CLI's --help prints this table (``exit_codes_text``),
+# the README's table lists the same codes (a test checks both against the error classes).
+EXIT_CODES: dict[int, str] = {
+    0: "done",
+    1: "unexpected failure (a bug: please report it with the log), or a model that cannot be loaded",
+    2: "input not found; a usage error or a bad FACEMEND_* setting",
+    3: "bad input: not a video/image, not a regular file (FIFO, device), corrupt or truncated, "
+       "no video stream, empty folder",
+    4: "output problem: exists (use --overwrite), equals the input, is a folder, a format not "
+       "written, cannot be written (no permission, read-only, a file in its path, disk full)",
+    5: "cancelled",
+    6: "folder job finished but some files failed (listed on stderr)",
+    7: "broker or job store unreachable (refused, wrong password, TLS)",
+    8: "no such job id (never submitted, or its record expired)",
+    9: "wait --timeout expired while the job was still running",
+    130: "interrupted (Ctrl-C); no partial file is left at the output path",
+    143: "terminated (SIGTERM); the same clean-up as Ctrl-C",
+}
+
+
+def exit_codes_text(width: int = 96) -> str:
+    """``EXIT_CODES`` as the CLI's epilog: one entry a code, wrapped under its text."""
+    import textwrap
+
+    lines = ["exit codes:"]
+    for code, text in EXIT_CODES.items():
+        head = f"  {code:<3} "
+        lines += textwrap.wrap(text, width, initial_indent=head, subsequent_indent=" " * len(head))
+    lines.append("  wait, submit --wait: the job's outcome (0 done, 3/4 its error, 5 cancelled, "
+                 "6 some files failed)")
+    return "\n".join(lines) + "\n"
+
+
 class FacemendError(Exception):
     """Raised for any failure facemend reports to its user. ``exit_code`` is the CLI's status."""
 

@@ -107,3 +107,24 @@ def test_bad_preview_path_refused_before_any_work(tmp_path):
     assert_refused(p, 4, "face.jpg", "overwrite the input")
     only(tmp_path, "face.jpg")  # no output, no sheet, nothing half-written
     assert src.read_bytes() == before
+
+
+def test_exit_codes_are_one_table():
+    """The CLI's --help, the README and the error classes give the same exit codes: the table
+    is written once (pipeline.errors.EXIT_CODES) and every error class's code is in it."""
+    import re
+
+    import pipeline.errors as pe
+    import worker.errors as we
+    from conftest import ROOT
+
+    classes = [c for m in (pe, we) for c in vars(m).values()
+               if isinstance(c, type) and issubclass(c, pe.FacemendError)]
+    assert {c.exit_code for c in classes} <= set(pe.EXIT_CODES)
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Exit codes"):]
+    section = section[: section.index("\n\n", section.index("| code |"))]
+    assert {int(c) for c in re.findall(r"^\| (\d+) \|", section, re.M)} == set(pe.EXIT_CODES)
+    proc = run_cli("submit", "--help")
+    for code, text in pe.EXIT_CODES.items():
+        assert f"  {code:<3} {text[:40]}" in proc.stdout.replace("\n      ", " ")
