@@ -54,11 +54,11 @@ class Workers:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, *names: str, timeout: float = 90, **extra) -> None:
+    def start(self, *names: str, timeout: float = 90, args: tuple = (), **extra) -> None:
         for name in names:
             log = open(self.logs / f"{name}.log", "w")
             self.procs[name] = subprocess.Popen(
-                [sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"{name}@%h"], cwd=ROOT,
+                [sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"{name}@%h", *args], cwd=ROOT,
                 stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
         deadline = time.monotonic() + timeout
         for name in names:
@@ -190,7 +190,7 @@ def test_segments_between_milliseconds_keep_every_frame_time(workers, tmp_path):
 
 def test_sigkill_of_a_worker_mid_segment_the_job_still_completes(workers, db, tmp_path):
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)  # 72 frames
-    short = {"FACEMEND_VISIBILITY_TIMEOUT": 12}
+    short = {"FACEMEND_VISIBILITY_TIMEOUT": 12, "FACEMEND_HEARTBEAT_INTERVAL": 1, "FACEMEND_HEARTBEAT_TIMEOUT": 4}
     workers.start("w1", "w2", **short)
     out = tmp_path / "out.mp4"
     job_id = cli_json("submit", src, *SLOW, "-o", out, "--segment-seconds", 1, **short)["id"]

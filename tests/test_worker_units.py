@@ -26,6 +26,9 @@ def test_no_broker_is_the_embedded_default():
     ("FACEMEND_MAX_ATTEMPTS", "0"),
     ("FACEMEND_STORAGE_ROOTS", "relative/path"),
     ("FACEMEND_SSL_CERT_REQS", "maybe"),
+    ("FACEMEND_HEARTBEAT_INTERVAL", "0"),
+    ("FACEMEND_HEARTBEAT_TIMEOUT", "15"),  # under twice the 10 s interval
+    ("FACEMEND_STALL_SECONDS", "-1"),
 ])
 def test_bad_settings_name_the_variable(var, value):
     with pytest.raises(SettingsError, match=var):
@@ -256,3 +259,32 @@ def test_join_keeps_every_frame_at_the_source_pts(tmp_path):
     assert len(frame_times(moved)) == 36 and frame_times(moved) != want
     with pytest.raises(OutputError, match="1 of 36 frames are not at the source's time: frame 35"):
         check_timing(moved, vplan)
+
+
+def test_the_first_complete_part_wins_and_is_never_replaced(tmp_path, monkeypatch):
+    """Two runs of one segment each write their own file; the first to finish is linked to the
+    part's path, the second finds it there and is dropped (also where the file system has no
+    hard links); neither run's own file is left behind."""
+    import errno
+    import os
+
+    from worker.tasks import publish_part
+
+    final = tmp_path / "seg00000.mp4"
+    first, second = tmp_path / ".seg00000.aaa.mp4", tmp_path / ".seg00000.bbb.mp4"
+    first.write_bytes(b"first run")
+    second.write_bytes(b"second run")
+    assert publish_part(first, final) is True
+    assert publish_part(second, final) is False
+    assert final.read_bytes() == b"first run" and not first.exists() and not second.exists()
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    final2 = tmp_path / "seg00001.mp4"
+    first.write_bytes(b"first run")
+    second.write_bytes(b"second run")
+    assert publish_part(first, final2) is True
+    assert publish_part(second, final2) is False
+    assert final2.read_bytes() == b"first run" and not first.exists() and not second.exists()

@@ -10,7 +10,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from .settings import Settings
 
@@ -40,6 +40,10 @@ def celery_config(s: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # a pool child loads its models before it reports up: a child started after another
+        # died (killed, or terminated when the broker connection was lost) must not be killed
+        # for taking more than billiard's default 4 s to do so
+        "worker_proc_alive_timeout": 300,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_soft_time_limit": s.soft_time_limit,
         "task_time_limit": s.time_limit,
@@ -101,3 +105,26 @@ def _load_models(**_) -> None:
              s.device or "auto")
     preload(s)
     log.info("worker child %d: models loaded", os.getpid())
+
+
+_watchdog = None
+
+
+@worker_ready.connect
+def _start_watchdog(**_) -> None:
+    """In the worker's main process: the watchdog thread (``worker.watchdog``), no extra process."""
+    global _watchdog
+    from .watchdog import Thread
+
+    if _watchdog is None:
+        _watchdog = Thread(app)
+        _watchdog.start()
+        s: Settings = app.facemend_settings
+        log.info("watchdog: checks unfinished jobs every %g s (heartbeat timeout %g s, stall %g s)",
+                 s.heartbeat_interval, s.heartbeat_timeout, s.stall_seconds)
+
+
+@worker_shutdown.connect
+def _stop_watchdog(**_) -> None:
+    if _watchdog is not None:
+        _watchdog.stop()

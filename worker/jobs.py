@@ -63,9 +63,21 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
 
 def follow(store: JobStore, job_id: str, *, on_update: Callable[[Job], None] | None = None,
            interval: float = 0.5, timeout: float | None = None) -> Job:
-    """Poll the record until the job is terminal; ``on_update(job)`` after each read."""
+    """Poll the record until the job is terminal; ``on_update(job)`` after each read. Every
+    FACEMEND_HEARTBEAT_INTERVAL it also runs the watchdog's check of this job (lost parts are
+    sent again, a stalled job FAILS), so a job followed by ``wait`` recovers even while no
+    worker's watchdog runs."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    dog, next_check = None, time.monotonic() + store.settings.heartbeat_interval
     while True:
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + store.settings.heartbeat_interval
+            try:
+                dog = dog or _watchdog(store)
+                for line in dog.check(job_id):
+                    log.info("watchdog: %s", line)
+            except Exception as e:  # the check is a help, never a reason to stop following
+                log.debug("watchdog check of %s failed: %s", job_id, e)
         job = store.get(job_id)
         if on_update:
             on_update(job)
@@ -75,6 +87,14 @@ def follow(store: JobStore, job_id: str, *, on_update: Callable[[Job], None] | N
             raise WaitTimeout(f"{job_id}: still {job.state} after {timeout:g} s "
                               f"({job.done}/{job.total} {job.unit})")
         time.sleep(interval)
+
+
+def _watchdog(store: JobStore):
+    from .app import app, configure
+    from .watchdog import for_app
+
+    configure(store.settings)
+    return for_app(app, store)
 
 
 def cancel(store: JobStore, settings: Settings, job_id: str) -> Job:

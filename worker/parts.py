@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from celery import Task
@@ -18,7 +20,7 @@ from celery.exceptions import TimeLimitExceeded
 from pipeline.errors import FacemendError
 
 from .app import app
-from .records import CANCELLED, FAILED, Job, JobStore
+from .records import CANCELLED, DONE, FAILED, Job, JobStore
 from .segments import parts_dir
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,49 @@ class Progress:
         self.last = time.monotonic()
 
 
-def stop_requested(job_id: str):
-    """should_cancel() for a part: the job was cancelled or failed elsewhere."""
+class Heartbeat:
+    """While a part (or the plan, or the join: ``index`` "plan" / "last") runs, a thread writes
+    its heartbeat into the job record every FACEMEND_HEARTBEAT_INTERVAL seconds. When the record
+    says another runner holds it now (the watchdog gave it up for lost and sent it again),
+    ``superseded`` is set: the run stops and changes nothing."""
+
+    def __init__(self, job_id: str, index: int | str, token: str) -> None:
+        self.job_id, self.index, self.token = job_id, index, token
+        self.superseded = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}-{index}", daemon=True)
+
+    def _run(self) -> None:
+        interval = app.facemend_settings.heartbeat_interval
+        while not self._stop.wait(interval):
+            try:
+                if not store().beat(self.job_id, self.index, self.token):
+                    log.warning("job %s part %s: taken over by another runner; stopping", self.job_id, self.index)
+                    self.superseded.set()
+                    return
+            except Exception as e:  # Redis restarting: beat again next time
+                log.info("job %s part %s: heartbeat not written (%s)", self.job_id, self.index, e)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def stop_requested(job_id: str, beat: Heartbeat | None = None):
+    """should_cancel() for a part: the job was cancelled or failed elsewhere, or (``beat``)
+    another runner took the part over."""
 
     def check() -> bool:
+        if beat is not None and beat.superseded.is_set():
+            return True
         try:
             state, cancel = store().state(job_id)
         except Exception:  # Redis hiccup: keep working; the next batch asks again
@@ -107,7 +148,7 @@ class PartTask(Task):
             return
         job_id, index = args
         job = store().get(job_id)
-        if job.terminal:
+        if job.terminal or index in store().finished(job_id):  # a copy of a finished part
             return
         error = f"hard time limit exceeded ({exc})"
         store().set_part(job_id, index, state=FAILED, error=error)
@@ -138,13 +179,19 @@ def guarded(fn):
     return run
 
 
-def begin_part(task, job_id: str, index: int) -> tuple[Job | None, int]:
-    """Read the job, count an attempt; (None, 0) when there is nothing to do."""
+def begin_part(task, job_id: str, index: int, token: str = "-") -> tuple[Job | None, int]:
+    """Read the job, take the part (``token``: this run), count an attempt; (None, 0) when there
+    is nothing to do: the job is over, the part already finished (a redelivered or resent
+    copy), or another runner of it still sends heartbeats. Such a copy changes nothing."""
     job = store().get(job_id)
     if job.terminal:
         cleanup(job)
         return None, 0
-    attempt = store().start_part(job_id, index, task.request.hostname or "?")
+    attempt = store().start_part(job_id, index, task.request.hostname or "?", token)
+    if attempt < 0:
+        log.info("job %s part %d: %s; this copy does nothing", job_id, index,
+                 "already finished" if attempt == -1 else "another worker runs it")
+        return None, 0
     limit = app.facemend_settings.max_attempts
     if attempt > limit:
         last = job.parts[index].get("error") or "the worker was lost (killed, crashed or out of memory)"
@@ -177,11 +224,37 @@ def stopped_by_cancel(job: Job, index: int, e: Exception) -> bool:
     return True
 
 
-def part_failed(task, job: Job, index: int, attempt: int, e: Exception) -> dict:
+def superseded(job: Job, index: int, token: str | None, e: BaseException | None = None) -> bool:
+    """True when this run of part ``index`` no longer matters: the job is over (DONE, FAILED,
+    CANCELLED: its clean-up may have removed the folder the run writes into), the part finished
+    (another copy won), or another runner holds it. The run then marks nothing: a copy never
+    fails a finished part. Removes the job's parts when the job is over."""
+    if token is None:
+        return False
+    try:
+        state, _ = store().state(job.id)
+        fields = store().r.hmget(store().key(job.id, "parts"), f"{index}.token")
+        finished = index in store().finished(job.id)
+    except Exception:  # Redis hiccup: treat the error as the part's own
+        return False
+    over = state in (DONE, FAILED, CANCELLED)
+    if not (over or finished or fields[0] != token):
+        return False
+    log.info("job %s part %d: this run is superseded (%s)%s", job.id, index,
+             "job " + state if over else "part finished" if finished else "another runner holds it",
+             f"; its {type(e).__name__}: {e}" if e is not None else "")
+    if over:
+        cleanup(job)
+    return True
+
+
+def part_failed(task, job: Job, index: int, attempt: int, e: Exception, token: str | None = None) -> dict:
     """An unexpected error: try again (a new message) until the attempts run out; nothing when
-    the job was cancelled meanwhile (``stopped_by_cancel``)."""
+    the job was cancelled meanwhile (``stopped_by_cancel``) or this run was superseded."""
     if stopped_by_cancel(job, index, e):
         return {"cancelled": True}
+    if superseded(job, index, token, e):
+        return {"superseded": True}
     error = f"{type(e).__name__}: {e}".splitlines()[0]
     store().set_part(job.id, index, state=FAILED, error=error)
     if attempt < app.facemend_settings.max_attempts:

@@ -7,11 +7,15 @@ Celery's results expire (``result_expires``); these records are facemend's own a
                       total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
                       chunk_files, queue, files (JSON), created, started, finished, updated
 - ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
-                      ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent`` for segment or chunk I
+                      ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent``, ``I.sent_at``,
+                      ``I.token`` (the run holding it), ``I.beat`` (its last heartbeat, Redis
+                      time), ``I.resent`` (sent again by the watchdog) for segment or chunk I;
+                      the job hash holds ``plan.*`` and ``last.*`` (join, summary) the same way
 - ``P:job:ID:finished`` set of the part indices that completed (a redelivered part counts once)
 - ``P:job:ID:files``  hash: file -> JSON outcome (folder and image jobs)
 - ``P:job:ID:plan``   the video plan (JSON)
 - ``P:jobs``          sorted set of job ids by creation time (for ``list``)
+- ``P:active``        set of the ids of unfinished jobs (for the watchdog)
 
 A terminal state (DONE, FAILED, CANCELLED) is never overwritten: state changes go through one
 Lua script that checks the current state first.
@@ -39,14 +43,68 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], unpack(ARGV, 2))
 return 1
 """
 
-# a part starts (again): count the attempt, take back the frames an earlier attempt reported
-_START_PART = """
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+# a part starts (again): -1 when it already finished (a redelivered or resent copy: nothing to
+# do), -2 while another runner of it still sends heartbeats; else take the part (its token,
+# a first heartbeat), count the attempt, take back the frames an earlier attempt reported
+_START_PART = _NOW + """
 local i = ARGV[1]
+if redis.call('SISMEMBER', KEYS[3], i) == 1 then return -1 end
+local state = redis.call('HGET', KEYS[2], i .. '.state')
+local beat = tonumber(redis.call('HGET', KEYS[2], i .. '.beat') or '0') or 0
+if state == 'RUNNING' and now - beat < tonumber(ARGV[4]) then return -2 end
 local old = tonumber(redis.call('HGET', KEYS[2], i .. '.done') or '0')
 if old > 0 then redis.call('HINCRBY', KEYS[1], 'done', -old) end
 redis.call('HSET', KEYS[2], i .. '.done', 0, i .. '.state', 'RUNNING', i .. '.worker', ARGV[2],
-           i .. '.started', ARGV[3])
+           i .. '.started', now, i .. '.token', ARGV[3], i .. '.beat', now, i .. '.error', '')
+redis.call('HSET', KEYS[1], 'updated', now)
 return redis.call('HINCRBY', KEYS[2], i .. '.attempts', 1)
+"""
+
+# a heartbeat of whoever holds the lease ``ARGV[1]`` (a part's "I." or a stage's "plan." /
+# "last." fields): 0 when another runner (or the watchdog) took it meanwhile
+_BEAT = _NOW + """
+if redis.call('HGET', KEYS[1], ARGV[1] .. 'token') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1] .. 'beat', now)
+return 1
+"""
+
+# plan, join or summary starts: 0 while another runner of it still sends heartbeats
+_TAKE_STAGE = _NOW + """
+local token = redis.call('HGET', KEYS[1], ARGV[1] .. 'token')
+local beat = tonumber(redis.call('HGET', KEYS[1], ARGV[1] .. 'beat') or '0') or 0
+if token and token ~= '' and token ~= ARGV[2] and now - beat < tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1] .. 'token', ARGV[2], ARGV[1] .. 'beat', now)
+return 1
+"""
+
+# a part finished: {1, n} the first time (n: distinct parts finished), {0, n} for a copy
+_FINISH_PART = _NOW + """
+local i = ARGV[1]
+local n = redis.call('SCARD', KEYS[2])
+if redis.call('SISMEMBER', KEYS[2], i) == 1 then return {0, n} end
+redis.call('SADD', KEYS[2], i)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], i .. '.state', 'DONE', i .. '.token', '', unpack(ARGV, 3))
+redis.call('HSET', KEYS[3], 'updated', now)
+return {1, n + 1}
+"""
+
+# the watchdog sends a part again: only if it has not finished and no runner sent a heartbeat
+# meanwhile; the old runner's token is void (it stops at its next heartbeat). Returns how many
+# times the part was sent again, 0 when it was not.
+_RESEND_PART = _NOW + """
+local i = ARGV[1]
+if redis.call('SISMEMBER', KEYS[2], i) == 1 then return 0 end
+local beat = tonumber(redis.call('HGET', KEYS[1], i .. '.beat') or '0') or 0
+if now - beat < tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], i .. '.state', 'QUEUED', i .. '.token', '', i .. '.sent_at', now,
+           i .. '.error', ARGV[3])
+return redis.call('HINCRBY', KEYS[1], i .. '.resent', 1)
 """
 
 
@@ -110,6 +168,10 @@ class JobStore:
         self.r = client
         self._set_state = self.r.register_script(_SET_STATE)
         self._start_part = self.r.register_script(_START_PART)
+        self._beat = self.r.register_script(_BEAT)
+        self._take_stage = self.r.register_script(_TAKE_STAGE)
+        self._finish_part = self.r.register_script(_FINISH_PART)
+        self._resend_part = self.r.register_script(_RESEND_PART)
 
     # keys
     def key(self, job_id: str, sub: str = "") -> str:
@@ -118,6 +180,16 @@ class JobStore:
     @property
     def index_key(self) -> str:
         return f"{self.prefix}:jobs"
+
+    @property
+    def active_key(self) -> str:
+        """Set of the ids of the jobs not finished yet (what the watchdog looks at)."""
+        return f"{self.prefix}:active"
+
+    def now(self) -> float:
+        """Redis's clock: heartbeats and the watchdog use it, so clocks of machines may differ."""
+        sec, usec = self.r.time()
+        return sec + usec / 1e6
 
     def ping(self) -> None:
         try:
@@ -139,6 +211,7 @@ class JobStore:
             })
             p.expire(self.key(job_id), self.ttl)
             p.zadd(self.index_key, {job_id: now})
+            p.sadd(self.active_key, job_id)
             p.execute()
 
     def get(self, job_id: str) -> Job:
@@ -161,7 +234,8 @@ class JobStore:
             plist.append({"index": i, "state": g("state") or QUEUED, "worker": g("worker"),
                           "attempts": int(g("attempts") or 0), "done": int(g("done") or 0),
                           "start": _num(g("start"), int), "stop": _num(g("stop"), int),
-                          "error": g("error"), "task_id": g("task_id"), "sent": g("sent") == "1"})
+                          "error": g("error") or None, "task_id": g("task_id"), "sent": g("sent") == "1",
+                          "resent": int(g("resent") or 0)})
         return Job(
             id=h["id"], kind=h.get("kind", ""), task=h.get("task", ""), input=h.get("input", ""),
             output=h.get("output", ""), state=h.get("state", QUEUED),
@@ -210,6 +284,7 @@ class JobStore:
         moved = bool(self._set_state(keys=[self.key(job_id)], args=args))
         if moved and state in TERMINAL:
             self.expire(job_id)
+            self.r.srem(self.active_key, job_id)
         return moved
 
     def fail(self, job_id: str, error: str, exit_code: int = 1) -> bool:
@@ -236,10 +311,12 @@ class JobStore:
     def add_parts(self, job_id: str, parts: list[dict], *, total: int) -> None:
         """Record the planned parts ({"start", "stop", "task_id"}) and the job's total."""
         mapping = {}
+        now = self.now()  # the watchdog gives a part that was never sent its time from here
         for i, part in enumerate(parts):
             mapping.update({f"{i}.{k}": v for k, v in part.items()})
             mapping[f"{i}.state"] = QUEUED
             mapping[f"{i}.attempts"] = 0
+            mapping[f"{i}.sent_at"] = now
         with self.r.pipeline() as p:
             if mapping:
                 p.hset(self.key(job_id, "parts"), mapping=mapping)
@@ -248,10 +325,40 @@ class JobStore:
                 p.expire(self.key(job_id, sub), self.ttl)
             p.execute()
 
-    def start_part(self, job_id: str, index: int, worker: str) -> int:
-        """Count one more attempt of part ``index`` (by ``worker``); returns the attempt number."""
-        return int(self._start_part(keys=[self.key(job_id), self.key(job_id, "parts")],
-                                    args=[index, worker, time.time()]))
+    def start_part(self, job_id: str, index: int, worker: str, token: str = "-") -> int:
+        """Take part ``index`` for ``worker`` (its run holds ``token``) and count one more
+        attempt; returns the attempt number, -1 when the part has already finished, -2 while
+        another runner of it sends heartbeats (within FACEMEND_HEARTBEAT_TIMEOUT)."""
+        return int(self._start_part(
+            keys=[self.key(job_id), self.key(job_id, "parts"), self.key(job_id, "finished")],
+            args=[index, worker, token, self.settings.heartbeat_timeout]))
+
+    def beat(self, job_id: str, index: int | str, token: str) -> bool:
+        """A heartbeat of part ``index`` (or stage "plan" / "last"); False when ``token`` no
+        longer holds it (another runner, or the watchdog, took it over)."""
+        key = self.key(job_id, "parts") if isinstance(index, int) else self.key(job_id)
+        return bool(self._beat(keys=[key], args=[f"{index}.", token]))
+
+    def take_stage(self, job_id: str, stage: str, token: str) -> bool:
+        """Hold stage "plan" or "last" (join, summary) with ``token``; False while another
+        runner of it sends heartbeats."""
+        return bool(self._take_stage(keys=[self.key(job_id)],
+                                     args=[f"{stage}.", token, self.settings.heartbeat_timeout]))
+
+    def resend_part(self, job_id: str, index: int, reason: str) -> int:
+        """Record that the watchdog sends part ``index`` again (unless it finished or a runner
+        sent a heartbeat meanwhile); returns how often it was sent again, 0 for not now."""
+        return int(self._resend_part(keys=[self.key(job_id, "parts"), self.key(job_id, "finished")],
+                                     args=[index, self.settings.heartbeat_timeout, reason]))
+
+    def mark_sent(self, job_id: str, index: int) -> None:
+        self.set_part(job_id, index, sent=1, sent_at=self.now())
+
+    def finished(self, job_id: str) -> set[int]:
+        return {int(i) for i in self.r.smembers(self.key(job_id, "finished"))}
+
+    def part_fields(self, job_id: str) -> dict[str, str]:
+        return self.r.hgetall(self.key(job_id, "parts"))
 
     def set_part(self, job_id: str, index: int, **fields) -> None:
         self.r.hset(self.key(job_id, "parts"), mapping={f"{index}.{k}": v for k, v in fields.items()})
@@ -264,16 +371,15 @@ class JobStore:
             p.hset(self.key(job_id), "updated", time.time())
             p.execute()
 
-    def finish_part(self, job_id: str, index: int, **fields) -> int:
-        """Mark part ``index`` DONE; returns how many distinct parts have finished."""
-        fields = {f"{index}.{k}": v for k, v in fields.items()}
-        fields[f"{index}.state"] = DONE
-        with self.r.pipeline() as p:
-            p.hset(self.key(job_id, "parts"), mapping=fields)
-            p.sadd(self.key(job_id, "finished"), index)
-            p.expire(self.key(job_id, "finished"), self.ttl)
-            p.scard(self.key(job_id, "finished"))
-            return int(p.execute()[-1])
+    def finish_part(self, job_id: str, index: int, **fields) -> tuple[bool, int]:
+        """Mark part ``index`` DONE; returns (whether this call finished it, how many distinct
+        parts have finished). A copy of a finished part changes nothing."""
+        args = [index, self.ttl]
+        for k, v in fields.items():
+            args += [f"{index}.{k}", v]
+        first, n = self._finish_part(keys=[self.key(job_id, "parts"), self.key(job_id, "finished"),
+                                           self.key(job_id)], args=args)
+        return bool(first), int(n)
 
     # payloads
     def save_plan(self, job_id: str, plan: dict) -> None:

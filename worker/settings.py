@@ -58,6 +58,21 @@ class Settings:
     """FACEMEND_MAX_ATTEMPTS: attempts of one segment or chunk (crashes and kills included)
     before the job is FAILED."""
 
+    heartbeat_interval: float = 10.0
+    """FACEMEND_HEARTBEAT_INTERVAL: seconds between the heartbeats a running part (and a running
+    plan or join) writes into its job record, and between the watchdog checks every worker (and
+    ``wait``) runs over the unfinished jobs."""
+
+    heartbeat_timeout: float = 120.0
+    """FACEMEND_HEARTBEAT_TIMEOUT: a part that has sent no heartbeat for this long (its worker is
+    gone: killed, crashed, cut off when Redis restarted), or that is recorded as queued while no
+    queue holds its message for this long, is sent again by the watchdog (attempts bounded by
+    FACEMEND_MAX_ATTEMPTS). A copy delivered while its part still sends heartbeats steps aside."""
+
+    stall_seconds: float = 6 * 3600
+    """FACEMEND_STALL_SECONDS: a job that makes no progress for this long while none of its parts
+    waits in a queue is FAILED, the error naming what stalled. 0: never."""
+
     result_expires: int = 24 * 3600
     """FACEMEND_RESULT_EXPIRES: seconds Celery keeps task results."""
 
@@ -136,6 +151,13 @@ class Settings:
                                 f"FACEMEND_SOFT_TIME_LIMIT={self.soft_time_limit}")
         if self.visibility_timeout <= 0:
             raise SettingsError(f"FACEMEND_VISIBILITY_TIMEOUT={self.visibility_timeout}: must be > 0")
+        if self.heartbeat_interval <= 0:
+            raise SettingsError(f"FACEMEND_HEARTBEAT_INTERVAL={self.heartbeat_interval}: must be > 0")
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            raise SettingsError(f"FACEMEND_HEARTBEAT_TIMEOUT={self.heartbeat_timeout}: must be at least twice "
+                                f"FACEMEND_HEARTBEAT_INTERVAL={self.heartbeat_interval}")
+        if self.stall_seconds < 0:
+            raise SettingsError(f"FACEMEND_STALL_SECONDS={self.stall_seconds}: must be >= 0 (0: never)")
         if self.ssl_cert_reqs not in ("required", "optional", "none"):
             raise SettingsError(f"FACEMEND_SSL_CERT_REQS={self.ssl_cert_reqs!r}: "
                                 "use required, optional or none")

@@ -9,8 +9,10 @@ indices in a Redis set) sends the join.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +30,8 @@ from pipeline.video import process_range
 
 from .app import app
 from .engines import engine_for
-from .parts import (PartTask, Progress, begin_part, cleanup, fail, guarded, part_cancelled, part_failed,
-                    stop_requested, stopped_by_cancel, store)
+from .parts import (Heartbeat, PartTask, Progress, begin_part, cleanup, fail, guarded, new_token, part_cancelled,
+                    part_failed, stop_requested, stopped_by_cancel, store, superseded)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
 from .storage import check_input, check_options, check_output, check_roots
@@ -46,7 +48,15 @@ def plan_job(job_id: str) -> dict:
     job = store().get(job_id)
     if job.terminal:
         return {"skipped": job.state}
+    token = new_token()
+    if not store().take_stage(job_id, "plan", token):
+        return {"skipped": "another worker plans this job"}
     store().set_state(job_id, RUNNING)
+    with Heartbeat(job_id, "plan", token):
+        return _plan(job_id, job)
+
+
+def _plan(job_id: str, job: Job) -> dict:
     settings = app.facemend_settings
     src, dst = Path(job.input), Path(job.output)
     try:
@@ -92,21 +102,47 @@ def _send_parts(job: Job, indices) -> dict:
         task = segment if job.kind == "video" else chunk
         route = {"queue": job.queue} if job.queue else {}
         task.apply_async((job.id, i), task_id=job.parts[i]["task_id"], **route)
-        store().set_part(job.id, i, sent=1)
+        store().mark_sent(job.id, i)
         sent.append(i)
     log.info("job %s: %d %s sent", job.id, len(sent), "segments" if job.kind == "video" else "chunks")
     return {"parts": len(job.parts), "sent": sent}
 
 
 
-def _part_finished(job: Job, index: int, worker: str, seconds: float) -> None:
-    finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2))
+def _part_finished(job: Job, index: int, worker: str, seconds: float) -> bool:
+    """Record the part DONE; the part that completes the set sends the join (or summary). A
+    copy of a part that had finished changes nothing and sends nothing (False)."""
+    first, finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2))
     state, _ = store().state(job.id)
-    if state in (CANCELLED, FAILED):
+    if state in (CANCELLED, FAILED, DONE):
         cleanup(job)
-    elif finished == len(job.parts):
+    elif first and finished == len(job.parts):
         last = join_job if job.kind == "video" else summarise
+        store().update(job.id, **{"last.sent_at": store().now()})
         last.apply_async((job.id,), task_id=f"{job.id}-{last.name.split('.')[-1]}")
+    return first
+
+
+def publish_part(work: Path, path: Path) -> bool:
+    """Put the complete part ``work`` (this run's own file) at ``path``, unless a part is there
+    already: the first complete one wins and is never rewritten. True when ``work`` won.
+    ``work`` is gone afterwards either way."""
+    try:
+        try:
+            os.link(work, path)  # atomic, and fails where a file is
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:  # a file system without hard links
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS,
+                               errno.EMLINK, errno.EACCES):
+                raise
+            if path.exists():
+                return False
+            os.replace(work, path)
+            return True
+    finally:
+        work.unlink(missing_ok=True)
 
 
 # ---- video --------------------------------------------------------------------------------
@@ -147,13 +183,26 @@ def preview_sheet(opts: JobOptions, index: int):
 @app.task(name="facemend.segment", bind=True, base=PartTask)
 def segment(self, job_id: str, index: int) -> dict:
     """Restore one frame range of the video into its part file (a no-op if already there)."""
-    job, attempt = begin_part(self, job_id, index)
+    token = new_token()
+    job, attempt = begin_part(self, job_id, index, token)
     if job is None:
         return {"skipped": True}
+    with Heartbeat(job_id, index, token) as beat:
+        return _segment(self, job, index, attempt, token, beat)
+
+
+def _segment(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat) -> dict:
+    """One run of a segment. It writes its own file (``.segNNNNN.TOKEN.mp4``, itself written
+    under a temporary name and renamed complete) and links it to the part's path only if no
+    complete part is there yet, so a copy running at the same time (a redelivery) can neither
+    corrupt nor replace the part; a copy that finds the part finished, or the job over, marks
+    nothing."""
+    job_id = job.id
     t0 = time.perf_counter()
     part = job.parts[index]
     start, stop = part["start"], part["stop"]
     path = part_path(Path(job.output), job_id, index)
+    work = path.with_name(f".{path.stem}.{token[:12]}{path.suffix}")
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
     try:
         check_roots(Path(job.input), path, app.facemend_settings)
@@ -168,24 +217,34 @@ def segment(self, job_id: str, index: int) -> dict:
             extra = {"detect_every": opts.detect_every} if getattr(opts, "detect_every", 1) != 1 else {}
             engine.restorer.reset()  # FaceMath's smoothed codes belong to one range of one video
             with preview_sheet(opts, index) as write_sheet:
-                r = process_range(vplan, path, detector=engine.detector, restorer=engine.restorer,
+                r = process_range(vplan, work, detector=engine.detector, restorer=engine.restorer,
                                   settings=opts.encoder(joinable=True), start=start, stop=stop,
-                                  progress=progress, should_cancel=stop_requested(job_id), **extra)
+                                  progress=progress, should_cancel=stop_requested(job_id, beat), **extra)
                 write_sheet()
             stats = {"frames": r.frames, "faces": r.faces, "seconds": round(r.seconds, 2)}
+            if not publish_part(work, path):
+                log.info("job %s segment %d: another run's part was there first; this one is dropped", job_id, index)
+                stats["duplicate"] = True
         progress.flush()
     except Cancelled:
         progress.flush()
+        if beat.superseded.is_set():  # another runner holds the part now: leave it its state
+            return {"superseded": True}
         return part_cancelled(job, index)
     except FacemendError as e:  # bad data: another attempt cannot help
         if stopped_by_cancel(job, index, e):  # or the cancel removed the part's folder
             return {"cancelled": True}
+        if superseded(job, index, token, e):  # the job is over, or another run finished the part
+            return {"superseded": True}
         store().set_part(job_id, index, state=FAILED, error=str(e))
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
     except Exception as e:
-        return part_failed(self, job, index, attempt, e)
-    _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
+        return part_failed(task, job, index, attempt, e, token)
+    finally:
+        work.unlink(missing_ok=True)
+    if not _part_finished(job, index, task.request.hostname or "?", time.perf_counter() - t0):
+        stats["duplicate"] = True
     return stats
 
 
@@ -197,6 +256,14 @@ def join_job(job_id: str) -> dict:
     if job.terminal:
         cleanup(job)
         return {"skipped": job.state}
+    token = new_token()
+    if not store().take_stage(job_id, "last", token):
+        return {"skipped": "another worker joins this job"}
+    with Heartbeat(job_id, "last", token):
+        return _join(job_id, job)
+
+
+def _join(job_id: str, job: Job) -> dict:
     dst = Path(job.output)
     vplan = media.VideoPlan.from_dict(store().load_plan(job_id))
     paths = [part_path(dst, job_id, p["index"]) for p in job.parts]
@@ -225,37 +292,53 @@ def join_job(job_id: str) -> dict:
 @app.task(name="facemend.chunk", bind=True, base=PartTask)
 def chunk(self, job_id: str, index: int) -> dict:
     """Restore a chunk of a folder job's files (or a single image), one outcome per file."""
-    job, attempt = begin_part(self, job_id, index)
+    token = new_token()
+    job, attempt = begin_part(self, job_id, index, token)
     if job is None:
         return {"skipped": True}
+    with Heartbeat(job_id, index, token) as beat:
+        return _chunk(self, job, index, attempt, token, beat)
+
+
+def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat) -> dict:
+    job_id = job.id
     t0 = time.perf_counter()
     part = job.parts[index]
     pairs = json.loads(store().r.hget(store().key(job_id), "files"))[part["start"]:part["stop"]]
     opts = JobOptions.from_dict(job.options)
     seen = store().file_results(job_id)
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
-    cancelled = stop_requested(job_id)
+    cancelled = stop_requested(job_id, beat)
     try:
         with preview_sheet(opts, index) as write_sheet:
             for src, out in pairs:
                 if cancelled():
-                    return part_cancelled(job, index)
+                    return _chunk_stopped(job, index, token, beat)
                 if src not in seen:
                     store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
                     if cancelled():  # cancelled while it was written: it goes with the others
-                        return part_cancelled(job, index)
+                        return _chunk_stopped(job, index, token, beat)
                 progress(1)
             write_sheet()
         progress.flush()
     except OutputUnwritable as e:  # a full or read-only disk: every other file would fail too
         progress.flush()
+        if superseded(job, index, token, e):
+            return {"superseded": True}
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
     except Exception as e:
         progress.flush()
-        return part_failed(self, job, index, attempt, e)
-    _part_finished(job, index, self.request.hostname or "?", time.perf_counter() - t0)
+        return part_failed(task, job, index, attempt, e, token)
+    if not _part_finished(job, index, task.request.hostname or "?", time.perf_counter() - t0):
+        return {"files": len(pairs), "duplicate": True}
     return {"files": len(pairs)}
+
+
+def _chunk_stopped(job: Job, index: int, token: str, beat: Heartbeat) -> dict:
+    if beat.superseded.is_set():  # another runner holds the chunk now: leave it its state
+        return {"superseded": True}
+    return part_cancelled(job, index)
 
 
 def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
