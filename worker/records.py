@@ -44,6 +44,7 @@ return 1
 """
 
 _NOW = """
+if redis.replicate_commands then redis.replicate_commands() end -- Redis < 5: TIME before writes
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
