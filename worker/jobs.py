@@ -53,6 +53,7 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
                  segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,
                  queue=queue or "")
+    store.update(job_id, **{"plan.queue": settings.cpu_queue})  # where the watchdog looks for it
     try:
         app.send_task("facemend.plan", (job_id,), task_id=f"{job_id}-plan")
     except Exception as e:  # kombu's OperationalError and friends

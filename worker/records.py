@@ -352,8 +352,9 @@ class JobStore:
         return int(self._resend_part(keys=[self.key(job_id, "parts"), self.key(job_id, "finished")],
                                      args=[index, self.settings.heartbeat_timeout, reason]))
 
-    def mark_sent(self, job_id: str, index: int) -> None:
-        self.set_part(job_id, index, sent=1, sent_at=self.now())
+    def mark_sent(self, job_id: str, index: int, queue: str) -> None:
+        """Part ``index`` was sent to ``queue`` (where the watchdog looks for its message)."""
+        self.set_part(job_id, index, sent=1, sent_at=self.now(), queue=queue)
 
     def finished(self, job_id: str) -> set[int]:
         return {int(i) for i in self.r.smembers(self.key(job_id, "finished"))}

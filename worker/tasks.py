@@ -102,7 +102,7 @@ def _send_parts(job: Job, indices) -> dict:
         task = segment if job.kind == "video" else chunk
         route = {"queue": job.queue} if job.queue else {}
         task.apply_async((job.id, i), task_id=job.parts[i]["task_id"], **route)
-        store().mark_sent(job.id, i)
+        store().mark_sent(job.id, i, job.queue or app.facemend_settings.gpu_queue)
         sent.append(i)
     log.info("job %s: %d %s sent", job.id, len(sent), "segments" if job.kind == "video" else "chunks")
     return {"parts": len(job.parts), "sent": sent}
@@ -118,7 +118,7 @@ def _part_finished(job: Job, index: int, worker: str, seconds: float) -> bool:
         cleanup(job)
     elif first and finished == len(job.parts):
         last = join_job if job.kind == "video" else summarise
-        store().update(job.id, **{"last.sent_at": store().now()})
+        store().update(job.id, **{"last.sent_at": store().now(), "last.queue": app.facemend_settings.cpu_queue})
         last.apply_async((job.id,), task_id=f"{job.id}-{last.name.split('.')[-1]}")
     return first
 

@@ -123,13 +123,15 @@ def pending(job: Job, raw_parts: dict, finished: set[int], job_hash: dict, setti
     cpu = settings.cpu_queue
     n = len(job.parts)
     if job.state == QUEUED or n == 0:
-        return [Pending("the plan", "facemend.plan", (job.id,), f"{job.id}-plan", cpu, job.state,
+        return [Pending("the plan", "facemend.plan", (job.id,), f"{job.id}-plan",
+                        job_hash.get("plan.queue") or cpu, job.state,
                         _f(job_hash.get("plan.beat")), max(job.created, _f(job_hash.get("plan.sent_at"))),
                         resent=int(job_hash.get("plan.resent") or 0), index="plan")]
     if len(finished) >= n:
         last = "join" if job.kind == "video" else "summarise"
         return [Pending("the join" if last == "join" else "the summary", f"facemend.{last}", (job.id,),
-                        f"{job.id}-{last}", cpu, RUNNING if job_hash.get("last.token") else QUEUED,
+                        f"{job.id}-{last}", job_hash.get("last.queue") or cpu,
+                        RUNNING if job_hash.get("last.token") else QUEUED,
                         _f(job_hash.get("last.beat")),
                         max(_f(job.updated), _f(job_hash.get("last.sent_at"))),
                         resent=int(job_hash.get("last.resent") or 0), index="last")]
@@ -141,7 +143,7 @@ def pending(job: Job, raw_parts: dict, finished: set[int], job_hash: dict, setti
             continue
         g = lambda k: raw_parts.get(f"{i}.{k}")  # noqa: E731
         out.append(Pending(f"{kind} {i}", f"facemend.{kind}", (job.id, i), p["task_id"] or f"{job.id}-{kind[0]}{i}",
-                           gpu, p["state"], _f(g("beat")), max(_f(g("sent_at")), _f(g("started")), _f(g("beat"))),
+                           g("queue") or gpu, p["state"], _f(g("beat")), max(_f(g("sent_at")), _f(g("started")), _f(g("beat"))),
                            attempts=p["attempts"], resent=p["resent"], worker=p["worker"] or "", index=i))
     return out
 
