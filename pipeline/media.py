@@ -545,7 +545,10 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
     try:
         out = av.open(str(tmp), "w", options=_timescale_options(dst, vplan))
         vout = _join_streams(out, parts, vplan, dst, iters, summary)
-        for _, _, pkt in heapq.merge(*iters, key=lambda x: (x[0], x[1])):
+        first = None  # the earliest decode time muxed (packets come in decode-time order)
+        for t, _, pkt in heapq.merge(*iters, key=lambda x: (x[0], x[1])):
+            if first is None:
+                first = t
             if pkt.stream is vout:
                 summary["frames"] += 1
             elif pkt.stream.type == "audio":
@@ -555,7 +558,10 @@ def join(parts: list[Path], vplan: VideoPlan, dst: Path) -> dict:
         out = None
         if summary["frames"] != vplan.frames:
             raise OutputError(f"{dst}: joined {summary['frames']} frames, the plan has {vplan.frames}")
-        check_timing(tmp, vplan, name=dst)
+        # MP4 and MOV hold times before 0 (an edit list); Matroska and others have the muxer move
+        # the whole file later by as much (audio that starts before the video, B-frames)
+        lead = 0.0 if dst.suffix.lower() in MOV_EXTENSIONS or first is None else max(0.0, -first)
+        check_timing(tmp, vplan, name=dst, lead=lead)
         os.replace(tmp, dst)
     except BaseException as e:
         for it in iters:  # their source files are closed now, not at garbage collection
@@ -659,10 +665,13 @@ def _retimed_packets(path: Path, new: dict[int, int], ptb: Fraction, tb: Fractio
             raise CorruptInput(f"{path}: corrupt video data ({e})") from None
 
 
-def check_timing(path: Path, vplan: VideoPlan, *, name: Path | None = None) -> None:
+def check_timing(path: Path, vplan: VideoPlan, *, name: Path | None = None, lead: float = 0.0) -> None:
     """Raise OutputError unless the video at ``path`` has the plan's frame count and every frame
     the plan's pts (to the nearest tick of the file's own time base: a container with a coarser
-    clock, Matroska's milliseconds, rounds them). ``name``: the file to name in the message."""
+    clock, Matroska's milliseconds, rounds them). ``lead``: seconds by which the muxer moved the
+    whole file later because a packet started before 0 (containers that cannot store negative
+    times); then every frame must be moved by that same amount (to a tick), the streams staying
+    in sync, and it is logged. ``name``: the file to name in the message."""
     name = name or path
     try:
         with av.open(str(path)) as c:
@@ -675,6 +684,13 @@ def check_timing(path: Path, vplan: VideoPlan, *, name: Path | None = None) -> N
         raise OutputError(f"{name}: has {len(got)} frames, the plan has {vplan.frames}")
     tb = Fraction(vplan.time_base)
     off = [i for i, (g, w) in enumerate(zip(got, vplan.pts)) if abs(g * otb - w * tb) * 2 > otb]
+    if off and lead > 0:
+        shift = got[0] * otb - vplan.pts[0] * tb
+        moved = [i for i, (g, w) in enumerate(zip(got, vplan.pts)) if abs(g * otb - w * tb - shift) * 2 > otb]
+        if not moved and abs(float(shift) - lead) <= float(otb) + 1e-6:
+            log.info("%s: every stream starts %.3f ms later than in the source (the container cannot "
+                     "store times before 0); frame intervals are the source's", name, 1000 * float(shift))
+            return
     if off:
         i = off[0]
         raise OutputError(f"{name}: {len(off)} of {len(got)} frames are not at the source's time: "

@@ -288,3 +288,30 @@ def test_the_first_complete_part_wins_and_is_never_replaced(tmp_path, monkeypatc
     assert publish_part(first, final2) is True
     assert publish_part(second, final2) is False
     assert final2.read_bytes() == b"first run" and not first.exists() and not second.exists()
+
+
+def test_join_into_matroska_moves_every_frame_by_the_audio_lead_only(tmp_path):
+    """Matroska cannot store times before 0: a source whose MP3 audio starts 11 ms before its
+    video is written 11 ms later as a whole (the muxer's doing, streams kept in sync); the check
+    accepts that uniform move and nothing else, so every frame interval is still the source's."""
+    from fractions import Fraction
+
+    from pipeline.media import EncoderSettings, VideoEncoder, iter_frames, join
+
+    src = VIDEOS / "selfie_mp3audio.mp4"
+    vplan = plan(src)
+    parts = []
+    for i, (a, b) in enumerate(split(vplan, 0.5)):
+        parts.append(tmp_path / f"seg{i}.mp4")
+        with VideoEncoder(parts[-1], vplan, EncoderSettings(preset="ultrafast", bframes=0)) as enc:
+            for k, yuv in iter_frames(vplan, a, b):
+                enc.write(k, yuv)
+    assert len(parts) >= 4
+    for name in ("out.mp4", "out.mkv"):
+        join(parts, vplan, tmp_path / name)
+    want = [p * Fraction(vplan.time_base) for p in vplan.pts]
+    assert frame_times(tmp_path / "out.mp4") == want
+    got = frame_times(tmp_path / "out.mkv")  # Matroska's clock: milliseconds
+    shift = got[0] - want[0]
+    assert Fraction(5, 1000) < shift < Fraction(30, 1000)  # the MP3's lead (11 ms)
+    assert all(abs(g - w - shift) <= Fraction(1, 2000) for g, w in zip(got, want))
