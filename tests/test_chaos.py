@@ -206,10 +206,11 @@ def test_duplicates_of_a_finished_segment_change_nothing(chaos, tmp_path):
     """A copy of a segment delivered after it finished (while the job runs, and after it is
     DONE) and a copy of the join: no attempt counted, nothing FAILED, the output untouched."""
     workers, settings, client = chaos
-    from worker.app import app, configure
+    from worker.app import make_app
     from worker.settings import Settings
 
-    configure(Settings.from_env({"FACEMEND_BROKER_URL": settings["FACEMEND_BROKER_URL"]}))
+    # an app of its own: the module's app stays pointed where other tests expect it
+    app = make_app(Settings.from_env({"FACEMEND_BROKER_URL": settings["FACEMEND_BROKER_URL"]}))
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)
     workers.start("w1", **settings)
     out = tmp_path / "out.mp4"
@@ -235,6 +236,7 @@ def test_duplicates_of_a_finished_segment_change_nothing(chaos, tmp_path):
     assert not list(tmp_path.glob(".facemend-*"))  # no copy made the parts folder again
     log = workers.log("w1")
     assert "Traceback" not in log, log[-3000:]
+    app.close()
 
 
 def test_a_segment_outliving_the_visibility_timeout_runs_once(chaos, tmp_path):
