@@ -90,6 +90,12 @@ def follow(store: JobStore, job_id: str, *, on_update: Callable[[Job], None] | N
         time.sleep(interval)
 
 
+def watch(store: JobStore, job_id: str) -> list[str]:
+    """Run the watchdog's check of one job now (what ``wait`` does every heartbeat interval):
+    lost parts are sent again, a stalled job FAILS. Returns what it did, one line each."""
+    return _watchdog(store).check(job_id)
+
+
 def _watchdog(store: JobStore):
     from .app import app, configure
     from .watchdog import for_app
@@ -146,4 +152,4 @@ def describe(job: Job) -> str:
     return line
 
 
-__all__ = ["TERMINAL", "cancel", "connect", "describe", "exit_code", "follow", "submit"]
+__all__ = ["TERMINAL", "cancel", "connect", "describe", "exit_code", "follow", "submit", "watch"]
