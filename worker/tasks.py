@@ -34,7 +34,7 @@ from .parts import (Heartbeat, PartTask, Progress, begin_part, cleanup, fail, gu
                     part_failed, stop_requested, stopped_by_cancel, store, superseded)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .segments import part_path, parts_dir, split
-from .storage import check_input, check_options, check_output, check_roots
+from .storage import check_options, check_output, check_roots
 
 log = logging.getLogger(__name__)
 
