@@ -83,7 +83,14 @@ def make_app(settings: Settings) -> Celery:
 
 
 def configure(settings: Settings) -> None:
-    """Re-point the module's app (the CLI's ``--broker``)."""
+    """Re-point the module's app (the CLI's ``--broker``). Connections made to the previous
+    broker are closed, so nothing is sent there any more."""
+    if getattr(app, "_pool", None) is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
     app.conf.update(celery_config(settings))
     app.facemend_settings = settings
 
