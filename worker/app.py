@@ -86,8 +86,7 @@ def configure(settings: Settings) -> None:
     """Re-point the module's app (the CLI's ``--broker``). Connections made to the previous
     broker are closed, so nothing is sent there any more."""
     if getattr(app, "_pool", None) is not None:
-        app._pool.force_close_all()
-        app._pool = None
+        app._pool = None  # the old pool is dropped, not closed: a producer may still hold it
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None
