@@ -78,6 +78,14 @@ CASES = (
     Case("enhance", "down2", "unsharp"),
     Case("enhance", "down4", "unsharp"),
     Case("enhance", "blur2", "unsharp"),
+    Case("denoise", "mix", "nlmeans"),
+    Case("enhance", "mix", "unsharp"),
+    Case("restore", "mix", "nlmeans"),
+    Case("restore", "noise20", "nlmeans"),
+    Case("restore", "jpeg20", "nlmeans"),
+    Case("restore", "h264crf40", "nlmeans"),
+    Case("restore", "down4", "unsharp"),
+    Case("restore", "blur2", "unsharp"),
     Case("unmask", "mask", "telea"),
     Case("identity", "noise20", "none"),
 )
@@ -141,10 +149,10 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
 
     out, masks = [], None
     if name.startswith("noise"):
-        sigma = float(name[5:])
-        for i, f in enumerate(frames):
-            rng = np.random.default_rng((rng_seed, i))
-            out.append(np.clip(np.rint(f + rng.normal(0, sigma, f.shape)), 0, 255).astype(np.uint8))
+        out = noisy(frames, float(name[5:]), rng_seed)
+    elif name == "mix":  # old footage: upscaled SD, sensor noise, then a video encoder (D.MIX)
+        ups = [D.down_up(f, D.MIX["scale"]) for f in frames]
+        out = h264(noisy(ups, D.MIX["sigma"], rng_seed), int(D.MIX["crf"]))
     elif name.startswith("jpeg"):
         out = [D.jpeg(f, int(name[4:])) for f in frames]
     elif name.startswith("down"):
@@ -169,6 +177,15 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
     else:
         raise ValueError(f"unknown degradation {name!r}")
     return out, masks
+
+
+def noisy(frames: list[np.ndarray], sigma: float, rng_seed: int) -> list[np.ndarray]:
+    """Gaussian noise of ``sigma`` on each frame, seeded by the frame's index."""
+    out = []
+    for i, f in enumerate(frames):
+        rng = np.random.default_rng((rng_seed, i))
+        out.append(np.clip(np.rint(f + rng.normal(0, sigma, f.shape)), 0, 255).astype(np.uint8))
+    return out
 
 
 def h264(frames: list[np.ndarray], crf: int) -> list[np.ndarray]:
@@ -245,11 +262,13 @@ def ceiling(task: str, frames: list[np.ndarray], heads: list[list]) -> list[np.n
     """The task's network alone on an axis-aligned crop of each head (a margin of 16 px, reflected
     to the network's multiple): no resampling, no blending; the head pasted as the network gave
     it. None for tasks whose network needs an aligned face (unmask) or has none."""
-    if task not in ("denoise", "enhance"):
-        return None
     import torch
 
     import models
+
+    spec = models.resolve(task)
+    if not spec.native or spec.weights is None:
+        return None
 
     model = models.load(task)
     m = model.multiple

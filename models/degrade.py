@@ -12,6 +12,11 @@ Tasks:
   random offset.
 - enhance (alias deblur): downscale x1-x4 (INTER_AREA) and back up (bicubic), sometimes Gaussian
   or motion blur, sometimes JPEG.
+- restore: what archive footage has, several at once, in the order they happen to a picture:
+  blur (Gaussian or motion) -> downscale x1-x4 and back up -> sensor noise (Gaussian or
+  Poisson, sometimes chroma) -> compression (a real video encoder or JPEG at any grid offset).
+  Each step is drawn on its own (``restore_chain``), so single degradations and clean crops are
+  seen too.
 - unmask: a synthetic face mask (surgical, cloth or N95-like; random colours, textures, shading
   and ear straps) drawn over nose and mouth from the crop template's landmarks. The mask is
   returned as well (uint8 0/255, for the Telea baseline and loss weighting); the model never
@@ -20,7 +25,7 @@ Tasks:
 
 Fixed evaluation degradations (``degrade_eval``): denoise = Gaussian sigma 25/255 only (noise
 added in float, clipped to [0, 255], rounded to uint8); enhance = x4 INTER_AREA down then bicubic
-up; unmask = the training mask generator, seeded per image.
+up; restore = x2 down-up, Gaussian sigma 10, then libx264 at CRF 32 (``MIX``); unmask = the training mask generator, seeded per image.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import cv2
 import numpy as np
 
 ALIASES = {"deblur": "enhance"}
-TASKS = ("denoise", "enhance", "unmask")
+TASKS = ("denoise", "enhance", "restore", "unmask")
 
 
 @dataclass
@@ -62,6 +67,14 @@ def gaussian_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> n
     """i.i.d. Gaussian noise of ``sigma`` (0-255 units) on every pixel and channel."""
     noise = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(sigma)
     return _u8(img.astype(np.float32) + noise)
+
+
+def poisson_noise(img: np.ndarray, peak: float, rng: np.random.Generator) -> np.ndarray:
+    """Shot noise: each channel's value scaled to ``peak`` photons at 255, drawn from a Poisson
+    law and scaled back (dark pixels noisier relative to their value, as a sensor is)."""
+    scale = np.float32(peak / 255.0)
+    counts = rng.poisson(img.astype(np.float32) * scale).astype(np.float32)
+    return _u8(counts / scale)
 
 
 def chroma_noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -361,6 +374,42 @@ def apply_mask(img: np.ndarray, rng: np.random.Generator, occluder: bool = False
 # ---------------------------------------------------------------------------------------------
 # task degradations
 
+MIX = {"scale": 2.0, "sigma": 10.0, "codec": "libx264", "crf": 32.0}  # restore's fixed evaluation
+
+
+def mix(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The fixed combined degradation (``MIX``): x2 down-up, Gaussian noise, libx264."""
+    out = gaussian_noise(down_up(img, MIX["scale"]), MIX["sigma"], rng)
+    return video_codec(out, rng, codec=MIX["codec"], quality=MIX["crf"])
+
+
+def restore_chain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random archive degradation: each step drawn on its own, in the order they happen."""
+    out = img
+    r = rng.random()
+    if r < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.4, 2.0))
+    elif r < 0.4:
+        out = motion_blur(out, int(rng.integers(3, 8)), rng.uniform(0, 180))
+    if rng.random() < 0.55:
+        scale = 2.0 if rng.random() < 0.3 else rng.uniform(1.0, 4.0)
+        out = down_up(out, scale)
+    r = rng.random()
+    if r < 0.45:
+        out = gaussian_noise(out, rng.uniform(0, 35), rng)
+    elif r < 0.6:
+        out = poisson_noise(out, rng.uniform(20, 200), rng)
+    if rng.random() < 0.2:
+        out = chroma_noise(out, rng.uniform(2, 12), rng)
+    r = rng.random()
+    if r < 0.5:
+        codec = str(rng.choice(VIDEO_CODECS, p=[0.6, 0.2, 0.2]))
+        crf = rng.uniform(24, 45) if codec == "libx264" else None  # down to the archive's better encodes
+        out = video_codec(out, rng, codec=codec, quality=crf)
+    elif r < 0.75:
+        out = jpeg_anywhere(out, int(rng.integers(10, 81)), rng)
+    return out if out is not img else img.copy()
+
 
 def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
     """A random training degradation of the uint8 RGB crop ``img`` for ``task``."""
@@ -393,6 +442,8 @@ def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
         if rng.random() < 0.25:
             out = jpeg(out, int(rng.integers(30, 96)))
         return Degraded(out)
+    if task == "restore":
+        return Degraded(restore_chain(img, rng))
     return apply_mask(img, rng)
 
 
@@ -403,6 +454,8 @@ def degrade_eval(task: str, img: np.ndarray, rng: np.random.Generator) -> Degrad
         return Degraded(gaussian_noise(img, 25.0, rng))
     if task == "enhance":
         return Degraded(down_up(img, 4.0))
+    if task == "restore":
+        return Degraded(mix(img, rng))
     return apply_mask(img, rng)
 
 

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SEED = 0
 NLM = {"h": 15, "hColor": 15, "templateWindowSize": 7, "searchWindowSize": 21}
-BASELINES = {"denoise": "nlm", "enhance": "bicubic", "unmask": "telea"}
+BASELINES = {"denoise": "nlm", "enhance": "bicubic", "restore": "nlm", "unmask": "telea"}
 
 
 def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
@@ -62,7 +62,7 @@ def scores(out: np.ndarray, clean: np.ndarray) -> dict[str, float]:
 
 def baseline(task: str, bad: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
     """The classical answer to ``task`` for each degraded crop."""
-    if task == "denoise":
+    if task in ("denoise", "restore"):
         return np.stack([cv2.fastNlMeansDenoisingColored(im, None, NLM["h"], NLM["hColor"],
                                                          NLM["templateWindowSize"],
                                                          NLM["searchWindowSize"]) for im in bad])

@@ -68,6 +68,8 @@ TASKS: dict[str, TaskSpec] = {
                         weights="denoise.safetensors"),
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", True,
                         weights="enhance.safetensors"),
+    "restore": TaskSpec("restore", "repairs old footage: codec blocks and ringing, noise, softness"
+                        " and upscaling blur, together (blind)", True, weights="restore.safetensors"),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
                        weights="unmask.safetensors", replaces=True, below=32, mirror=True,
                        zooms=(1.0, 0.9, 1.1)),

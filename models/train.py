@@ -45,6 +45,8 @@ PRESETS: dict[str, dict] = {
                 "patch": 64, "batch": 16},
     "enhance": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
                 "patch": 64, "batch": 16},
+    "restore": {"net": NetConfig(widths=(32, 64, 128), enc_blocks=(2, 2, 4), dec_blocks=(2, 2)),
+                "patch": 64, "batch": 16},
     "unmask": {"net": NetConfig(unshuffle=4, widths=(32, 64, 128, 192), enc_blocks=(2, 2, 2, 3),
                                 dec_blocks=(1, 2, 2)),
                "patch": 128, "batch": 8},
@@ -324,15 +326,22 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
 
 
 DEGRADATION_NOTES = {
-    "denoise": "Gaussian sigma U[0,50]/255; p=0.25 chroma noise; p=0.25 JPEG q30-95",
+    "denoise": "p=0.45 Gaussian sigma U[0,50]/255 (p=0.25 chroma noise, p=0.25 JPEG q30-95);"
+               " else p=0.5 Gaussian sigma U[0,15]/255 then JPEG q10-60 at any grid offset"
+               " (p=0.2) or libx264 CRF 30-45 / MPEG-2 / MPEG-4 q6-31 (p=0.35)",
     "enhance": "p=0.25 Gaussian blur, p=0.15 motion blur; down x4 (p=0.4) or xU[1,4] INTER_AREA,"
                " bicubic up; p=0.25 JPEG q30-95",
+    "restore": "in order, each drawn alone: p=0.3 Gaussian blur sigma U[0.4,2], p=0.1 motion blur;"
+               " p=0.55 down x2 (p=0.3) or xU[1,4] and up; p=0.45 Gaussian sigma U[0,35]/255 or"
+               " p=0.15 Poisson peak U[20,200]; p=0.2 chroma noise; p=0.5 video encoder (libx264"
+               " CRF 24-45, MPEG-2, MPEG-4) or p=0.25 JPEG q10-80 at any grid offset",
     "unmask": "synthetic surgical/cloth/N95 masks with straps over nose and mouth"
               " (and lower-face occluders when 'occluders' says so)",
 }
 EVAL_NOTES = {
     "denoise": "Gaussian sigma 25/255, clipped and rounded to uint8",
     "enhance": "x4 INTER_AREA down, bicubic up",
+    "restore": "x2 INTER_AREA down, bicubic up; Gaussian sigma 10/255; libx264 CRF 32, one frame",
     "unmask": "mask generator, seed 0 per image",
 }
 
@@ -530,7 +539,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
                "  python -m models.train --task enhance --steps 200 --device cuda",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", required=True, help="denoise, enhance (deblur) or unmask")
+    p.add_argument("--task", required=True, help="denoise, enhance (deblur), restore or unmask")
     p.add_argument("--steps", type=int, default=0, help="step budget (0: none)")
     p.add_argument("--minutes", type=float, default=0.0, help="training wall-time budget (0: none)")
     p.add_argument("--batch", type=int, default=0)

@@ -199,6 +199,35 @@ def test_denoise_training_mixes_noise_jpeg_and_video_codecs(train_crops):
     assert 10 <= smooth <= 32, smooth
 
 
+def test_restore_training_chains_degradations_in_the_order_they_happen(train_crops, monkeypatch):
+    """restore's training inputs combine blur, down-up, noise and a real encoder (video or
+    JPEG), each drawn on its own, always in that order; the fixed evaluation input is the
+    MIX chain: x2 down-up, sigma 10, libx264 at CRF 32."""
+    from models import degrade as D
+
+    calls: list[str] = []
+    for name in ("motion_blur", "down_up", "gaussian_noise", "poisson_noise", "video_codec", "jpeg_anywhere"):
+        fn = getattr(D, name)
+        monkeypatch.setattr(D, name, lambda *a, _fn=fn, _n=name, **k: (calls.append(_n), _fn(*a, **k))[1])
+    stage = {"motion_blur": 0, "down_up": 1, "gaussian_noise": 2, "poisson_noise": 2, "video_codec": 3,
+             "jpeg_anywhere": 3}
+    crop = np.ascontiguousarray(train_crops[2][:64, :64])
+    seen: dict[str, int] = {}
+    for seed in range(60):
+        calls.clear()
+        D.degrade("restore", crop, np.random.default_rng(seed))
+        order = [stage[c] for c in calls]
+        assert order == sorted(order), calls
+        for c in set(calls):
+            seen[c] = seen.get(c, 0) + 1
+        seen["combined"] = seen.get("combined", 0) + (len(set(order)) >= 2)
+    assert seen["video_codec"] >= 15 and seen["jpeg_anywhere"] >= 6 and seen["down_up"] >= 15, seen
+    assert seen["gaussian_noise"] >= 15 and seen["poisson_noise"] >= 3 and seen["combined"] >= 25, seen
+    calls.clear()
+    D.degrade_eval("restore", crop, np.random.default_rng(0))
+    assert calls == ["down_up", "gaussian_noise", "video_codec"]
+
+
 def test_denoise_eval_is_sigma_25(train_crops):
     crop = np.full((128, 128, 3), 128, np.uint8)
     noisy = degrade_eval("denoise", crop, np.random.default_rng(0)).image.astype(float)
