@@ -134,7 +134,7 @@ def add_job_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
     p = sub.add_parser("worker", help="run a Celery worker (prefork, one process per GPU)", parents=[common])
-    p.add_argument("--queues", default=None, help="queues to serve (default: gpu,cpu)")
+    p.add_argument("--queues", default=None, help="queues to serve (default: gpu,cpu,archive)")
     p.add_argument("--device", help="device of this worker: cpu, cuda:0, ... (default: the job's)")
     p.add_argument("-n", "--hostname", help="node name (default: facemend-PID@%%h)")
     p.add_argument("-c", "--concurrency", type=int, default=1, help="pool processes (default 1: one per GPU)")
@@ -190,8 +190,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_facemath_args(args)
     settings = get_settings(args, segment_seconds=args.segment_seconds)
     if settings.queued:
-        if args.manifest:
-            log.warning("--manifest: kept by embedded folder jobs only; ignored for a queued job")
         return submit_queued(args, opts, settings)
     hooks = Hooks()
     if settings.storage_roots:  # embedded, as a worker does: every file opened or written
@@ -285,7 +283,7 @@ def job_store(args: argparse.Namespace):
 def submit_queued(args: argparse.Namespace, opts, settings) -> int:
     from worker.jobs import submit
 
-    job = submit(args.input, opts, settings, queue=args.queue)
+    job = submit(args.input, opts, settings, queue=args.queue, records=args.manifest)
     if not args.wait:
         print(json.dumps(job.to_dict()) if args.json else job.id, flush=True)
         return 0
@@ -387,8 +385,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import app, configure
 
     settings = get_settings(args)  # again: now with FACEMEND_DEVICE
-    queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue}"
-    if settings.gpu_queue not in queues.split(","):  # plan/join only: no model to load
+    queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue},{settings.archive_queue}"
+    if not {settings.gpu_queue, settings.archive_queue} & set(queues.split(",")):  # plan/join only: no model
         settings = replace(settings, preload_tasks=())
     configure(settings)
     level = "WARNING" if args.quiet else ("INFO", "DEBUG")[min(args.verbose, 1)]

@@ -185,7 +185,7 @@ def _check_paths(src: Path, dst: Path, opts: JobOptions) -> str:
     if src.is_dir():
         if dst.resolve().is_relative_to(src.resolve()):
             raise OutputError(f"{dst}: the output folder is inside the input folder {src}")
-        if not scan_folder(src, warn=False)[0]:
+        if not any(p is not None for p, _ in walk_folder(src, warn=False)):  # stops at the first
             raise InputError(f"{src}: the folder holds no images or videos")
         if dst.exists() and not dst.is_dir():
             raise OutputError(f"{dst}: exists and is not a folder")
@@ -252,24 +252,40 @@ def _read_only(p: Path) -> bool:
 def scan_folder(root: Path, *, warn: bool = True) -> tuple[list[Path], list[dict]]:
     """Media files under ``root`` (sorted, recursive) and the other files with a skip reason."""
     files, skipped = [], []
+    for p, item in walk_folder(root, warn=warn):
+        if p is not None:
+            files.append(p)
+        else:
+            skipped.append(item)
+    return files, skipped
+
+
+def walk_folder(root: Path, *, warn: bool = True):
+    """``scan_folder`` one file at a time, in the same order: ``(path, None)`` for a media file,
+    ``(None, {"file", "reason"})`` for one skipped. A big folder's plan streams from it, and a
+    folder's check stops at its first media file."""
+    unread: list[dict] = []
 
     def unreadable(e: OSError) -> None:  # a subfolder that cannot be listed: said, not ignored
-        skipped.append({"file": str(e.filename), "reason": f"folder cannot be read ({e.strerror or e})"})
+        unread.append({"file": str(e.filename), "reason": f"folder cannot be read ({e.strerror or e})"})
         if warn:
-            log.warning("%s: skipped (%s)", e.filename, skipped[-1]["reason"])
+            log.warning("%s: skipped (%s)", e.filename, unread[-1]["reason"])
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        while unread:
+            yield None, unread.pop(0)
         dirnames[:] = sorted(d for d in dirnames if d != manifest.DIR_NAME)  # a result folder's records
         for name in sorted(filenames):
             p = Path(dirpath) / name
             special = special_file(p)
             if special:
-                skipped.append({"file": str(p), "reason": f"{special}, not a regular file"})
+                yield None, {"file": str(p), "reason": f"{special}, not a regular file"}
             elif is_image_path(p) or is_video_path(p):
-                files.append(p)
+                yield p, None
             else:
-                skipped.append({"file": str(p), "reason": "not an image or video"})
-    return files, skipped
+                yield None, {"file": str(p), "reason": "not an image or video"}
+    while unread:
+        yield None, unread.pop(0)
 
 
 def special_file(p: Path) -> str:

@@ -404,6 +404,8 @@ def _manifest(src_root, dst_root, opts, shard: str | None) -> Manifest:
     book = _open.pop(key, None)
     if book is None:
         book = Manifest(src_root, dst_root, opts, shard=key[-1])
+    else:  # weights replaced while the worker ran: records made from now on say so
+        book.weights = weights_digest(opts.task)
     _open[key] = book
     while len(_open) > OPEN_AT_MOST:  # close the least recently used
         _open.pop(next(iter(_open))).close()

@@ -1,8 +1,9 @@
 """The morning report of a folder job: ``OUTPUT/.facemend/report.json`` and ``report.html``.
 
-Written when an embedded folder job ends, however it ends (done, some files failed, stopped by
-an error, interrupted, cancelled with files kept): counts, rate, failures with their reasons,
-the task, its pixel options and weights, and a before/after sheet of up to ``SAMPLES`` faces
+Written when a folder job ends (an embedded one however it ends: done, some files failed,
+stopped by an error, interrupted, cancelled with files kept; a queued one when its summary is
+made, from the counts of its chunks): counts, rate, per-worker figures, failures with their
+reasons, the task, its pixel options and weights, and a before/after sheet of up to ``SAMPLES`` faces
 restored in this run. The HTML page stands alone (inline CSS, images as data: URIs). Both files
 are written under a temporary name and renamed, so a crash leaves the previous report whole.
 """
@@ -21,10 +22,18 @@ SAMPLES = 8
 JSON_NAME, HTML_NAME = "report.json", "report.html"
 
 
-def build_report(result, opts, *, status: str, started: float, ended: float, error: str | None = None) -> dict:
-    """The report's data from a folder job's ``JobResult``."""
+def build_report(result, opts, *, status: str, started: float, ended: float, error: str | None = None,
+                 workers: dict | None = None) -> dict:
+    """The report's data from a folder job's ``JobResult``. ``workers``: {name: {"files",
+    "seconds", ...}} of a queued job's workers (default: this process did every file)."""
+    from .manifest import worker_name
+
     seconds = max(ended - started, 0.0)
     processed = result.files["processed"]
+    if workers is None:
+        done = processed + result.files["failed"]
+        workers = {worker_name(): {"files": done, "seconds": round(seconds, 2),
+                                   "files_per_second": round(done / seconds, 2) if seconds > 0 else None}}
     return {
         "status": status,  # done | partly failed | stopped | interrupted | cancelled
         "error": error,
@@ -40,6 +49,7 @@ def build_report(result, opts, *, status: str, started: float, ended: float, err
         "failures": list(result.failures),
         "skipped_other": [s for s in result.skipped if s.get("reason") not in SKIP_REASONS],
         "notes": list(result.notes),
+        "workers": workers,
     }
 
 
@@ -122,6 +132,8 @@ def render_html(report: dict, pairs: list[tuple[np.ndarray, np.ndarray]]) -> str
     else:
         faces = "<p>No face was restored in this run.</p>"
     rate = report["files_per_second"]
+    workers = "".join(f"<tr><td><code>{e(str(name))}</code></td><td>{w.get('files')}</td><td>{w.get('seconds')}</td>"
+                      f"<td>{w.get('files_per_second')}</td></tr>" for name, w in report.get("workers", {}).items())
     error = f"<p class='status-other'>{e(report['error'])}</p>" if report.get("error") else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>facemend: {e(report['output'])}</title>
@@ -136,6 +148,7 @@ def render_html(report: dict, pairs: list[tuple[np.ndarray, np.ndarray]]) -> str
 <div class="count failed"><b>{files['failed']}</b>failed</div>
 <div class="count"><b>{report['faces']}</b>faces</div>
 </div>
+<h2>Workers</h2><table><tr><th>worker</th><th>files</th><th>seconds</th><th>files/s</th></tr>{workers}</table>
 <h2>Failures</h2>{failures}
 <h2>Sample faces (up to {SAMPLES} restored in this run)</h2>{faces}
 <h2>Options that change pixels</h2><table>{options}</table>

@@ -76,7 +76,7 @@ def _ssl_options(s: Settings) -> dict:
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("facemend", include=["worker.tasks"])
+    app = Celery("facemend", include=["worker.tasks", "worker.schedule"])
     app.conf.update(celery_config(settings))
     app.facemend_settings = settings
     return app
@@ -84,7 +84,10 @@ def make_app(settings: Settings) -> Celery:
 
 def configure(settings: Settings) -> None:
     """Re-point the module's app (the CLI's ``--broker``). Connections made to the previous
-    broker are closed, so nothing is sent there any more."""
+    broker are closed, so nothing is sent there any more. The same settings again change
+    nothing (a task of a worker that submits a job keeps the worker's connections)."""
+    if settings == getattr(app, "facemend_settings", None):
+        return
     if getattr(app, "_pool", None) is not None:
         app._pool = None  # the old pool is dropped, not closed: a producer may still hold it
     amqp = app.__dict__.get("amqp")

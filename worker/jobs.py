@@ -33,9 +33,13 @@ def connect(settings: Settings) -> JobStore:
     return store
 
 
-def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None = None) -> Job:
+def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None = None,
+           records: bool = False) -> Job:
     """Queue a job for ``src``; returns its record (state QUEUED). ``queue``: where its segments
-    or chunks go (default FACEMEND_GPU_QUEUE), e.g. a nightly archive queue of its own."""
+    or chunks go (default FACEMEND_GPU_QUEUE), e.g. a nightly archive queue of its own.
+    ``records``: a folder job keeps its manifest and report (``--manifest``; always with
+    ``--skip-existing``). A folder is not walked here (only up to its first media file): the
+    plan task does it."""
     from .app import app, configure
 
     src = Path(src).absolute()
@@ -52,7 +56,7 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     opts = JobOptions(**{**asdict(opts), "output": str(dst)})
     store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
                  segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,
-                 queue=queue or "")
+                 queue=queue or "", records=records)
     store.update(job_id, **{"plan.queue": settings.cpu_queue})  # where the watchdog looks for it
     try:
         app.send_task("facemend.plan", (job_id,), task_id=f"{job_id}-plan")
@@ -144,11 +148,13 @@ def describe(job: Job) -> str:
     if job.state == DONE and (job.kind in ("folder", "image") or "skipped" in s):
         line += f"  processed {s.get('processed', 0)}, skipped {s.get('skipped', 0)}, failed {s.get('failed', 0)}"
         if not s.get("processed") and not s.get("failed") and s.get("skipped"):
-            line += " (nothing to do: every output is newer than its input)"
+            line += " (nothing to do: every file was done before)"
     if job.state == DONE:
         line += f"  -> {job.output}"
     elif job.error:
         line += f"  {job.error}"
+    if job.report:
+        line += f"  report {job.report}"
     return line
 
 

@@ -19,6 +19,7 @@ from celery.exceptions import TimeLimitExceeded
 
 from pipeline.errors import FacemendError
 
+from . import chunks
 from .app import app
 from .records import CANCELLED, DONE, FAILED, Job, JobStore
 from .segments import parts_dir
@@ -115,7 +116,7 @@ def fail(job: Job, error: str, exit_code: int = 1) -> None:
 
 def cleanup(job: Job) -> None:
     """Remove a video job's parts (the job is over, whichever way); a cancelled folder or image
-    job's outputs."""
+    job's outputs; a folder or image job's work files once it is over."""
     if job.kind == "video" and job.output:
         shutil.rmtree(parts_dir(Path(job.output), job.id), ignore_errors=True)
     elif job.output:
@@ -125,15 +126,20 @@ def cleanup(job: Job) -> None:
             return
         if state == CANCELLED:
             remove_outputs(store(), job)
+        elif state in (DONE, FAILED):
+            chunks.remove(chunks.job_dir(job.kind, job.output, job.id))
 
 
 def remove_outputs(records: JobStore, job: Job) -> None:
     """A cancelled folder or image job: remove the files it wrote (recorded as processed; a
-    skipped file's output was not written by it) and the folders this leaves empty."""
+    skipped file's output was not written by it), the folders this leaves empty, and the
+    job's work files."""
     from pipeline.job import remove_written
 
-    written = [Path(r["output"]) for r in records.file_results(job.id).values()
+    folder = chunks.job_dir(job.kind, job.output, job.id)
+    written = [Path(r["output"]) for _, r in chunks.all_results(folder, len(job.parts))
                if r.get("status") == "processed" and r.get("output")]
+    chunks.remove(folder)
     if written:
         remove_written(written, Path(job.output) if job.kind == "folder" else None)
 

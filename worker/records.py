@@ -5,17 +5,24 @@ Celery's results expire (``result_expires``); these records are facemend's own a
 
 - ``P:job:ID``        hash: id, kind, task, input, output, options (JSON), state, unit, done,
                       total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
-                      chunk_files, queue, files (JSON), created, started, finished, updated
+                      chunk_files, queue, records, report, ignored (JSON: the first ignored
+                      files), ignored_count, created, started, finished, updated
 - ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
                       ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent``, ``I.sent_at``,
                       ``I.token`` (the run holding it), ``I.beat`` (its last heartbeat, Redis
                       time), ``I.resent`` (sent again by the watchdog) for segment or chunk I;
-                      the job hash holds ``plan.*`` and ``last.*`` (join, summary) the same way
+                      a finished chunk's counts: ``I.files``, ``I.processed``, ``I.skipped``,
+                      ``I.failed``, ``I.faces``, ``I.seconds``; the job hash holds ``plan.*``
+                      and ``last.*`` (join, summary) the same way
 - ``P:job:ID:finished`` set of the part indices that completed (a redelivered part counts once)
-- ``P:job:ID:files``  hash: file -> JSON outcome (folder and image jobs)
 - ``P:job:ID:plan``   the video plan (JSON)
 - ``P:jobs``          sorted set of job ids by creation time (for ``list``)
 - ``P:active``        set of the ids of unfinished jobs (for the watchdog)
+
+No key holds a list of the job's files: a folder job's file lists and per-file outcomes are
+files beside its output (``worker.chunks``), its summary keeps counts and the first
+``FIRST_FAILURES`` failures, so a record stays small whatever the folder's size (the number of
+chunks is bounded by FACEMEND_MAX_PARTS).
 
 A terminal state (DONE, FAILED, CANCELLED) is never overwritten: state changes go through one
 Lua script that checks the current state first.
@@ -135,6 +142,8 @@ class Job:
     segment_seconds: float = 30.0
     chunk_files: int = 16
     queue: str = ""  # queue of the segments/chunks ("": the gpu queue)
+    records: bool = False  # a folder job keeps its manifest and report (``--manifest``)
+    report: str = ""  # a folder job that kept records: its report.json
 
     @property
     def terminal(self) -> bool:
@@ -200,7 +209,7 @@ class JobStore:
 
     # creating and reading
     def create(self, job_id: str, *, kind: str, task: str, input: str, output: str, options: dict,
-               segment_seconds: float, chunk_files: int, queue: str = "") -> None:
+               segment_seconds: float, chunk_files: int, queue: str = "", records: bool = False) -> None:
         now = time.time()
         unit = "frames" if kind == "video" else "files"
         with self.r.pipeline() as p:
@@ -209,6 +218,7 @@ class JobStore:
                 "options": json.dumps(options), "state": QUEUED, "unit": unit, "done": 0,
                 "total": 0, "parts": 0, "exit_code": 0, "created": now, "updated": now,
                 "segment_seconds": segment_seconds, "chunk_files": chunk_files, "queue": queue,
+                "records": int(records),
             })
             p.expire(self.key(job_id), self.ttl)
             p.zadd(self.index_key, {job_id: now})
@@ -247,7 +257,7 @@ class JobStore:
             created=float(h.get("created") or 0), started=_num(h.get("started")),
             finished=_num(h.get("finished")), updated=_num(h.get("updated")),
             segment_seconds=float(h.get("segment_seconds") or 30), chunk_files=int(h.get("chunk_files") or 16),
-            queue=h.get("queue") or "",
+            queue=h.get("queue") or "", records=h.get("records") == "1", report=h.get("report") or "",
         )
 
     def state(self, job_id: str) -> tuple[str | None, bool]:
@@ -304,7 +314,7 @@ class JobStore:
 
     def expire(self, job_id: str) -> None:
         with self.r.pipeline() as p:
-            for sub in ("", "parts", "finished", "files", "plan"):
+            for sub in ("", "parts", "finished", "plan"):
                 p.expire(self.key(job_id, sub), self.ttl)
             p.execute()
 
@@ -392,12 +402,3 @@ class JobStore:
         if raw is None:
             raise JobNotFound(f"{job_id}: the job's video plan is missing from Redis")
         return json.loads(raw)
-
-    def file_result(self, job_id: str, file: str, outcome: dict) -> None:
-        with self.r.pipeline() as p:
-            p.hset(self.key(job_id, "files"), file, json.dumps(outcome))
-            p.expire(self.key(job_id, "files"), self.ttl)
-            p.execute()
-
-    def file_results(self, job_id: str) -> dict[str, dict]:
-        return {k: json.loads(v) for k, v in self.r.hgetall(self.key(job_id, "files")).items()}

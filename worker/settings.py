@@ -40,6 +40,29 @@ class Settings:
     chunk_files: int = 16
     """FACEMEND_CHUNK_FILES: files of a folder job per task."""
 
+    max_parts: int = 1000
+    """FACEMEND_MAX_PARTS: most chunks of one folder job; a bigger folder gets bigger chunks, so
+    its record in Redis stays small (about 1 KB a chunk)."""
+
+    archive_queue: str = "archive"
+    """FACEMEND_ARCHIVE_QUEUE: queue of the scheduled archive jobs' chunks. Workers listen on it
+    besides the gpu and cpu queues unless given ``--queues``."""
+
+    archive_folders: tuple[str, ...] = ()
+    """FACEMEND_ARCHIVE_FOLDERS: the folders the schedule (``worker.schedule``, Celery beat)
+    processes every day, separated by ``:``; each ``INPUT`` (output ``INPUT.TASK`` beside it) or
+    ``INPUT=OUTPUT``. Absolute paths on the shared storage."""
+
+    archive_task: str = "denoise"
+    """FACEMEND_ARCHIVE_TASK: the task of the scheduled archive jobs."""
+
+    archive_at: str = "02:00"
+    """FACEMEND_ARCHIVE_AT: time of day (HH:MM, in FACEMEND_ARCHIVE_TIMEZONE) the schedule
+    submits its folders."""
+
+    archive_timezone: str = "UTC"
+    """FACEMEND_ARCHIVE_TIMEZONE: time zone of FACEMEND_ARCHIVE_AT (an IANA name)."""
+
     storage_roots: tuple[str, ...] = ()
     """FACEMEND_STORAGE_ROOTS: allowed folders for inputs and outputs, separated by ``:``
     (the shared storage every worker mounts at the same path). Empty: any path."""
@@ -144,6 +167,16 @@ class Settings:
             raise SettingsError(f"FACEMEND_SEGMENT_SECONDS={self.segment_seconds}: must be > 0")
         if self.chunk_files < 1:
             raise SettingsError(f"FACEMEND_CHUNK_FILES={self.chunk_files}: must be >= 1")
+        if self.max_parts < 1:
+            raise SettingsError(f"FACEMEND_MAX_PARTS={self.max_parts}: must be >= 1")
+        try:
+            archive_time(self.archive_at)
+        except ValueError:
+            raise SettingsError(f"FACEMEND_ARCHIVE_AT={self.archive_at!r}: expected HH:MM (e.g. 02:30)") from None
+        for entry in self.archive_folders:
+            if not all(Path(p).is_absolute() for p in entry.split("=", 1)):
+                raise SettingsError(f"FACEMEND_ARCHIVE_FOLDERS: {entry!r} is not an absolute path "
+                                    "(INPUT or INPUT=OUTPUT)")
         if self.max_attempts < 1:
             raise SettingsError(f"FACEMEND_MAX_ATTEMPTS={self.max_attempts}: must be >= 1")
         if self.time_limit <= self.soft_time_limit:
@@ -175,11 +208,19 @@ def _parse(name: str, raw: str, default):
         if isinstance(default, float):
             return float(raw)
         if isinstance(default, tuple):
-            sep = ":" if name == "FACEMEND_STORAGE_ROOTS" else ","
+            sep = ":" if name in ("FACEMEND_STORAGE_ROOTS", "FACEMEND_ARCHIVE_FOLDERS") else ","
             return tuple(p.strip() for p in raw.split(sep) if p.strip())
     except ValueError:
         raise SettingsError(f"{name}={raw!r}: expected a {type(default).__name__}") from None
     return raw
+
+
+def archive_time(text: str) -> tuple[int, int]:
+    """(hour, minute) of ``HH:MM``; ValueError otherwise."""
+    hour, minute = (int(v) for v in text.split(":"))
+    if not (0 <= hour < 24 and 0 <= minute < 60):
+        raise ValueError(text)
+    return hour, minute
 
 
 def _redact(url: str) -> str:

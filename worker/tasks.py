@@ -20,14 +20,15 @@ from pathlib import Path
 import av
 from celery.exceptions import SoftTimeLimitExceeded
 
-from pipeline import media
+from pipeline import manifest, media
 from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
-from pipeline.job import (JobOptions, JobResult, is_fresh, check_paths, mirrored_output, process_file, scan_folder,
-                          unexpected)
+from pipeline.job import (JobOptions, JobResult, check_paths, is_fresh, keeps_records, mirrored_output, process_file,
+                          unexpected, walk_folder)
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
 from pipeline.video import process_range
 
+from . import chunks
 from .app import app
 from .engines import engine_for
 from .parts import (Heartbeat, PartTask, Progress, begin_part, cleanup, fail, guarded, new_token, part_cancelled,
@@ -80,20 +81,40 @@ def _plan(job_id: str, job: Job) -> dict:
             store().add_parts(job_id, parts, total=vplan.frames)
             parts_dir(dst, job_id).mkdir(parents=True, exist_ok=True)
         else:
-            if kind == "image":
-                pairs, ignored = [(src, dst)], []
-            else:
-                files, ignored = scan_folder(src)
-                pairs = [(p, mirrored_output(p, src, dst)) for p in files]
-            n = job.chunk_files
-            parts = [{"start": i, "stop": min(i + n, len(pairs)), "task_id": f"{job_id}-c{i // n}"}
-                     for i in range(0, len(pairs), n)]
-            store().update(job_id, files=[[str(a), str(b)] for a, b in pairs], ignored=ignored)
-            store().add_parts(job_id, parts, total=len(pairs))
+            parts = _plan_chunks(job, kind, src, dst, settings.max_parts)
     except FacemendError as e:
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
     return _send_parts(store().get(job_id), range(len(parts)))
+
+
+def _plan_chunks(job: Job, kind: str, src: Path, dst: Path, max_parts: int) -> list[dict]:
+    """Walk the folder (here, not in ``submit``), write each chunk's file list beside the
+    output (``worker.chunks``) and record the chunks: the job record keeps counts only. At most
+    ``max_parts`` chunks: a bigger folder gets bigger ones."""
+    files, ignored, n_ignored = [], [], 0
+    for p, item in (walk_folder(src) if kind == "folder" else [(src, None)]):
+        if p is not None:
+            files.append(p)
+            continue
+        n_ignored += 1
+        if len(ignored) < chunks.FIRST_FAILURES:
+            ignored.append(item)
+    n = max(job.chunk_files, -(-len(files) // max_parts))
+    folder = chunks.job_dir(kind, dst, job.id)
+    parts = []
+    try:
+        for k, i in enumerate(range(0, len(files), n)):
+            chunks.write_chunk(folder, k, [(a, dst if kind == "image" else mirrored_output(a, src, dst))
+                                           for a in files[i:i + n]])
+            parts.append({"start": i, "stop": min(i + n, len(files)), "task_id": f"{job.id}-c{k}"})
+    except OSError as e:
+        from pipeline.errors import output_error
+
+        raise output_error(folder, e) from None
+    store().update(job.id, ignored=ignored, ignored_count=n_ignored)
+    store().add_parts(job.id, parts, total=len(files))
+    return parts
 
 
 def _send_parts(job: Job, indices) -> dict:
@@ -109,10 +130,11 @@ def _send_parts(job: Job, indices) -> dict:
 
 
 
-def _part_finished(job: Job, index: int, worker: str, seconds: float) -> bool:
-    """Record the part DONE; the part that completes the set sends the join (or summary). A
-    copy of a part that had finished changes nothing and sends nothing (False)."""
-    first, finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2))
+def _part_finished(job: Job, index: int, worker: str, seconds: float, **counts) -> bool:
+    """Record the part DONE (a chunk with its ``counts``); the part that completes the set
+    sends the join (or summary). A copy of a part that had finished changes nothing and sends
+    nothing (False)."""
+    first, finished = store().finish_part(job.id, index, worker=worker, seconds=round(seconds, 2), **counts)
     state, _ = store().state(job.id)
     if state in (CANCELLED, FAILED, DONE):
         cleanup(job)
@@ -301,21 +323,38 @@ def chunk(self, job_id: str, index: int) -> dict:
 
 
 def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat) -> dict:
+    """One run of a chunk: its files (``worker.chunks``), each decided, processed and recorded
+    in turn. A run after an earlier one died goes on from the first file that has no outcome
+    yet. With records kept (``keeps_records``), ``--skip-existing`` asks the output folder's
+    manifest, and each outcome is appended to this worker's shard of it once the output is in
+    place."""
     job_id = job.id
     t0 = time.perf_counter()
-    part = job.parts[index]
-    pairs = json.loads(store().r.hget(store().key(job_id), "files"))[part["start"]:part["stop"]]
+    folder = chunks.job_dir(job.kind, job.output, job_id)
     opts = JobOptions.from_dict(job.options)
-    seen = store().file_results(job_id)
     progress = Progress(job_id, index, app.facemend_settings.progress_interval)
     cancelled = stop_requested(job_id, beat)
+    worker = task.request.hostname or "?"
     try:
-        with preview_sheet(opts, index) as write_sheet:
+        pairs = chunks.read_chunk(folder, index)
+        seen = chunks.results(folder, index)
+        book = None
+        if job.kind == "folder" and keeps_records(Path(job.output), opts, job.records):
+            book = {"src_root": job.input, "dst_root": job.output, "opts": opts, "shard": worker}
+        with preview_sheet(opts, index) as write_sheet, report_samples(opts, index, folder, book):
             for src, out in pairs:
                 if cancelled():
                     return _chunk_stopped(job, index, token, beat)
                 if src not in seen:
-                    store().file_result(job_id, src, _one_file(Path(src), Path(out), opts))
+                    seen[src] = _one_file(Path(src), Path(out), opts, book)
+                    try:
+                        chunks.add_result(folder, index, src, seen[src])
+                    except OSError:
+                        if not cancelled():
+                            raise
+                        if seen[src]["status"] == "processed":  # the cancel removed the results
+                            Path(out).unlink(missing_ok=True)
+                        return _chunk_stopped(job, index, token, beat)
                     if cancelled():  # cancelled while it was written: it goes with the others
                         return _chunk_stopped(job, index, token, beat)
                 progress(1)
@@ -330,9 +369,35 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
     except Exception as e:
         progress.flush()
         return part_failed(task, job, index, attempt, e, token)
-    if not _part_finished(job, index, task.request.hostname or "?", time.perf_counter() - t0):
+    counts = chunks.tally(seen)
+    if not _part_finished(job, index, worker, time.perf_counter() - t0, files=len(pairs), **counts):
         return {"files": len(pairs), "duplicate": True}
     return {"files": len(pairs)}
+
+
+@contextmanager
+def report_samples(opts: JobOptions, index: int, folder: Path, book: dict | None):
+    """A job that keeps a report: the first chunks keep a few before/after crops for its page
+    (chunk 0 up to the report's number, the next ones one each)."""
+    from pipeline.report import SAMPLES
+
+    restorer = engine_for(opts, app.facemend_settings).restorer if book and index < SAMPLES else None
+    if restorer is None or restorer.identity:
+        yield
+        return
+    keep = SAMPLES if index == 0 else 1
+    own = restorer.preview is None  # else --preview's sink (chunk 0): its pairs serve both
+    sink = PreviewSink(limit=keep) if own else restorer.preview
+    restorer.preview = sink
+    try:
+        yield
+        try:
+            chunks.save_samples(folder, index, sink.pairs[:keep])
+        except OSError as e:
+            log.warning("%s: report samples not kept (%s)", folder, e.strerror or e)
+    finally:
+        if own:
+            restorer.preview = None
 
 
 def _chunk_stopped(job: Job, index: int, token: str, beat: Heartbeat) -> dict:
@@ -341,45 +406,114 @@ def _chunk_stopped(job: Job, index: int, token: str, beat: Heartbeat) -> dict:
     return part_cancelled(job, index)
 
 
-def _one_file(src: Path, out: Path, opts: JobOptions) -> dict:
-    if opts.skip_existing and is_fresh(src, out):
-        return {"status": "skipped", "output": str(out), "reason": "output is newer than input"}
+def _one_file(src: Path, out: Path, opts: JobOptions, book: dict | None = None) -> dict:
+    """Decide, process and record one file; its outcome (status processed / skipped / failed).
+    ``book``: the manifest's arguments (``manifest.should_skip`` / ``manifest.record``)."""
+    if opts.skip_existing:
+        if book is not None:
+            why = manifest.should_skip(book["src_root"], book["dst_root"], src, out, opts, shard=book["shard"])
+        else:
+            why = manifest.FRESH_REASON if is_fresh(src, out) else None
+        if why:
+            return {"status": "skipped", "output": str(out), "reason": why}
     result = JobResult(str(src), str(out), "file", opts.task)
+    try:
+        st = os.stat(src)
+    except OSError:
+        st = None
+    t0 = time.perf_counter()
     try:
         check_roots(src, out, app.facemend_settings)  # a link in the folder may point elsewhere
         process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
     except (OutputUnwritable, SoftTimeLimitExceeded):  # the chunk's concern, not this file's
         raise
-    except FacemendError as e:
-        log.warning("%s", e)
-        return {"status": "failed", "output": str(out), "error": str(e), "exit_code": e.exit_code}
     except Exception as e:  # as the embedded run: an error no check foresaw fails this file only
-        log.warning("%s", src, exc_info=True)
-        return {"status": "failed", "output": str(out), "error": unexpected(src, e), "exit_code": 1}
+        if isinstance(e, FacemendError):
+            log.warning("%s", e)
+            error, code = str(e), e.exit_code
+        else:
+            log.warning("%s", src, exc_info=True)
+            error, code = unexpected(src, e), 1
+        if book is not None:
+            manifest.record(book["src_root"], book["dst_root"], src, out, opts, manifest.FAILED, error=error,
+                            stat=st, seconds=time.perf_counter() - t0, shard=book["shard"])
+        return {"status": "failed", "output": str(out), "error": error, "exit_code": code}
+    if book is not None:  # the output is in place (written under a temporary name, renamed)
+        manifest.record(book["src_root"], book["dst_root"], src, out, opts, manifest.DONE, faces=result.faces,
+                        stat=st, seconds=time.perf_counter() - t0, shard=book["shard"])
     return {"status": "processed", "output": str(out), "faces": result.faces, "notes": result.notes}
 
 
 @app.task(name="facemend.summarise")
 @guarded
 def summarise(job_id: str) -> dict:
-    """Count processed / skipped / failed files; DONE (or FAILED for a single image)."""
+    """Add up the chunks' counts; the report (a folder job that keeps records); DONE (or
+    FAILED for a single image). The record keeps counts and the first failures only."""
     job = store().get(job_id)
     if job.terminal:
         return {"skipped": job.state}
-    results = store().file_results(job_id)
-    by = {s: {f: r for f, r in results.items() if r["status"] == s} for s in ("processed", "skipped", "failed")}
-    summary = {
-        "processed": len(by["processed"]), "skipped": len(by["skipped"]), "failed": len(by["failed"]),
-        "faces": sum(r.get("faces", 0) for r in by["processed"].values()),
-        "failures": [{"file": f, "error": r["error"]} for f, r in by["failed"].items()],
-        "skipped_files": [{"file": f, "reason": r["reason"]} for f, r in by["skipped"].items()],
-        "notes": [n for r in by["processed"].values() for n in r.get("notes", [])],
-    }
-    if job.kind == "image" and by["failed"]:
-        (f, r), = by["failed"].items()
-        fail(job, r["error"], r.get("exit_code", 3))
+    folder = chunks.job_dir(job.kind, job.output, job_id)
+    fields = store().part_fields(job_id)
+    counts = {k: sum(int(fields.get(f"{i}.{k}") or 0) for i in range(len(job.parts)))
+              for k in ("processed", "skipped", "failed", "faces")}
+    failures, notes, reasons = [], [], {}
+    for src, r in chunks.all_results(folder, len(job.parts)):
+        if r["status"] == "failed":
+            failures.append({"file": src, "error": r["error"], "exit_code": r.get("exit_code", 1)})
+        elif r["status"] == "skipped":
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        else:
+            notes += r.get("notes") or []
+    first = chunks.FIRST_FAILURES
+    summary = {**counts, "failures": [{"file": f["file"], "error": f["error"]} for f in failures[:first]],
+               "skip_reasons": reasons, "notes": notes[:first], "workers": _worker_figures(job, fields)}
+    if len(failures) > first:
+        summary["failures_left_out"] = len(failures) - first
+    if job.kind == "folder":
+        report = _write_report(job, folder, summary, failures, notes)
+        if report:
+            summary["report"] = report
+            store().update(job_id, report=report)
+    if job.kind == "image" and failures:
+        fail(job, failures[0]["error"], failures[0]["exit_code"])
     else:
-        store().set_state(job_id, DONE, summary=summary, done=len(results),
-                          exit_code=6 if by["failed"] else 0)
+        store().set_state(job_id, DONE, summary=summary, done=job.total, exit_code=6 if failures else 0)
+    chunks.remove(folder)
     return summary
 
+
+def _worker_figures(job: Job, fields: dict) -> dict:
+    """{worker: {"chunks", "files", "seconds", "files_per_second"}} from the chunks' records."""
+    out: dict[str, dict] = {}
+    for i in range(len(job.parts)):
+        w = out.setdefault(fields.get(f"{i}.worker") or "?", {"chunks": 0, "files": 0, "seconds": 0.0})
+        w["chunks"] += 1
+        w["files"] += int(fields.get(f"{i}.files") or 0)
+        w["seconds"] = round(w["seconds"] + float(fields.get(f"{i}.seconds") or 0), 2)
+    for w in out.values():
+        w["files_per_second"] = round(w["files"] / w["seconds"], 2) if w["seconds"] else None
+    return out
+
+
+def _write_report(job: Job, folder: Path, summary: dict, failures: list, notes: list) -> str | None:
+    """The morning report (``pipeline.report``) of a folder job that keeps records, from its
+    summary; every failure is in it. A report that cannot be written is a warning."""
+    from pipeline.report import SAMPLES, build_report, write_report
+
+    opts = JobOptions.from_dict(job.options)
+    if not keeps_records(Path(job.output), opts, job.records):
+        return None
+    h = store().r.hmget(store().key(job.id), "ignored", "ignored_count")
+    result = JobResult(job.input, job.output, "folder", job.task, faces=summary["faces"],
+                       files={k: summary[k] for k in ("processed", "skipped", "failed")},
+                       failures=[{"file": f["file"], "error": f["error"]} for f in failures], notes=notes,
+                       skipped=json.loads(h[0] or "[]"))
+    status = "partly failed" if failures else "done"
+    report = build_report(result, opts, status=status, started=job.started or job.created, ended=time.time(),
+                          workers=summary["workers"])
+    report["ignored"] = int(h[1] or 0)
+    try:
+        return str(write_report(Path(job.output), report, chunks.load_samples(folder, SAMPLES)))
+    except OSError as e:
+        log.warning("%s: the report cannot be written (%s)", manifest.manifest_dir(job.output), e.strerror or e)
+        return None
