@@ -2,6 +2,7 @@
 
     python -m models.card --task unmask --weights runs/unmask/export/unmask.safetensors
     python -m models.card --task unmask --weights W --write      # into W's card (.json + header)
+    python -m models.card --task restore --quality bench.json    # the output file's figures
 
 Every figure comes from ``models.evaluate`` with the network run as the product runs it (unmask:
 its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unmask's zooms,
@@ -26,6 +27,69 @@ import numpy as np
 from . import data as D
 from . import evaluate as E
 from .degrade import canonical
+
+
+# A restoration network's card (``<task>.json`` beside the weights, and the same JSON in the
+# weights' header under "card"): these fields, always; optional ones below; nothing else. Every
+# figure is a structured field (numbers with their conditions), never prose about how it was
+# reached: that belongs in the commit that changed the weights.
+CARD_FIELDS = ("task", "weights", "format", "architecture", "config", "params", "multiple", "data",
+               "training", "validation", "exported", "speed_cpu", "evaluation")
+CARD_OPTIONAL = ("evaluation_readme_framing", "evaluation_readme_polygon",
+                 "evaluation_readme_polygon_fast", "evaluated_as", "unmasked_faces", "quality")
+TRAINING_FIELDS = ("steps", "total_steps", "batch", "patch", "train_time_s", "lr", "loss", "ema",
+                   "seed", "augment", "degradation", "hardware", "torch", "init")
+DATA_FIELDS = ("source", "train_crops", "split", "license")
+QUALITY_ROW = ("source", "degradation", "faces", "input", "classical", "facemend", "ceiling")
+HISTORY_WORDS = ("session", "previous", "issue", "commit ")  # words of a diary, not of a card
+
+
+def check_card(card: dict) -> list[str]:
+    """What is wrong with a restoration network's card: missing or unknown fields, a quality
+    row without its fields, free text about how the weights came about. Empty when it is right."""
+    problems = [f"missing {k}" for k in CARD_FIELDS if k not in card]
+    problems += [f"unknown field {k}" for k in card if k not in CARD_FIELDS + CARD_OPTIONAL]
+    training, data = card.get("training", {}), card.get("data", {})
+    problems += [f"missing training.{k}" for k in TRAINING_FIELDS if k not in training]
+    problems += [f"missing data.{k}" for k in DATA_FIELDS if k not in data]
+    init = training.get("init")
+    if init is not None and not (isinstance(init, dict) and {"weights", "steps"} <= set(init)):
+        problems.append("training.init: null or {weights, steps}")
+    quality = card.get("quality")
+    if quality is not None:
+        if not quality.get("command") or not quality.get("rows"):
+            problems.append("quality: needs command and rows")
+        for row in quality.get("rows", []):
+            problems += [f"quality row without {k}" for k in QUALITY_ROW if k not in row]
+
+    def texts(d, path=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from texts(v, f"{path}{k}.")
+            elif isinstance(v, str):
+                yield f"{path}{k}", v
+
+    for key, text in texts(card):
+        problems += [f"{key}: history ({w.strip()!r}) in a card" for w in HISTORY_WORDS
+                     if w in text.lower()]
+    return problems
+
+
+def quality_rows(task: str, bench: dict) -> dict:
+    """The card's ``quality`` field from ``bench/quality.py --json`` output: per source and
+    degradation, face PSNR of the input, the classical filter, the output file and the network
+    alone (dB), with the bench's command."""
+    rows = []
+    for r in bench.get("rows", []):
+        if r.get("task") != task:
+            continue
+        rows.append({"source": r["source"], "degradation": r["degradation"], "faces": r["input"]["faces"],
+                     "input": r["input"]["psnr"], "classical": r["classical"]["psnr"],
+                     "classical_filter": r["classical"]["name"], "facemend": r["facemend"]["psnr"],
+                     "facemend_ssim": r["facemend"]["ssim"], "flicker": r["facemend"].get("flicker"),
+                     "ceiling": (r.get("ceiling") or {}).get("psnr")})
+    return {"command": bench.get("command", "python -m bench.quality --json"), "metric": "face PSNR (dB)",
+            "rows": rows}
 
 
 def unmasked_faces(model, crops: np.ndarray, tall: np.ndarray | None) -> dict:
@@ -82,11 +146,14 @@ def write_card(weights: Path, scores: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.card", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", required=True, help="denoise, enhance (deblur) or unmask")
+    p.add_argument("--task", required=True, help="denoise, enhance (deblur), restore or unmask")
     p.add_argument("--weights", type=Path, default=None,
                    help="a .safetensors file (default: the shipped weights of --task)")
     p.add_argument("--limit", type=int, default=None, help="the first N faces of each set")
     p.add_argument("--write", action="store_true", help="merge the scores into the weights' card")
+    p.add_argument("--quality", type=Path, default=None,
+                   help="bench/quality.py --json output: write its rows for --task as the card's"
+                        " quality field (nothing else is scored)")
     a = p.parse_args(argv)
     from .nets import load_net
     from .registry import WEIGHTS_DIR, Restorer
@@ -96,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     weights = a.weights or WEIGHTS_DIR / (spec.weights or "")
     if weights.suffix != ".safetensors" or not weights.is_file():
         raise SystemExit(f"{weights}: no such .safetensors file")
+    if a.quality is not None:
+        rows = quality_rows(spec.name, json.loads(a.quality.read_text()))
+        if not rows["rows"]:
+            raise SystemExit(f"{a.quality}: no rows for task {spec.name}")
+        print(f"wrote {write_card(weights, {'quality': rows})}", file=sys.stderr)
+        return 0
     if a.write and a.limit:
         raise SystemExit("--write scores the full validation split: leave out --limit")
     model = Restorer(spec, load_net(weights)).eval()  # as the product runs it

@@ -317,6 +317,8 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),
             "degradation": DEGRADATION_NOTES[t],
+            "init": init_info(cfg.init),
+            "total_steps": state["step"] + (init_info(cfg.init) or {"steps": 0})["steps"],
             "hardware": hardware(cfg.device, cfg.threads),
             "torch": torch.__version__,
         },
@@ -344,6 +346,19 @@ EVAL_NOTES = {
     "restore": "x2 INTER_AREA down, bicubic up; Gaussian sigma 10/255; libx264 CRF 32, one frame",
     "unmask": "mask generator, seed 0 per image",
 }
+
+
+def init_info(init: str) -> dict | None:
+    """The weights a run started from: their file name and the steps their card counts."""
+    if not init:
+        return None
+    from .nets import read_metadata
+
+    try:
+        training = json.loads(read_metadata(init).get("card", "{}")).get("training", {})
+    except (OSError, ValueError):
+        training = {}
+    return {"weights": Path(init).name, "steps": int(training.get("total_steps") or training.get("steps") or 0)}
 
 
 def hardware(device: str, threads: int) -> str:

@@ -25,7 +25,7 @@ from models.train import PRESETS, TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UTKFACE = SHARED / "faces" / "utkface"
-TASKS = ("denoise", "enhance", "unmask")
+TASKS = ("denoise", "enhance", "restore", "unmask")
 
 
 def _photos(val: bool, n: int) -> list[Path]:
@@ -131,7 +131,7 @@ def test_a_grown_net_starts_as_the_file_and_only_adds_blocks(tmp_path):
         grow_net(path, {"widths": [8, 32]})
 
 
-@pytest.mark.parametrize("task", ["denoise", "enhance", "deblur", "unmask"])
+@pytest.mark.parametrize("task", ["denoise", "enhance", "deblur", "restore", "unmask"])
 def test_shipped_weights_load_through_the_registry(task):
     model = models.load(task)
     assert model.multiple in (8, 16, 32)
@@ -452,6 +452,23 @@ def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
     r = evaluate(task, val_crops)
     assert r["n"] == 20 and r["size"] == 128
     assert r["model"]["psnr"] > r["input"]["psnr"], r
+
+
+def test_model_cards_follow_one_schema():
+    """Every restoration network's card has the same structured fields (models.card.check_card),
+    the JSON beside the weights equals the card in their header, and no card tells a history."""
+    from models.card import HISTORY_WORDS, check_card
+
+    restoring = [s for s in models.TASKS.values() if s.weights and not s.latent]
+    assert {s.name for s in restoring} >= {"denoise", "enhance", "restore", "unmask"}
+    for spec in restoring:
+        card = json.loads((WEIGHTS_DIR / spec.weights).with_suffix(".json").read_text())
+        assert check_card(card) == [], (spec.name, check_card(card))
+        assert json.loads(read_metadata(WEIGHTS_DIR / spec.weights)["card"]) == card, spec.name
+    for path in WEIGHTS_DIR.glob("*.json"):
+        text = path.read_text().lower()
+        assert not [w for w in HISTORY_WORDS if w in text], path.name
+    assert check_card({"task": "x", "training": {"note": "fine-tuned in session 4"}})  # it can fail
 
 
 def test_unmask_averages_its_network_over_the_crop_and_its_mirror(val_crops):
