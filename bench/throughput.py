@@ -1,36 +1,78 @@
 """Throughput of the embedded pipeline against its floor and against the anchors' per-face loop.
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
-        [--detect-every K] [--io-queue N] [--threads N] [--skip naive,fast,restore,crop]
+        [--engine auto|torch|onnxruntime|openvino|all|E1,E2] [--detect-every K] [--io-queue N]
+        [--threads N] [--skip naive,fast,restore,networks,crop]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
-- pipeline: the embedded job as users run it (``pipeline.job.run_video``);
+- pipeline: the embedded job as users run it (``pipeline.job.run_video``), once per inference
+  engine asked for (``--engine``, a comma list or ``all``: ``pipeline[ENGINE]``; ``pipeline`` is
+  the first one's), with the engine each network really ran with, per-stage times and the peak
+  RSS sampled during that run;
 - fast: for a task with self-ensembles (unmask: mirror and three zooms, six network passes per
   face), the pipeline again with ``--fast`` (one pass per face);
 - naive: the way GFPGAN / CodeFormer / facefusion scripts work: one frame at a time, detection
   at full resolution, each face restored alone at batch 1 in fp32, no tracking, every frame
   converted to RGB and back; built from this project's own functions;
-- restore: the restoration network alone, faces/second at batch 1, 32 and 128;
+- restore: the restoration network alone, faces/second at batch 1, 32 and 128, per engine;
+- networks: each network alone (the task's, MTCNN's P-, R- and O-Nets) per engine, ms per face
+  (P-Net: per frame of the detector's size) at the batch sizes the pipeline runs, the engines'
+  calls interleaved so that a busy machine slows each alike (median of the rounds);
 - crop: ``pipeline.align.warp_face`` alone, ms per face on a frame of the clip's size, for faces
   of 96 to 512 px cropped to the task's crop, with the anti-aliasing shrink and without it.
-Prints fps, the ratios pipeline/transcode and pipeline/naive, peak RSS and per-stage times.
+Prints fps, the ratios pipeline/transcode and pipeline/naive (per engine), peak RSS and
+per-stage times. The naive loop always runs in torch fp32, as the anchors do.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import resource
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class RssPeak:
+    """The largest resident set size (MB) of this process while the ``with`` block runs,
+    sampled every ``every`` seconds from /proc (ru_maxrss only ever grows over a process)."""
+
+    def __init__(self, every: float = 0.02) -> None:
+        self.every = every
+        self.peak = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except OSError:  # not Linux: the process's peak so far
+            return peak_rss_mb()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self) -> "RssPeak":
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = round(max(self.peak, self.now()), 1)
 
 
 def _threads() -> int:
@@ -77,10 +119,12 @@ def run_naive(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     import cv2
     import torch
 
-    det = FaceDetector(device=engine.device, min_face=opts.min_face, max_side=100_000, batch_size=1)
-    # the anchors run their networks in PyTorch's default layout (NCHW), fp32; a copy, since the
-    # pipeline's restorer made the engine's model channels-last in place
-    model = copy.deepcopy(engine.model).float().to(memory_format=torch.contiguous_format)
+    import models
+
+    det = FaceDetector(device=engine.device, min_face=opts.min_face, max_side=100_000, batch_size=1,
+                       engine="torch")
+    # the anchors run their networks in PyTorch eager, default layout (NCHW), fp32
+    model = models.load(opts.task, engine.device, amount=opts.amount, sharpen=opts.sharpen, engine="torch")
     rest = FaceRestorer(model, device=engine.device, batch_size=1, half=False, channels_last=False)
     stages = dict.fromkeys(("decode", "detect", "restore", "encode"), 0.0)
     faces = 0
@@ -133,6 +177,64 @@ def run_restore(model, device: str, batches=(1, 32, 128), size: int = 128, repea
     return out
 
 
+def _median_ms(calls: dict, x, per: int, rounds: int) -> dict:
+    """Median ms per item of each ``calls[name](x)``, the names' calls interleaved per round."""
+    import torch
+
+    times = {k: [] for k in calls}
+    with torch.inference_mode():
+        for f in calls.values():
+            f(x)  # warm-up (and an engine's first-shape compile)
+        for _ in range(rounds):
+            for k, f in calls.items():
+                t = time.perf_counter()
+                f(x)
+                times[k].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v) * 1000 / per, 3) for k, v in times.items()}
+
+
+def run_networks(task: str, device: str, engines: list[str], frame_size: tuple[int, int],
+                 rounds: int = 7) -> dict:
+    """Each network alone per engine: {case: {engine: ms per face}} at the pipeline's batches
+    (P-Net: ms per frame, the whole pyramid of a frame of ``frame_size``, 8 frames a call)."""
+    import torch
+
+    import models
+    from pipeline.mtcnn import FastMTCNN
+
+    restorers, detectors = {}, {}
+    for e in engines:
+        m = models.load(task, device, engine=e)
+        if getattr(m, "net", None) is not None and not m.spec.latent:
+            restorers[e] = m.to(memory_format=torch.channels_last)
+        detectors[e] = FastMTCNN(device=device, engine=e)
+    out: dict = {"engines_run": {e: {"restore": getattr(restorers.get(e), "engine", None),
+                                     "mtcnn": d.engine} for e, d in detectors.items()}}
+    cl = torch.channels_last
+    if restorers:
+        spec = next(iter(restorers.values())).spec
+        h = spec.size + spec.rows_below
+        cases = [(1, h, spec.size), (16, h, spec.size)] if not spec.native else [
+            (1, 128, 128), (16, 128, 128), (4, 256, 256), (1, 384, 384)]
+        for b, hh, ww in cases:
+            x = torch.rand(b, 3, hh, ww, device=device).contiguous(memory_format=cl)
+            label = f"{task} {b}x{hh}x{ww}" + (" (mirrored: 2x)" if spec.mirror else "")
+            out[label] = _median_ms(restorers, x, b, rounds)
+    w, h = frame_size
+    scale = min(1.0, 960 / max(w, h))
+    sw, sh = int(round(w * scale)), int(round(h * scale))
+    frames = torch.randint(0, 256, (8, sh, sw, 3), dtype=torch.uint8).numpy()
+    out[f"mtcnn detect 8x{sw}x{sh} (per frame)"] = _median_ms(
+        {e: d.detect for e, d in detectors.items()}, frames, 8, max(3, rounds // 2))
+    m = 12.0 / max(12, int(round(40 * scale)))  # P-Net's first pyramid level (min_face 40)
+    ph, pw = int(sh * m + 1), int(sw * m + 1)
+    for name, idx, shape in (("pnet", 0, (8, 3, ph, pw)), ("rnet", 1, (256, 3, 24, 24)), ("onet", 2, (32, 3, 48, 48))):
+        x = (torch.rand(*shape, device=device) * 2 - 1).contiguous(memory_format=cl)
+        out[f"{name} {'x'.join(map(str, shape[:1] + shape[2:]))}"] = _median_ms(
+            {e: d.runs[idx] for e, d in detectors.items()}, x, shape[0], rounds)
+    return out
+
+
 def run_crop(frame_size: tuple[int, int], size: int, height: int, repeats: int = 30) -> dict:
     """warp_face's cost per face (ms), anti-aliased and not, side by side, for faces of a few
     sizes (eye-to-mouth template scaled to the face) on a random frame of ``frame_size``."""
@@ -159,11 +261,23 @@ def run_crop(frame_size: tuple[int, int], size: int, height: int, repeats: int =
     return out
 
 
+def engines_asked(value: str) -> list[str]:
+    """``--engine``: one engine, a comma list, or ``all`` (torch and the installed others)."""
+    from models.export import ENGINES, installed, requested
+
+    if value == "all":
+        return [e for e in ENGINES[1:] if installed(e)]
+    return [requested(e) for e in value.split(",") if e.strip()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, type=Path)
     ap.add_argument("--task", default="denoise")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--engine", default="auto",
+                    help="inference engine(s) for the pipeline runs: auto, torch, onnxruntime, openvino, "
+                         "a comma list, or all (default auto)")
     ap.add_argument("--frames", type=int, default=None, help="only the first N frames")
     ap.add_argument("--preset", default="medium")
     ap.add_argument("--crf", type=int, default=18)
@@ -171,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--io-queue", type=int, default=None,
                     help="frames queued to the decode and encode threads (0: none; default: the pipeline's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,fast,restore,crop)")
+    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,fast,restore,networks,crop)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -182,17 +296,33 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    engines = engines_asked(args.engine)
     opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf)
     if args.detect_every is not None:
         opts.detect_every = args.detect_every
-    engine = Engine(opts)
     vplan = plan(args.input)
     stop = min(args.frames or vplan.frames, vplan.frames)
     skip = set(filter(None, args.skip.split(",")))
+    built = {}
+    saved = os.environ.get("FACEMEND_ENGINE")
+    try:
+        for e in engines:  # the job's Engine reads the machine's choice from FACEMEND_ENGINE
+            os.environ["FACEMEND_ENGINE"] = e
+            t = time.perf_counter()
+            built[e] = (Engine(opts), round(time.perf_counter() - t, 2))
+    finally:
+        if saved is None:
+            os.environ.pop("FACEMEND_ENGINE", None)
+        else:
+            os.environ["FACEMEND_ENGINE"] = saved
+    engine = built[engines[0]][0]
     res: dict = {"input": str(args.input), "device": engine.device, "task": args.task,
                  "frames": stop, "size": f"{vplan.width}x{vplan.height}", "settings": {
                      "preset": args.preset, "crf": args.crf, "detect_every": opts.detect_every,
-                     "io_queue": args.io_queue, "torch_threads": _threads()}}
+                     "io_queue": args.io_queue, "torch_threads": _threads()},
+                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                 "engines": {e: {"restore": getattr(en.model, "engine", "torch"), "mtcnn": en.detector.engine,
+                                 "load_seconds": s} for e, (en, s) in built.items()}}
     if engine.device.startswith("cuda"):
         import torch
 
@@ -201,33 +331,45 @@ def main(argv=None) -> int:
     rss = {}
     with tempfile.TemporaryDirectory(prefix="facemend-bench-") as tmp:
         tmp = Path(tmp)
-        runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
-        rss["transcode"] = peak_rss_mb()
-        runs["pipeline"] = run_pipeline(vplan, opts, engine, tmp, stop, args.io_queue)
-        rss["pipeline"] = peak_rss_mb()
-        restorer = engine.restorer
-        if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
-            restorer.ensemble = False  # as JobOptions(fast=True) builds it
-            try:
-                runs["fast"] = run_pipeline(vplan, opts, engine, tmp, stop, args.io_queue)
-            finally:
-                restorer.ensemble = True
+        with RssPeak() as peak:
+            runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
+        rss["transcode"] = peak.peak
+        for k, e in enumerate(engines):
+            name = "pipeline" if len(engines) == 1 else f"pipeline[{e}]"
+            en = built[e][0]
+            with RssPeak() as peak:
+                runs[name] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
+            rss[name] = peak.peak
+            restorer = en.restorer
+            if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
+                restorer.ensemble = False  # as JobOptions(fast=True) builds it
+                try:
+                    runs[name.replace("pipeline", "fast")] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
+                finally:
+                    restorer.ensemble = True
         if "naive" not in skip:
-            runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
-            rss["naive"] = peak_rss_mb()
+            with RssPeak() as peak:
+                runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
+            rss["naive"] = peak.peak
     fps = {k: round(v["frames"] / v["seconds"], 3) for k, v in runs.items()}
     res["fps"] = fps
-    res["ratios"] = {"pipeline_over_transcode": round(fps["pipeline"] / fps["transcode"], 3)}
-    if "fast" in fps:
-        res["ratios"]["fast_over_pipeline"] = round(fps["fast"] / fps["pipeline"], 3)
-    if "naive" in fps:
-        res["ratios"]["pipeline_over_naive"] = round(fps["pipeline"] / fps["naive"], 3)
+    ratios = res["ratios"] = {}
+    for name in [k for k in fps if k.startswith("pipeline")]:
+        tag = name[len("pipeline"):]
+        ratios[f"pipeline{tag}_over_transcode"] = round(fps[name] / fps["transcode"], 3)
+        if f"fast{tag}" in fps:
+            ratios[f"fast{tag}_over_pipeline{tag}"] = round(fps[f"fast{tag}"] / fps[name], 3)
+        if "naive" in fps:
+            ratios[f"pipeline{tag}_over_naive"] = round(fps[name] / fps["naive"], 3)
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}
     res["faces"] = {k: v.get("faces") for k, v in runs.items() if "faces" in v}
-    res["detected_frames"] = runs["pipeline"]["detected_frames"]
-    res["peak_rss_mb_after"] = {k: round(v, 1) for k, v in rss.items()}
-    if "restore" not in skip and engine.model.net is not None:
-        res["restore_faces_per_s"] = run_restore(engine.model, engine.device)
+    res["detected_frames"] = {k: v["detected_frames"] for k, v in runs.items() if "detected_frames" in v}
+    res["peak_rss_mb"] = rss  # sampled during each run
+    res["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
+    if "restore" not in skip and getattr(engine.model, "net", None) is not None:
+        res["restore_faces_per_s"] = {e: run_restore(en.model, en.device) for e, (en, _s) in built.items()}
+    if "networks" not in skip:
+        res["networks_ms_per_face"] = run_networks(args.task, engine.device, engines, (vplan.width, vplan.height))
     if "crop" not in skip and not engine.model.spec.native:
         spec = engine.model.spec
         res["crop_ms_per_face"] = run_crop((vplan.width, vplan.height), spec.size,

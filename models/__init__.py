@@ -16,12 +16,12 @@ __all__ = ["ALIASES", "LATENT_TASKS", "TASKS", "TaskSpec", "Restorer", "load", "
 
 
 def load(task: str, device="cpu", *, half: bool = False, amount: float | None = None,
-         sharpen: bool = False):
+         sharpen: bool = False, engine: str | None = None):
     """The ``Restorer`` (or FaceMath ``FaceEditor``) for ``task`` on ``device`` (see
     ``models.registry.load``)."""
     from .registry import load as _load
 
-    return _load(task, device, half=half, amount=amount, sharpen=sharpen)
+    return _load(task, device, half=half, amount=amount, sharpen=sharpen, engine=engine)
 
 
 def __getattr__(name: str):

@@ -17,10 +17,27 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 class Restorer(nn.Module):
     """A task's network with its spec: ``forward`` maps (B, 3, H, W) [0, 1] crops to the same."""
 
-    def __init__(self, spec: TaskSpec, net: nn.Module | None) -> None:
+    def __init__(self, spec: TaskSpec, net: nn.Module | None, run=None) -> None:
         super().__init__()
         self.spec = spec
         self.net = net
+        # the inference engine's callable for ``net`` (models.export.runner); None: torch
+        self.run = run
+
+    @property
+    def engine(self) -> str:
+        """The inference engine running the network: torch, onnxruntime or openvino."""
+        from .export import engine_of
+
+        return engine_of(self.run)
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        if self.run is not None:
+            return self.run(x)
+        p = next(self.net.parameters())
+        if x.dtype != p.dtype:  # fp16 crops into an fp32 network (or back): run in its dtype
+            return self.net(x.to(p.dtype)).to(x.dtype)
+        return self.net(x)
 
     @property
     def task(self) -> str:
@@ -37,14 +54,19 @@ class Restorer(nn.Module):
         if self.net is None:
             return x
         if self.spec.mirror if mirror is None else mirror:  # one call on crops and mirror images
-            y = self.net(torch.cat([x, x.flip(-1)]))
+            y = self._net(torch.cat([x, x.flip(-1)]))
             return (0.5 * (y[: len(x)] + y[len(x):].flip(-1))).clamp_(0.0, 1.0)
-        return self.net(x).clamp_(0.0, 1.0)
+        return self._net(x).clamp_(0.0, 1.0)
 
 
 def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
-         amount: float | None = None, sharpen: bool = False):
+         amount: float | None = None, sharpen: bool = False, engine: str | None = None):
     """The model for ``task`` on ``device``, in eval mode, weights from safetensors.
+
+    engine: how a restoration network runs (``models.export``): torch, onnxruntime, openvino
+    or auto (default: ``$FACEMEND_ENGINE``, else auto: on CPU the fastest installed engine, on
+    CUDA torch, in fp16 with ``half``). An engine that cannot run falls back to torch with one
+    warning.
 
     Restoration tasks give a ``Restorer``; FaceMath tasks (age, gender, morph) a
     ``models.facemath.FaceEditor`` with the same calling convention, editing by ``amount``
@@ -64,8 +86,11 @@ def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
     path = WEIGHTS_DIR / spec.weights
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights for task {spec.name!r} are missing")
+    from .export import runner
+
     net = load_net(path, device=device)
-    model = Restorer(spec, net).eval().to(device)
-    if half:
+    run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size))
+    model = Restorer(spec, net, run).eval().to(device)
+    if half and run is None:  # an engine's runner takes and gives the crops' dtype itself
         model = model.half()
     return model

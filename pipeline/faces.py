@@ -37,7 +37,8 @@ class FaceDetector:
     side is larger are detected on a copy scaled to this size. min_score: faces below this
     MTCNN confidence are dropped (it keeps cartoons and textures out). thresholds: MTCNN's
     three stage thresholds. max_overlap: drop a face whose box lies more than this fraction
-    inside a higher-scoring face's box (1: keep all). ``FaceDetector(**MASKED)`` is the setting
+    inside a higher-scoring face's box (1: keep all). engine: MTCNN's inference engine
+    (``models.export``; default ``$FACEMEND_ENGINE`` or auto). ``FaceDetector(**MASKED)`` is the setting
     for faces whose lower half is covered (the unmask task), which MTCNN scores low.
     """
 
@@ -57,6 +58,7 @@ class FaceDetector:
         batch_size: int = 16,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         max_overlap: float = 1.0,
+        engine: str | None = None,
     ) -> None:
         self.device = device
         self.min_face = int(min_face)
@@ -66,7 +68,8 @@ class FaceDetector:
         self.max_overlap = float(max_overlap)
         from .mtcnn import FastMTCNN
 
-        self._net = FastMTCNN(device=device, thresholds=tuple(thresholds))
+        self._net = FastMTCNN(device=device, thresholds=tuple(thresholds), engine=engine)
+        self.engine = self._net.engine  # MTCNN's inference engine (models.export)
 
     def _mtcnn(self, min_size: int):
         self._net.min_face_size = min_size

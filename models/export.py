@@ -1,0 +1,225 @@
+"""Inference engines for the small convolutional networks: PyTorch, ONNX Runtime or OpenVINO.
+
+``runner(module, name, engine, device, sample)`` gives a callable that computes what
+``module(x)`` does (torch tensors in, torch tensors out), run by the chosen engine; ``None`` means
+"call the module itself" (torch). The restoration networks (``models.registry.load``) and
+MTCNN's three networks (``pipeline.mtcnn``) go through it.
+
+Engines, by name (``--engine``, ``FACEMEND_ENGINE``):
+- ``torch``: the PyTorch module as it is (on CUDA: fp16, the pipeline's GPU path);
+- ``onnxruntime``: the module exported to ONNX (fp32) and run by ONNX Runtime;
+- ``openvino``: the same ONNX file compiled by OpenVINO (f32 inference precision);
+- ``auto``: on CUDA torch; on CPU the first installed of ``CPU_ORDER`` (fastest first, as
+  measured by ``bench.throughput --engine``), else torch.
+
+The ONNX file is exported once per network and weights, with dynamic batch, height and width,
+and cached under ``cache_dir()`` (``$FACEMEND_CACHE/onnx``, default ``~/.cache/facemend/onnx``)
+as ``NAME-SHA256.onnx``, the hash taken over the weights: new weights give a new file. It is
+written under a temporary name and renamed, so concurrent workers never read a half-written
+file. Nothing is downloaded. An engine that is not installed, or whose export or load fails,
+falls back to torch with one warning.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
+# CPU engines, fastest first on the networks facemend runs (bench.throughput --engine): ONNX
+# Runtime fp32 ran the restoration U-Net ~2.5x and MTCNN ~1.5x as fast as PyTorch eager
+CPU_ORDER = ("onnxruntime", "openvino")
+EXPORT_VERSION = "1"  # part of the cache key: bump when the export itself changes
+OPSET = 17
+
+_warned: set[str] = set()
+
+
+def requested(engine: str | None = None) -> str:
+    """The engine asked for: ``engine``, else ``$FACEMEND_ENGINE``, else ``auto``."""
+    name = (engine or os.environ.get("FACEMEND_ENGINE") or "auto").strip().lower()
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    return name
+
+
+def installed(name: str) -> bool:
+    """True when the engine's Python package (and the ``onnx`` exporter it needs) is importable."""
+    if name == "torch":
+        return True
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}[name]
+    return importlib.util.find_spec(module) is not None and importlib.util.find_spec("onnx") is not None
+
+
+def resolve(engine: str | None, device: str | torch.device = "cpu") -> str:
+    """The engine that will run on ``device``: ``auto`` made concrete (see the module doc)."""
+    name = requested(engine)
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if cuda:
+            return "torch"
+        return next((e for e in CPU_ORDER if installed(e)), "torch")
+    return name
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+def cache_dir() -> Path:
+    """Where exported ONNX files are kept: ``$FACEMEND_CACHE/onnx``, else the user cache."""
+    root = os.environ.get("FACEMEND_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "facemend" / "onnx"
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over the module's class, tensor names, shapes and fp32 values."""
+    h = hashlib.sha256(f"{EXPORT_VERSION}:{OPSET}:{type(module).__qualname__}".encode())
+    for k, v in module.state_dict().items():
+        t = v.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{k}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_onnx(module: torch.nn.Module, name: str, sample: torch.Tensor) -> Path:
+    """The module's ONNX file in ``cache_dir()``, exported now if it is not there yet. ``sample``:
+    an input of the right rank and channels (batch, height and width are made dynamic)."""
+    module = module.float().to(memory_format=torch.contiguous_format).eval()
+    path = cache_dir() / f"{name}-{weights_hash(module)}.onnx"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        outputs = module(sample)
+    n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    out_names = [f"y{i}" for i in range(n_out)]
+    axes = {"x": {0: "batch", 2: "height", 3: "width"}}
+    for o, y in zip(out_names, outputs if n_out > 1 else [outputs]):
+        axes[o] = {0: "batch"} | ({2: f"{o}_height", 3: f"{o}_width"} if y.ndim == 4 else {})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (sample.float().contiguous(),), tmp, input_names=["x"],
+                              output_names=out_names, dynamic_axes=axes, opset_version=OPSET,
+                              dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+class OrtRunner:
+    """An ONNX file run by ONNX Runtime (fp32); called like the module it was exported from."""
+
+    engine = "onnxruntime"
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = _threads()  # as torch's (FACEMEND_TORCH_THREADS)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # no busy-waiting between calls: decode and encode threads share the cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.device = device
+        self.n_out = len(self.session.get_outputs())
+
+    def __call__(self, x: torch.Tensor):
+        dtype = x.dtype
+        ys = self.session.run(None, {"x": _numpy(x)})
+        ys = [torch.from_numpy(y).to(self.device, dtype) for y in ys]
+        return ys[0] if self.n_out == 1 else tuple(ys)
+
+    def __deepcopy__(self, memo):  # sessions are shared, not copied (they are thread-safe)
+        return self
+
+
+class OpenVinoRunner(OrtRunner):
+    """An ONNX file compiled by OpenVINO for the CPU, f32 inference precision."""
+
+    engine = "openvino"
+
+    def __init__(self, path: Path, device: torch.device) -> None:  # noqa: D107
+        if device.type != "cpu":
+            raise RuntimeError("the openvino engine runs on CPU only")
+        import openvino as ov
+
+        core = ov.Core()
+        # f32: the default bf16 on CPUs with AVX-512 BF16 / AMX is faster but not bit-faithful
+        self.compiled = core.compile_model(str(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": _threads(),
+            "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+        self.device = device
+        self.n_out = len(self.compiled.outputs)
+
+    def __call__(self, x: torch.Tensor):
+        dtype = x.dtype
+        res = self.request.infer({0: _numpy(x)}, share_inputs=True)
+        ys = [torch.from_numpy(np.array(res[o])).to(self.device, dtype) for o in self.compiled.outputs]
+        return ys[0] if self.n_out == 1 else tuple(ys)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).contiguous().numpy())
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
+
+
+def runner(module: torch.nn.Module, name: str, engine: str | None, device: str | torch.device,
+           sample: torch.Tensor):
+    """A callable running ``module`` with ``engine`` on ``device`` (see the module doc), or None
+    when torch runs it (asked for, ``auto``'s choice, or the fallback after one warning)."""
+    device = torch.device(device)
+    choice = resolve(engine, device)
+    if choice == "torch":
+        return None
+    if not installed(choice):
+        warn_once(f"engine {choice!r} is not installed (pip install 'facemend[{choice}]' or "
+                  f"{choice} and onnx): running the networks in torch")
+        return None
+    try:
+        import copy
+
+        path = export_onnx(copy.deepcopy(module).to("cpu"), name, sample.to("cpu", torch.float32))
+        return RUNNERS[choice](path, device)
+    except Exception as e:  # noqa: BLE001 - any failure of an optional engine: torch still works
+        warn_once(f"engine {choice!r} could not run {name} ({type(e).__name__}: {e}): "
+                  "running it in torch")
+        return None
+
+
+def engine_of(run) -> str:
+    """The engine a ``runner`` result runs with."""
+    return "torch" if run is None else run.engine
