@@ -66,7 +66,10 @@ def add_result(folder: Path, index: int, src: str, outcome: dict) -> None:
 
 def results(folder: Path, index: int) -> dict[str, dict]:
     """{input: outcome} of the files chunk ``index`` finished (a torn line is ignored)."""
-    records, _ = manifest._read_lines(folder / f"{_chunk_name(index)}.jsonl")
+    path = folder / f"{_chunk_name(index)}.jsonl"
+    if not path.exists():  # the chunk has not finished a file yet
+        return {}
+    records, _ = manifest._read_lines(path)
     return {r["input"]: r for r in records}
 
 

@@ -23,7 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from pipeline import manifest, media
 from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
 from pipeline.job import (JobOptions, JobResult, check_paths, is_fresh, keeps_records, mirrored_output, process_file,
-                          unexpected, walk_folder)
+                          remove_written, unexpected, walk_folder)
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
 from pipeline.video import process_range
@@ -352,8 +352,8 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
                     except OSError:
                         if not cancelled():
                             raise
-                        if seen[src]["status"] == "processed":  # the cancel removed the results
-                            Path(out).unlink(missing_ok=True)
+                        if seen[src]["status"] == "processed":  # the cancel took the results away
+                            remove_written([Path(out)], Path(job.output) if job.kind == "folder" else None)
                         return _chunk_stopped(job, index, token, beat)
                     if cancelled():  # cancelled while it was written: it goes with the others
                         return _chunk_stopped(job, index, token, beat)
