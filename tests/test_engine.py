@@ -1,0 +1,191 @@
+"""Inference engines (models.export): ONNX export and cache, fallback, and parity with torch.
+
+Each engine's restorations of real face crops (UTKFace validation photos, aligned as the product
+crops them) must score within 0.05 dB PSNR of torch fp32's and lie over 50 dB from them; the
+unmask self-ensembles (mirror, zooms) must give the same deltas through an engine; MTCNN through
+an engine must find the same faces (count, box IoU >= 0.95) on frames of the shared clips and
+photos. An engine that is not installed is skipped, with the reason.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import SCENES, UTKFACE, VIDEOS, decode_rgb
+
+import models
+from models import export
+
+ENGINES = ["onnxruntime", "openvino"]
+
+
+def _tasks() -> list[str]:
+    from models.registry import WEIGHTS_DIR
+
+    return [t for t, s in models.TASKS.items() if s.weights and not s.latent and (WEIGHTS_DIR / s.weights).is_file()]
+
+
+def needs(engine: str):
+    return pytest.mark.skipif(not export.installed(engine), reason=f"{engine} (and onnx) not installed")
+
+
+@functools.lru_cache(maxsize=1)
+def val_crops(n: int = 24) -> np.ndarray:
+    """Aligned 128 px crops of the first ``n`` UTKFace validation photos with a face found."""
+    from models import data as D
+
+    paths = [p for p in D.list_images(UTKFACE) if D.is_val(p.name)][: n + 8]
+    crops, _ = D.make_crops(paths)
+    return crops[:n]
+
+
+def test_engine_names_and_auto():
+    assert export.requested("TORCH") == "torch"
+    with pytest.raises(ValueError, match="unknown engine"):
+        export.requested("tensorrt")
+    assert export.resolve("auto", "cuda") == "torch"  # the GPU path: torch (fp16 via half=True)
+    first = next((e for e in export.CPU_ORDER if export.installed(e)), "torch")
+    assert export.resolve("auto", "cpu") == first
+    assert export.resolve(None, "cpu") in ("torch", *export.CPU_ORDER)
+
+
+def test_env_var_chooses_the_engine(monkeypatch):
+    monkeypatch.setenv("FACEMEND_ENGINE", "torch")
+    assert models.load("denoise").engine == "torch"
+    from pipeline.faces import FaceDetector
+
+    assert FaceDetector().engine == "torch"
+
+
+@needs("onnxruntime")
+def test_export_is_cached_by_weights_and_shapes_are_dynamic(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEMEND_CACHE", str(tmp_path))
+    from facenet_pytorch.models.mtcnn import PNet
+
+    net = PNet().eval()
+    run = export.runner(net, "mtcnn-pnet", "onnxruntime", "cpu", torch.zeros(1, 3, 12, 12))
+    files = sorted((tmp_path / "onnx").iterdir())
+    assert [f.name for f in files] == [f"mtcnn-pnet-{export.weights_hash(net)}.onnx"]  # no temporary left
+    stamp = files[0].stat().st_mtime_ns
+    again = export.runner(net, "mtcnn-pnet", "onnxruntime", "cpu", torch.zeros(1, 3, 12, 12))
+    assert files[0].stat().st_mtime_ns == stamp and again is not None  # read, not exported again
+    with torch.inference_mode():
+        for shape in ((1, 3, 12, 12), (3, 3, 57, 101), (8, 3, 200, 31)):  # any batch, height, width
+            x = torch.rand(shape) * 2 - 1
+            for a, b in zip(net(x), run(x)):
+                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    net.conv1.bias.data += 0.1  # other weights: another file
+    export.runner(net, "mtcnn-pnet", "onnxruntime", "cpu", torch.zeros(1, 3, 12, 12))
+    assert len(list((tmp_path / "onnx").iterdir())) == 2
+
+
+def test_an_engine_that_cannot_run_falls_back_to_torch_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(export, "installed", lambda name: name == "torch")
+    monkeypatch.setattr(export, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        assert models.load("denoise", engine="onnxruntime").engine == "torch"
+        assert models.load("denoise", engine="onnxruntime").engine == "torch"
+    assert len([r for r in caplog.records if "not installed" in r.message]) == 1
+    monkeypatch.setattr(export, "installed", lambda name: True)
+
+    def broken(*a, **k):
+        raise RuntimeError("no exporter")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        model = models.load("denoise", engine="openvino")
+    assert model.engine == "torch" and "no exporter" in caplog.text
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert model(x).shape == x.shape
+
+
+@functools.lru_cache(maxsize=None)
+def parity(task: str) -> dict:
+    """``export.parity`` of every installed engine on ``val_crops`` (torch's run once)."""
+    return export.parity(task, val_crops(), [e for e in ENGINES if export.installed(e)])
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
+def test_restorations_match_torch_on_real_face_crops(engine):
+    """Every shipped restoration network (unmask with its mirror ensemble) on 24 aligned
+    validation faces with the task's evaluation degradation: within 0.05 dB of torch fp32."""
+    assert len(val_crops()) == 24
+    for task in _tasks():
+        res = parity(task)
+        got = res[engine]
+        assert got["engine"] == engine, (task, got)
+        assert abs(got["delta_db"]) <= 0.05, (task, res)
+        assert got["psnr_to_torch"] > 50, (task, res)
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
+def test_unmask_self_ensembles_through_an_engine(engine):
+    """The product's unmask path (mirror and three zooms, 128 x 160 crops, colour match, paste
+    deltas) gives the same deltas through the engine as in torch, on a real photo's faces."""
+    import cv2
+
+    from pipeline.faces import FaceDetector
+    from pipeline.restore import FaceRestorer
+
+    img = cv2.cvtColor(cv2.imread(str(SCENES / "facerec_two_people.jpg")), cv2.COLOR_BGR2RGB)
+    faces = FaceDetector(engine="torch").detect([img])
+    assert faces[0]
+    out = {}
+    for e in ("torch", engine):
+        rest = FaceRestorer(models.load("unmask", engine=e))
+        assert len(rest.zooms) == 3 and rest.spec.mirror
+        out[e] = rest.deltas([img], faces)[0]
+    assert len(out["torch"]) == len(out[engine]) == len(faces[0])
+    for (ra, da), (rb, db) in zip(out["torch"], out[engine]):
+        assert ra == rb
+        assert np.abs(da - db).max() < 0.5  # levels of 255
+        err = float(np.mean((da - db) ** 2))
+        assert err == 0 or 10 * np.log10(255.0**2 / err) > 50
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@functools.lru_cache(maxsize=1)
+def detection_frames() -> list[np.ndarray]:
+    import cv2
+
+    frames = decode_rgb(VIDEOS / "walking_1080p.mp4", every=60, limit=61)  # 2 frames each
+    frames += decode_rgb(VIDEOS / "closeup_pexels.mp4", every=90, limit=91)
+    for name in ("pyfeat_multi_face.jpg", "facenetpt_multiface.jpg"):
+        frames.append(cv2.cvtColor(cv2.imread(str(SCENES / name)), cv2.COLOR_BGR2RGB))
+    return frames
+
+
+@functools.lru_cache(maxsize=1)
+def torch_faces() -> list:
+    from pipeline.faces import FaceDetector
+
+    det = FaceDetector(engine="torch")
+    return [det.detect([frame])[0] for frame in detection_frames()]
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
+def test_mtcnn_finds_the_same_faces_through_an_engine(engine):
+    """On frames of the walking (1080p, six people) and close-up clips and on two group photos."""
+    from pipeline.faces import FaceDetector
+
+    det = FaceDetector(engine=engine)
+    assert det.engine == engine
+    total = 0
+    for frame, ref in zip(detection_frames(), torch_faces()):
+        got = det.detect([frame])[0]
+        assert len(ref) == len(got), (frame.shape, len(ref), len(got))
+        for f in ref:
+            assert max(_iou(f.box, g.box) for g in got) >= 0.95
+        total += len(ref)
+    assert total >= 10
