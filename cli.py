@@ -64,6 +64,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="folders: keep OUTPUT/.facemend/ (the manifest of what was done and a report) "
                         "without --skip-existing too (with it, or once the folder has a manifest, always)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--engine", choices=["auto", "torch", "onnxruntime", "openvino"],
+                   help="inference engine of the networks (default: $FACEMEND_ENGINE or auto: on CPU the "
+                        "fastest installed, on CUDA torch fp16); queued jobs: the worker's FACEMEND_ENGINE")
     p.add_argument("--codec", default="libx264", help="video encoder: libx264 (default), h264_nvenc, libx265")
     p.add_argument("--crf", type=int, default=18, help="video quality, lower is better (default 18)")
     p.add_argument("--preset", default="medium", help="encoder speed preset (default medium)")
@@ -177,6 +180,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
+    if args.engine:  # the embedded run's engine (models.export reads it)
+        os.environ["FACEMEND_ENGINE"] = args.engine
 
     opts = JobOptions(
         task=args.task, output=str(args.output) if args.output else None, overwrite=args.overwrite,

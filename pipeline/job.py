@@ -336,7 +336,10 @@ class Engine:
         self.device = pick_device(opts.device)
         if model is None:
             try:
-                model = models.load(opts.task, self.device, amount=opts.amount, sharpen=opts.sharpen)
+                # the inference engine is the machine's choice: FACEMEND_ENGINE (models.export);
+                # on CUDA torch runs the network in fp16, as the restorer feeds it
+                model = models.load(opts.task, self.device, amount=opts.amount, sharpen=opts.sharpen,
+                                    half=self.device.startswith("cuda"))
             except (FileNotFoundError, OSError, ValueError) as e:
                 raise ModelError(f"task {opts.task!r}: {e}") from None
         self.model = model
