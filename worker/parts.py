@@ -189,7 +189,7 @@ def begin_part(task, job_id: str, index: int, token: str = "-") -> tuple[Job | N
     """Read the job, take the part (``token``: this run), count an attempt; (None, 0) when there
     is nothing to do: the job is over, the part already finished (a redelivered or resent
     copy), or another runner of it still sends heartbeats. Such a copy changes nothing."""
-    job = store().get(job_id)
+    job = store().get(job_id, part=index)
     if job.terminal:
         cleanup(job)
         return None, 0

@@ -225,12 +225,22 @@ class JobStore:
             p.sadd(self.active_key, job_id)
             p.execute()
 
-    def get(self, job_id: str) -> Job:
+    PART_FIELDS = ("state", "worker", "attempts", "done", "start", "stop", "error", "task_id", "sent", "resent")
+
+    def get(self, job_id: str, *, part: int | None = None) -> Job:
+        """The job's record. ``part``: read that part's fields only (what a running segment or
+        chunk needs; a job of a thousand chunks has tens of thousands of part fields): the
+        other parts are listed, with their default fields."""
         try:
             with self.r.pipeline() as p:
                 p.hgetall(self.key(job_id))
-                p.hgetall(self.key(job_id, "parts"))
+                if part is None:
+                    p.hgetall(self.key(job_id, "parts"))
+                else:
+                    p.hmget(self.key(job_id, "parts"), [f"{part}.{k}" for k in self.PART_FIELDS])
                 h, parts = p.execute()
+            if part is not None:
+                parts = {f"{part}.{k}": v for k, v in zip(self.PART_FIELDS, parts) if v is not None}
         except redis.RedisError as e:
             raise BrokerUnavailable(f"{redact(self.settings.store_url)}: cannot reach Redis ({e})") from None
         if not h:

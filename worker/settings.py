@@ -40,9 +40,9 @@ class Settings:
     chunk_files: int = 16
     """FACEMEND_CHUNK_FILES: files of a folder job per task."""
 
-    max_parts: int = 1000
+    max_parts: int = 500
     """FACEMEND_MAX_PARTS: most chunks of one folder job; a bigger folder gets bigger chunks, so
-    its record in Redis stays small (about 1 KB a chunk)."""
+    its record in Redis stays small (about 1.4 KB a chunk) and so does the work per file."""
 
     archive_queue: str = "archive"
     """FACEMEND_ARCHIVE_QUEUE: queue of the scheduled archive jobs' chunks. Workers listen on it
