@@ -9,7 +9,8 @@ videos from ``../shared/data/videos`` besides, default 0), then:
 - queued: two worker processes (``cli.py worker``, one child each, all three queues) on the
   bench's own Redis database (default redis://127.0.0.1:6379/14, emptied first). The job is
   submitted as the schedule does (``--skip-existing``, records kept, chunks to the ``archive``
-  queue): submit latency (``worker.jobs.submit`` in this process: it walks nothing), files/s,
+  queue): submit latency (``worker.jobs.submit`` in this process: it walks nothing; the rerun
+  with nothing to do is submitted by ``cli.py submit``, a process of its own), files/s,
   the job's Redis memory (``MEMORY USAGE`` summed over its keys, the most seen while it ran
   and at the end); then reruns: nothing to do, after touching 10 inputs (must process exactly
   10), after a weights change (must process all);
@@ -101,12 +102,19 @@ def start_workers(n: int, python: Path, env: dict, logs: Path) -> list[subproces
     return procs
 
 
-def queued_run(store, settings, src: Path, opts, r) -> dict:
-    """Submit as the schedule does; follow it; the figures of the run."""
+def queued_run(store, settings, src: Path, opts, r, *, cli_env: dict | None = None) -> dict:
+    """Submit as the schedule does (``cli_env``: with ``cli.py submit`` in a process of its own,
+    whose whole run is the latency); follow it; the figures of the run."""
     from worker.jobs import submit
 
     t0 = time.perf_counter()
-    job = submit(src, opts, settings, queue=settings.archive_queue, records=True)
+    if cli_env is None:
+        job = submit(src, opts, settings, queue=settings.archive_queue, records=True)
+    else:
+        p = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", str(src), "--task", opts.task,
+                            "--skip-existing", "-o", opts.output, "--queue", settings.archive_queue, "-q"],
+                           capture_output=True, text=True, env=cli_env, cwd=ROOT, check=True)
+        job = store.get(p.stdout.strip())
     latency = time.perf_counter() - t0
     peak = 0
     while True:
@@ -116,14 +124,20 @@ def queued_run(store, settings, src: Path, opts, r) -> dict:
             break
         time.sleep(0.5)
     seconds = time.perf_counter() - t0
+    work = Path(job.output) / ".facemend" / "jobs" / job.id
+    while work.exists() and time.perf_counter() - t0 < seconds + 30:  # the summary's clean-up
+        time.sleep(0.1)
     s = job.summary
     if job.state != "DONE":
         raise SystemExit(f"job {job.id} {job.state}: {job.error}")
-    return {"state": job.state, "submit_seconds": round(latency, 3), "seconds": round(seconds, 2),
+    out = {"state": job.state, "submit_seconds": round(latency, 3),
+            "submitted_by": "worker.jobs.submit" if cli_env is None else "cli.py submit", "seconds": round(seconds, 2),
             "processed": s["processed"], "skipped": s["skipped"], "failed": s["failed"],
             "files_per_second": round((s["processed"] + s["skipped"]) / seconds, 1),
             "redis_bytes_peak": peak, "redis_bytes_end": job_memory(r, job.id)["bytes"],
             "parts": len(job.parts), "report": job.report}
+    print(json.dumps(out), file=sys.stderr, flush=True)  # each run as it ends
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         store = connect(settings)
         opts = JobOptions(task=args.task, skip_existing=True, output=str(work / f"queued.{args.task}"))
         q = out["queued"] = queued_run(store, settings, src, opts, r)
-        q["rerun_nothing_to_do"] = queued_run(store, settings, src, opts, r)
+        q["rerun_nothing_to_do"] = queued_run(store, settings, src, opts, r, cli_env=env)
         for p in sorted(src.rglob("*.jpg"))[:: max(1, args.files // 10)][:10]:
             st = p.stat()
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
@@ -181,12 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                   "nothing_to_do_processed_0": q["rerun_nothing_to_do"]["processed"] == 0}
         out["checks"] = checks
     finally:
+        for p in procs:  # a warm shutdown: the worker's running task ends first
+            p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # whatever is left of its process group
+            except ProcessLookupError:
+                pass
         r.flushdb()
     if not args.skip_embedded:
         eopts = JobOptions(task=args.task, skip_existing=True, output=str(work / f"embedded.{args.task}"))

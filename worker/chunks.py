@@ -3,7 +3,7 @@
 
 - ``chunk-NNNNN.json``   the chunk's files, ``[[input, output], ...]``, written by the plan task
                          before the chunk is sent (so the job record in Redis holds no file list);
-- ``chunk-NNNNN.jsonl``  one line per file the chunk finished (appended, fsynced): a chunk run
+- ``chunk-NNNNN.jsonl``  one line per file the chunk finished (appended): a chunk run
                          again after its worker died goes on from the first file without a line;
 - ``samples/``           a few before/after face crops for the report.
 
@@ -48,27 +48,29 @@ def read_chunk(folder: Path, index: int) -> list[tuple[str, str]]:
 
 
 def add_result(folder: Path, index: int, src: str, outcome: dict) -> None:
-    """Append one file's outcome to the chunk's results, durably."""
+    """Append one file's outcome to the chunk's results. Not fsynced: a process killed after the
+    write keeps it (the page cache is the kernel's), and a line lost with the machine's power
+    only means that file is decided again (the manifest, fsynced, says what was done)."""
     line = json.dumps({"input": src, "t": time.time(), **outcome}, separators=(",", ":")) + "\n"
     fd = os.open(folder / f"{_chunk_name(index)}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        size = os.fstat(fd).st_size
-        if size:  # a line torn by a crash must not swallow this one
-            with open(folder / f"{_chunk_name(index)}.jsonl", "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    os.write(fd, b"\n")
         os.write(fd, line.encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def results(folder: Path, index: int) -> dict[str, dict]:
-    """{input: outcome} of the files chunk ``index`` finished (a torn line is ignored)."""
+def results(folder: Path, index: int, *, repair: bool = False) -> dict[str, dict]:
+    """{input: outcome} of the files chunk ``index`` finished. A line torn by a crash is
+    ignored; ``repair`` (the chunk starting again) ends it, so that the next line appended
+    stands on its own."""
     path = folder / f"{_chunk_name(index)}.jsonl"
-    if not path.exists():  # the chunk has not finished a file yet
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:  # the chunk has not finished a file yet
         return {}
+    if repair and data and not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
     records, _ = manifest._read_lines(path)
     return {r["input"]: r for r in records}
 

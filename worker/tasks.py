@@ -322,6 +322,9 @@ def chunk(self, job_id: str, index: int) -> dict:
         return _chunk(self, job, index, attempt, token, beat)
 
 
+CANCEL_CHECK_SECONDS = 0.25  # a chunk asks for the cancel flag after each file it wrote, else this often
+
+
 def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat) -> dict:
     """One run of a chunk: its files (``worker.chunks``), each decided, processed and recorded
     in turn. A run after an earlier one died goes on from the first file that has no outcome
@@ -337,14 +340,17 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
     worker = task.request.hostname or "?"
     try:
         pairs = chunks.read_chunk(folder, index)
-        seen = chunks.results(folder, index)
+        seen = chunks.results(folder, index, repair=True)
         book = None
         if job.kind == "folder" and keeps_records(Path(job.output), opts, job.records):
             book = {"src_root": job.input, "dst_root": job.output, "opts": opts, "shard": worker}
+        next_check = 0.0
         with preview_sheet(opts, index) as write_sheet, report_samples(opts, index, folder, book):
             for src, out in pairs:
-                if cancelled():
-                    return _chunk_stopped(job, index, token, beat)
+                if time.monotonic() >= next_check:  # skipped files take no time: ask now and then
+                    if cancelled():
+                        return _chunk_stopped(job, index, token, beat)
+                    next_check = time.monotonic() + CANCEL_CHECK_SECONDS
                 if src not in seen:
                     seen[src] = _one_file(Path(src), Path(out), opts, book)
                     try:
@@ -355,8 +361,10 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
                         if seen[src]["status"] == "processed":  # the cancel took the results away
                             remove_written([Path(out)], Path(job.output) if job.kind == "folder" else None)
                         return _chunk_stopped(job, index, token, beat)
-                    if cancelled():  # cancelled while it was written: it goes with the others
-                        return _chunk_stopped(job, index, token, beat)
+                    if seen[src]["status"] != "skipped":  # cancelled while it was written: it goes
+                        if cancelled():  # with the others
+                            return _chunk_stopped(job, index, token, beat)
+                        next_check = time.monotonic() + CANCEL_CHECK_SECONDS
                 progress(1)
             write_sheet()
         progress.flush()
