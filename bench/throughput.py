@@ -64,7 +64,7 @@ class RssPeak:
             self.peak = max(self.peak, self.now())
 
     def __enter__(self) -> "RssPeak":
-        self.peak = self.now()
+        self.start = self.peak = self.now()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -73,6 +73,7 @@ class RssPeak:
         self._stop.set()
         self._thread.join()
         self.peak = round(max(self.peak, self.now()), 1)
+        self.growth = round(self.peak - self.start, 1)  # what the run itself added
 
 
 def _threads() -> int:
@@ -181,14 +182,17 @@ def _median_ms(calls: dict, x, per: int, rounds: int) -> dict:
     """Median ms per item of each ``calls[name](x)``, the names' calls interleaved per round."""
     import torch
 
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times = {k: [] for k in calls}
     with torch.inference_mode():
         for f in calls.values():
             f(x)  # warm-up (and an engine's first-shape compile)
         for _ in range(rounds):
             for k, f in calls.items():
+                sync()
                 t = time.perf_counter()
                 f(x)
+                sync()
                 times[k].append(time.perf_counter() - t)
     return {k: round(statistics.median(v) * 1000 / per, 3) for k, v in times.items()}
 
@@ -279,6 +283,7 @@ def main(argv=None) -> int:
                     help="inference engine(s) for the pipeline runs: auto, torch, onnxruntime, openvino, "
                          "a comma list, or all (default auto)")
     ap.add_argument("--frames", type=int, default=None, help="only the first N frames")
+    ap.add_argument("--codec", default="libx264", help="video encoder (h264_nvenc: NVENC)")
     ap.add_argument("--preset", default="medium")
     ap.add_argument("--crf", type=int, default=18)
     ap.add_argument("--detect-every", type=int, default=None, help="default: the job's default")
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     engines = engines_asked(args.engine)
-    opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf)
+    opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf, codec=args.codec)
     if args.detect_every is not None:
         opts.detect_every = args.detect_every
     vplan = plan(args.input)
@@ -318,7 +323,7 @@ def main(argv=None) -> int:
     engine = built[engines[0]][0]
     res: dict = {"input": str(args.input), "device": engine.device, "task": args.task,
                  "frames": stop, "size": f"{vplan.width}x{vplan.height}", "settings": {
-                     "preset": args.preset, "crf": args.crf, "detect_every": opts.detect_every,
+                     "codec": args.codec, "preset": args.preset, "crf": args.crf, "detect_every": opts.detect_every,
                      "io_queue": args.io_queue, "torch_threads": _threads()},
                  "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                  "engines": {e: {"restore": getattr(en.model, "engine", "torch"), "mtcnn": en.detector.engine,
@@ -333,13 +338,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         with RssPeak() as peak:
             runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
-        rss["transcode"] = peak.peak
+        rss["transcode"] = (peak.peak, peak.growth)
         for k, e in enumerate(engines):
             name = "pipeline" if len(engines) == 1 else f"pipeline[{e}]"
             en = built[e][0]
             with RssPeak() as peak:
                 runs[name] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
-            rss[name] = peak.peak
+            rss[name] = (peak.peak, peak.growth)
             restorer = en.restorer
             if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
                 restorer.ensemble = False  # as JobOptions(fast=True) builds it
@@ -350,7 +355,7 @@ def main(argv=None) -> int:
         if "naive" not in skip:
             with RssPeak() as peak:
                 runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
-            rss["naive"] = peak.peak
+            rss["naive"] = (peak.peak, peak.growth)
     fps = {k: round(v["frames"] / v["seconds"], 3) for k, v in runs.items()}
     res["fps"] = fps
     ratios = res["ratios"] = {}
@@ -364,7 +369,10 @@ def main(argv=None) -> int:
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}
     res["faces"] = {k: v.get("faces") for k, v in runs.items() if "faces" in v}
     res["detected_frames"] = {k: v["detected_frames"] for k, v in runs.items() if "detected_frames" in v}
-    res["peak_rss_mb"] = rss  # sampled during each run
+    # sampled during each run: the process's peak, and its growth over the run's start (the
+    # engines' models stay loaded, so a later run's peak holds the earlier ones' memory too)
+    res["peak_rss_mb"] = {k: v[0] for k, v in rss.items()}
+    res["rss_growth_mb"] = {k: v[1] for k, v in rss.items()}
     res["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
     if "restore" not in skip and getattr(engine.model, "net", None) is not None:
         res["restore_faces_per_s"] = {e: run_restore(en.model, en.device) for e, (en, _s) in built.items()}

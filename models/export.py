@@ -9,8 +9,9 @@ Engines, by name (``--engine``, ``FACEMEND_ENGINE``):
 - ``torch``: the PyTorch module as it is (on CUDA: fp16, the pipeline's GPU path);
 - ``onnxruntime``: the module exported to ONNX (fp32) and run by ONNX Runtime;
 - ``openvino``: the same ONNX file compiled by OpenVINO (f32 inference precision);
-- ``auto``: on CUDA torch; on CPU the first installed of ``CPU_ORDER`` (fastest first, as
-  measured by ``bench.throughput --engine``), else torch.
+- ``auto``: on CUDA torch; on CPU the first installed of ``CPU_ORDER`` (restoration networks)
+  or ``MTCNN_CPU_ORDER`` (fastest first, as measured by ``bench.throughput --engine``), else
+  torch.
 
 The ONNX file is exported once per network and weights, with dynamic batch, height and width,
 and cached under ``cache_dir()`` (``$FACEMEND_CACHE/onnx``, default ``~/.cache/facemend/onnx``)
@@ -34,9 +35,13 @@ import torch
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-# CPU engines, fastest first on the networks facemend runs (bench.throughput --engine): ONNX
-# Runtime fp32 ran the restoration U-Net ~2.5x and MTCNN ~1.5x as fast as PyTorch eager
+# CPU engines, fastest first (bench.throughput --engine, networks_ms_per_face, 2 cores): the
+# restoration U-Net at the pipeline's batches ran 1.1-1.3x as fast in ONNX Runtime as in
+# OpenVINO, 1.3-12x as fast as in torch (torch is slowest at batch 1 and on new crop shapes);
+# MTCNN's P-Net 2x as fast in OpenVINO as in ONNX Runtime (its PReLU layers), which was 1.3x
+# torch. OpenVINO is an optional extra: without it, ONNX Runtime runs MTCNN too
 CPU_ORDER = ("onnxruntime", "openvino")
+MTCNN_CPU_ORDER = ("openvino", "onnxruntime")
 EXPORT_VERSION = "1"  # part of the cache key: bump when the export itself changes
 OPSET = 17
 
@@ -59,14 +64,14 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(module) is not None and importlib.util.find_spec("onnx") is not None
 
 
-def resolve(engine: str | None, device: str | torch.device = "cpu") -> str:
-    """The engine that will run on ``device``: ``auto`` made concrete (see the module doc)."""
+def resolve(engine: str | None, device: str | torch.device = "cpu", order=CPU_ORDER) -> str:
+    """The engine that will run on ``device``: ``auto`` made concrete (see the module doc) as
+    the first installed engine of ``order`` on CPU, torch on CUDA."""
     name = requested(engine)
-    cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        if cuda:
+        if torch.device(device).type == "cuda":
             return "torch"
-        return next((e for e in CPU_ORDER if installed(e)), "torch")
+        return next((e for e in order if installed(e)), "torch")
     return name
 
 
@@ -198,11 +203,12 @@ RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
 
 
 def runner(module: torch.nn.Module, name: str, engine: str | None, device: str | torch.device,
-           sample: torch.Tensor):
+           sample: torch.Tensor, order=CPU_ORDER):
     """A callable running ``module`` with ``engine`` on ``device`` (see the module doc), or None
-    when torch runs it (asked for, ``auto``'s choice, or the fallback after one warning)."""
+    when torch runs it (asked for, ``auto``'s choice from ``order``, or the fallback after one
+    warning)."""
     device = torch.device(device)
-    choice = resolve(engine, device)
+    choice = resolve(engine, device, order)
     if choice == "torch":
         return None
     if not installed(choice):

@@ -42,10 +42,11 @@ class FastMTCNN(torch.nn.Module):
         # on CPU (oneDNN); the results are the same up to float rounding
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
         self.to(memory_format=self.memory_format)
-        from models.export import engine_of, runner
+        from models.export import MTCNN_CPU_ORDER, engine_of, runner
 
         # (P, R, O) callables: an engine's runner, or the torch module (a tuple: not submodules)
-        self.runs = tuple(runner(net, name, engine, self.device, torch.zeros(1, 3, size, size)) or net
+        self.runs = tuple(runner(net, name, engine, self.device, torch.zeros(1, 3, size, size),
+                                 MTCNN_CPU_ORDER) or net
                           for net, name, size in ((self.pnet, "mtcnn-pnet", 12), (self.rnet, "mtcnn-rnet", 24),
                                                   (self.onet, "mtcnn-onet", 48)))
         self.engine = engine_of(None if self.runs[0] is self.pnet else self.runs[0])

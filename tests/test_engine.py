@@ -49,6 +49,8 @@ def test_engine_names_and_auto():
     assert export.resolve("auto", "cuda") == "torch"  # the GPU path: torch (fp16 via half=True)
     first = next((e for e in export.CPU_ORDER if export.installed(e)), "torch")
     assert export.resolve("auto", "cpu") == first
+    first = next((e for e in export.MTCNN_CPU_ORDER if export.installed(e)), "torch")
+    assert export.resolve("auto", "cpu", export.MTCNN_CPU_ORDER) == first
     assert export.resolve(None, "cpu") in ("torch", *export.CPU_ORDER)
 
 
@@ -189,3 +191,70 @@ def test_mtcnn_finds_the_same_faces_through_an_engine(engine):
             assert max(_iou(f.box, g.box) for g in got) >= 0.95
         total += len(ref)
     assert total >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (bench/gpu_check.sh runs these on a machine with a GPU; skipped, not passed, without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_fp16_restorations_match_cpu_fp32():
+    """The GPU path (torch fp16, channels-last, as the job runs it): within 0.1 dB of fp32."""
+    from models.data import to_tensor
+    from models.degrade import degrade_batch
+
+    crops = val_crops()
+    for task in _tasks():
+        bad, _ = degrade_batch(task, crops, seed=0, evaluation=True)
+        ref = parity(task)["torch"]["psnr"]
+        model = models.load(task, "cuda", half=True, engine="auto").to(memory_format=torch.channels_last)
+        assert model.engine == "torch"
+        with torch.inference_mode():
+            x = to_tensor(bad).cuda().half().contiguous(memory_format=torch.channels_last)
+            y = model(x).float().permute(0, 2, 3, 1).cpu().numpy() * 255.0
+        got = float(export._psnr(np.rint(y), crops).mean())
+        assert abs(got - ref) <= 0.1, (task, got, ref)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_mtcnn_finds_the_same_faces_as_on_cpu():
+    from pipeline.faces import FaceDetector
+
+    det = FaceDetector(device="cuda")
+    for frame, ref in zip(detection_frames(), torch_faces()):
+        got = det.detect([frame])[0]
+        assert len(ref) == len(got)
+        for f in ref:
+            assert max(_iou(f.box, g.box) for g in got) >= 0.95
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_embedded_job_restores_a_clip(tmp_path):
+    from conftest import cut, probe
+
+    from pipeline.job import JobOptions, run_job
+
+    src = cut(VIDEOS / "walking_1080p.mp4", tmp_path / "walk.mp4", 1.0)
+    res = run_job(src, JobOptions(task="denoise", device="cuda", output=str(tmp_path / "out.mp4")))
+    assert res.faces > 0 and res.frames == probe(src)["frames"]
+    assert probe(tmp_path / "out.mp4")["frames"] == res.frames
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_onnxruntime_provider_matches_torch():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without its CUDA provider (onnxruntime-gpu not installed)")
+    model = models.load("denoise", "cuda", engine="onnxruntime")
+    assert model.engine == "onnxruntime"
+    ref = models.load("denoise", "cuda", engine="torch")
+    x = torch.rand(4, 3, 128, 160, device="cuda")
+    with torch.inference_mode():
+        assert (model(x) - ref(x)).abs().max() < 1e-3
