@@ -6,7 +6,8 @@ Celery's results expire (``result_expires``); these records are facemend's own a
 - ``P:job:ID``        hash: id, kind, task, input, output, options (JSON), state, unit, done,
                       total, parts, error, exit_code, summary (JSON), cancel, segment_seconds,
                       chunk_files, queue, records, report, ignored (JSON: the first ignored
-                      files), ignored_count, created, started, finished, updated
+                      files), ignored_count, planned_skips (JSON: {reason: count} of the
+                      files the plan found done), created, started, finished, updated
 - ``P:job:ID:parts``  hash: ``I.state``, ``I.worker``, ``I.attempts``, ``I.done``, ``I.start``,
                       ``I.stop``, ``I.error``, ``I.task_id``, ``I.sent``, ``I.sent_at``,
                       ``I.token`` (the run holding it), ``I.beat`` (its last heartbeat, Redis

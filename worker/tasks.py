@@ -85,35 +85,50 @@ def _plan(job_id: str, job: Job) -> dict:
     except FacemendError as e:
         fail(job, str(e), e.exit_code)
         return {"failed": str(e)}
+    if not parts:  # every file was done before: the summary now, in this task
+        return summarise(job_id)
     return _send_parts(store().get(job_id), range(len(parts)))
 
 
 def _plan_chunks(job: Job, kind: str, src: Path, dst: Path, max_parts: int) -> list[dict]:
     """Walk the folder (here, not in ``submit``), write each chunk's file list beside the
-    output (``worker.chunks``) and record the chunks: the job record keeps counts only. At most
-    ``max_parts`` chunks: a bigger folder gets bigger ones."""
-    files, ignored, n_ignored = [], [], 0
+    output (``worker.chunks``) and record the chunks: the job record keeps counts only. With
+    ``--skip-existing`` the manifest is asked here first: the files it says are done go into
+    no chunk (counted as skipped, with their reasons), so a rerun with little to do sends
+    little. At most ``max_parts`` chunks: a bigger folder gets bigger ones."""
+    from celery import current_task
+
+    opts = JobOptions.from_dict(job.options)
+    shard = getattr(current_task.request, "hostname", None) if current_task else None
+    ask = kind == "folder" and opts.skip_existing  # records are kept with --skip-existing
+    files, ignored, n_ignored, n_all, reasons = [], [], 0, 0, {}
     for p, item in (walk_folder(src) if kind == "folder" else [(src, None)]):
-        if p is not None:
-            files.append(p)
+        if p is None:
+            n_ignored += 1
+            if len(ignored) < chunks.FIRST_FAILURES:
+                ignored.append(item)
             continue
-        n_ignored += 1
-        if len(ignored) < chunks.FIRST_FAILURES:
-            ignored.append(item)
+        n_all += 1
+        out = dst if kind == "image" else mirrored_output(p, src, dst)
+        why = manifest.should_skip(src, dst, p, out, opts, shard=shard) if ask else None
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+        else:
+            files.append((p, out))
     n = max(job.chunk_files, -(-len(files) // max_parts))
     folder = chunks.job_dir(kind, dst, job.id)
     parts = []
     try:
         for k, i in enumerate(range(0, len(files), n)):
-            chunks.write_chunk(folder, k, [(a, dst if kind == "image" else mirrored_output(a, src, dst))
-                                           for a in files[i:i + n]])
+            chunks.write_chunk(folder, k, files[i:i + n])
             parts.append({"start": i, "stop": min(i + n, len(files)), "task_id": f"{job.id}-c{k}"})
     except OSError as e:
         from pipeline.errors import output_error
 
         raise output_error(folder, e) from None
-    store().update(job.id, ignored=ignored, ignored_count=n_ignored)
-    store().add_parts(job.id, parts, total=len(files))
+    store().update(job.id, ignored=ignored, ignored_count=n_ignored, planned_skips=reasons,
+                   done=n_all - len(files))
+    store().add_parts(job.id, parts, total=n_all)
     return parts
 
 
@@ -464,7 +479,9 @@ def summarise(job_id: str) -> dict:
     fields = store().part_fields(job_id)
     counts = {k: sum(int(fields.get(f"{i}.{k}") or 0) for i in range(len(job.parts)))
               for k in ("processed", "skipped", "failed", "faces")}
-    failures, notes, reasons = [], [], {}
+    planned = json.loads(store().r.hget(store().key(job_id), "planned_skips") or "{}")  # by the plan
+    counts["skipped"] += sum(planned.values())
+    failures, notes, reasons = [], [], dict(planned)
     for src, r in chunks.all_results(folder, len(job.parts)):
         if r["status"] == "failed":
             failures.append({"file": src, "error": r["error"], "exit_code": r.get("exit_code", 1)})
