@@ -35,11 +35,12 @@ import torch
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnxruntime", "openvino")
-# CPU engines, fastest first (bench.throughput --engine, networks_ms_per_face, 2 cores): the
-# restoration U-Net at the pipeline's batches ran 1.1-1.3x as fast in ONNX Runtime as in
-# OpenVINO, 1.3-12x as fast as in torch (torch is slowest at batch 1 and on new crop shapes);
-# MTCNN's P-Net 2x as fast in OpenVINO as in ONNX Runtime (its PReLU layers), which was 1.3x
-# torch. OpenVINO is an optional extra: without it, ONNX Runtime runs MTCNN too
+# CPU engines, fastest first (bench.throughput --engine all, networks_ms_per_face, 2 busy
+# cores): the denoise U-Net ran 2.2-3.8x as fast in ONNX Runtime as in torch (128 px crops at
+# batch 1: 70 against 263 ms per face; batch 16: 46 against 103), as fast as in OpenVINO at the
+# pipeline's batches and faster at batch 1 (97 ms); MTCNN on 960x540 frames took 271 ms a frame
+# in OpenVINO, 394 in ONNX Runtime, 492 in torch (P-Net's PReLU layers). OpenVINO is an
+# optional extra (facemend[openvino]): without it ONNX Runtime runs MTCNN too
 CPU_ORDER = ("onnxruntime", "openvino")
 MTCNN_CPU_ORDER = ("openvino", "onnxruntime")
 EXPORT_VERSION = "1"  # part of the cache key: bump when the export itself changes
