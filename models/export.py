@@ -39,7 +39,7 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # cores): the denoise U-Net ran 2.2-3.8x as fast in ONNX Runtime as in torch (128 px crops at
 # batch 1: 70 against 263 ms per face; batch 16: 46 against 103), as fast as in OpenVINO at the
 # pipeline's batches and faster at batch 1 (97 ms); MTCNN on 960x540 frames took 271 ms a frame
-# in OpenVINO, 394 in ONNX Runtime, 492 in torch (P-Net's PReLU layers). OpenVINO is an
+# in OpenVINO, 394 in ONNX Runtime, 492 in torch. OpenVINO is an
 # optional extra (facemend[openvino]): without it ONNX Runtime runs MTCNN too
 CPU_ORDER = ("onnxruntime", "openvino")
 MTCNN_CPU_ORDER = ("openvino", "onnxruntime")
