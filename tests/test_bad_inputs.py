@@ -370,7 +370,7 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
 def test_join_stopped_halfway_leaves_nothing(tmp_path, capfd, monkeypatch, stop):
     import heapq
 
-    import pipeline.media
+    import pipeline.media.remux
 
     real = heapq.merge
 
@@ -380,7 +380,7 @@ def test_join_stopped_halfway_leaves_nothing(tmp_path, capfd, monkeypatch, stop)
                 raise stop("stopped while joining")
             yield item
 
-    monkeypatch.setattr(pipeline.media.heapq, "merge", merge)
+    monkeypatch.setattr(pipeline.media.remux.heapq, "merge", merge)
     src = write_video(tmp_path / "in" / "clip.mp4", 64, 48, 8, audio="aac")
     before = snapshot(tmp_path / "in")
     out = tmp_path / "out.mp4"

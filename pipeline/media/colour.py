@@ -1,0 +1,127 @@
+"""I420 planes, the clip's Y'CbCr matrix, and RGB changes written back into I420 frames."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import av
+import cv2
+import numpy as np
+
+
+def i420_planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of an I420 array's Y (H, W), U and V (H/2, W/2) planes. The chroma planes are
+    packed one after the other, not row by row of the array: where H is not a multiple of 4 a
+    chroma plane ends in the middle of one of the array's rows."""
+    H, W = yuv.shape[0] * 2 // 3, yuv.shape[1]
+    flat = yuv.reshape(-1)  # a view: the planes below write through to ``yuv``
+    n, q = H * W, H * W // 4
+    return yuv[:H], flat[n : n + q].reshape(H // 2, W // 2), flat[n + q : n + 2 * q].reshape(H // 2, W // 2)
+
+
+@dataclass(frozen=True)
+class YuvMatrix:
+    """How a clip's Y'CbCr maps to RGB: the matrix coefficients (Kr, Kb) and the range.
+
+    A BT.709 clip decoded with BT.601's matrix (what OpenCV's I420 conversions use) gives the
+    network and the detector faces off in hue and saturation; the delta written back with the
+    same wrong matrix round-trips, so the clip stays consistent, but what the network saw was
+    not what a player shows. ``VideoPlan.yuv_matrix`` picks the one the clip declares."""
+
+    name: str
+    kr: float
+    kb: float
+    full_range: bool = False
+
+    @functools.cache  # per face and per frame: computed once per matrix, read-only
+    def rgb_to_yuv(self) -> np.ndarray:
+        """(3, 3) float32: RGB 0..255 -> Y, Cb, Cr offsets from (16 or 0, 128, 128)."""
+        kr, kb = self.kr, self.kb
+        kg = 1.0 - kr - kb
+        ys, cs = (255.0, 255.0) if self.full_range else (219.0, 224.0)
+        m = np.array([[kr, kg, kb],
+                      [-kr / (2 * (1 - kb)), -kg / (2 * (1 - kb)), 0.5],
+                      [0.5, -kg / (2 * (1 - kr)), -kb / (2 * (1 - kr))]], np.float64)
+        m *= np.array([[ys], [cs], [cs]]) / 255.0
+        return _read_only(m.astype(np.float32))
+
+    @functools.cache
+    def yuv_to_rgb(self) -> np.ndarray:
+        """(3, 4) float32 for ``cv2.transform``: Y, Cb, Cr 0..255 -> RGB 0..255."""
+        inv = np.linalg.inv(self.rgb_to_yuv().astype(np.float64))
+        offset = np.array([0.0 if self.full_range else 16.0, 128.0, 128.0])
+        return _read_only(np.hstack([inv, -(inv @ offset)[:, None]]).astype(np.float32))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+BT601 = YuvMatrix("bt601", 0.299, 0.114)
+BT709 = YuvMatrix("bt709", 0.2126, 0.0722)
+BT2020 = YuvMatrix("bt2020", 0.2627, 0.0593)
+SMPTE240M = YuvMatrix("smpte240m", 0.212, 0.087)
+FCC = YuvMatrix("fcc", 0.30, 0.11)
+# AVColorSpace codes -> matrix (2 unspecified and 0 RGB/unknown: guessed from the frame height)
+_COLORSPACES = {1: BT709, 4: FCC, 5: BT601, 6: BT601, 7: SMPTE240M, 9: BT2020, 10: BT2020}
+
+
+def yuv_matrix(color: dict, height: int) -> YuvMatrix:
+    """The matrix and range of a clip with colour description ``color`` (``VideoPlan.color``).
+    An unspecified matrix is BT.709 from 720 rows up and BT.601 below, as players assume;
+    ``color_range`` 2 (JPEG) is full range (yuvj and other converted sources keep theirs:
+    ``to_i420``)."""
+    m = _COLORSPACES.get(int(color.get("colorspace", 2)), BT709 if height >= 720 else BT601)
+    full = int(color.get("color_range", 0)) == 2
+    return m if not full else YuvMatrix(m.name + "-full", m.kr, m.kb, True)
+
+
+def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601) -> np.ndarray:
+    """An I420 frame as RGB uint8 (H, W, 3), chroma repeated over each 2x2 block."""
+    if matrix == BT601:  # OpenCV's own conversion (the same matrix, limited range)
+        return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
+    y, u, v = i420_planes(yuv)
+    uv = cv2.resize(cv2.merge([u, v]), y.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return cv2.transform(cv2.merge([y, uv[..., 0], uv[..., 1]]), matrix.yuv_to_rgb())
+
+
+def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,
+                  matrix: YuvMatrix = BT601) -> None:
+    """Add an RGB delta (h, w, 3 float32) over ``rect`` (x0, y0, x1, y1) to an I420 frame in place,
+    through the clip's ``matrix`` (the one its RGB was read with).
+
+    Luma gets the delta at full resolution; chroma gets it averaged over 2x2 blocks. Pixels and
+    chroma blocks where the delta is zero are left bit-exact.
+    """
+    H = yuv.shape[0] * 2 // 3
+    W = yuv.shape[1]
+    x0, y0, x1, y1 = rect
+    # grow the rectangle to even coordinates so chroma blocks are whole
+    ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
+    ex1, ey1 = min(W, x1 + x1 % 2), min(H, y1 + y1 % 2)
+    d = np.zeros((ey1 - ey0, ex1 - ex0, 3), np.float32)
+    d[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = delta
+    dyuv = d @ matrix.rgb_to_yuv().T  # (h, w, 3)
+    Y, cu, cv_ = i420_planes(yuv)
+    region = Y[ey0:ey1, ex0:ex1]
+    dy = dyuv[..., 0]
+    touched = dy != 0
+    region[touched] = np.clip(np.rint(region[touched] + dy[touched]), 0, 255).astype(np.uint8)
+    hh, ww = (ey1 - ey0) // 2, (ex1 - ex0) // 2
+    if hh == 0 or ww == 0:
+        return
+    duv = dyuv[: hh * 2, : ww * 2, 1:].reshape(hh, 2, ww, 2, 2).mean((1, 3))
+    cy0, cx0 = ey0 // 2, ex0 // 2
+    for plane, dc in ((cu, duv[..., 0]), (cv_, duv[..., 1])):
+        reg = plane[cy0 : cy0 + hh, cx0 : cx0 + ww]
+        t = dc != 0
+        reg[t] = np.clip(np.rint(reg[t] + dc[t]), 0, 255).astype(np.uint8)
+
+
+def source_range(frame: av.VideoFrame) -> int:
+    """The frame's colour range code: 2 (JPEG, full) when it says so or its pixel format is a
+    full-range yuvj one, else its own tag (1 limited, 0 unspecified, which players read as
+    limited)."""
+    code = int(frame.color_range)
+    return 2 if code == 2 or frame.format.name.startswith("yuvj") else code

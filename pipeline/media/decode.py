@@ -1,0 +1,86 @@
+"""Decode a range of frames as I420 arrays in presentation order."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import av
+import cv2
+import numpy as np
+
+from ..errors import CorruptInput
+from .colour import source_range
+from .probe import VideoPlan, _open
+
+log = logging.getLogger(__name__)
+
+
+def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode frames ``start <= index < stop`` as (index, I420 array) in presentation order.
+
+    Seeks to the keyframe at or before ``start`` and drops the frames before it. Raises
+    CorruptInput when the data cannot be decoded or frames are missing.
+    """
+    stop = vplan.frames if stop is None else min(stop, vplan.frames)
+    if start >= stop:
+        return
+    path = Path(vplan.path)
+    index = {p: i for i, p in enumerate(vplan.pts)}
+    expected = start
+    with _open(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        if start > 0:
+            c.seek(vplan.pts[start], stream=v, backward=True, any_frame=False)
+        # AVI stores no presentation times: its packets are numbered in decode order, and with
+        # B-frames the decoder hands those numbers out of order. Frames come out in presentation
+        # order all the same, so they are counted from the first one (a keyframe, whose number
+        # is its place, GOPs being closed).
+        counted = "avi" in c.format.name.split(",")
+        counter = None
+        try:
+            for frame in c.decode(v):
+                i = index.get(frame.pts) if counter is None else counter
+                if counted and i is not None:
+                    counter = i + 1
+                if i is None:
+                    log.warning("%s: frame with pts %s not seen in the plan; dropped", path, frame.pts)
+                    continue
+                if i < start:
+                    continue
+                if i >= stop:
+                    break
+                if i != expected:
+                    raise CorruptInput(f"{path}: frame {expected} is missing (decoder gave frame {i})")
+                expected += 1
+                yield i, to_i420(frame, vplan)
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: cannot decode frame {expected} ({e})") from None
+    if expected != stop:
+        raise CorruptInput(f"{path}: truncated: decoded {expected - start} of {stop - start} frames")
+
+
+def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:
+    """The frame as an I420 array of the plan's even output size.
+
+    Other pixel formats (4:2:2, 4:4:4, 10-bit, yuvj) are converted to yuv420p by FFmpeg in the
+    source's own range: a full-range source stays full range, and the plan's colour description
+    keeps saying so (``source_range``), so the output is tagged as its values are. An odd-sized
+    frame is padded in YUV itself (its last row and column repeated; its chroma planes already
+    have the padded size), so no colour conversion touches it."""
+    w, h = frame.width, frame.height
+    if frame.format.name != "yuv420p":
+        code = source_range(frame) or None
+        frame = frame.reformat(format="yuv420p", src_color_range=code, dst_color_range=code)
+    if w % 2 == 0 and h % 2 == 0:
+        return frame.to_ndarray()
+    ew, eh = w + w % 2, h + h % 2
+
+    def plane(k: int, pw: int, ph: int) -> np.ndarray:
+        p = frame.planes[k]
+        return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:ph, :pw]
+
+    y = cv2.copyMakeBorder(plane(0, w, h), 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+    u, v = plane(1, ew // 2, eh // 2), plane(2, ew // 2, eh // 2)
+    return np.concatenate([y.ravel(), u.ravel(), v.ravel()]).reshape(-1, ew)

@@ -1,0 +1,148 @@
+"""Probe a video once: its streams, frame count, timing, rotation and colour (``plan``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+
+from ..errors import (CorruptInput, InputNotFound, UnsupportedInput)
+from .colour import YuvMatrix, source_range, yuv_matrix
+
+
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
+                    ".mts", ".m2ts", ".wmv", ".flv", ".3gp"}
+
+
+@dataclass
+class VideoPlan:
+    """What one demux pass learns about a video; JSON-serialisable (``asdict``)."""
+
+    path: str
+    width: int  # coded width of the source
+    height: int
+    out_width: int  # even dimensions the encoder receives (source padded by at most 1 px)
+    out_height: int
+    time_base: str  # "num/den" of the video stream
+    rate: str  # average frame rate "num/den"
+    pts: list[int]  # presentation timestamps of every frame, ascending
+    keyframes: list[int]  # frame indices that start a GOP (seek points)
+    duration_s: float
+    rotation: int  # display rotation in degrees (from the display matrix)
+    codec: str
+    audio_streams: int
+    other_streams: int
+    # the source's colour description (AVColorPrimaries/TRC/Space/Range codes), copied to the
+    # output so players decode its YUV as they did the source's (0 or 2: unspecified)
+    color: dict = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return len(self.pts)
+
+    @property
+    def fps(self) -> float:
+        return float(Fraction(self.rate)) if self.rate else 0.0
+
+    @property
+    def yuv_matrix(self) -> "YuvMatrix":
+        """The Y'CbCr -> RGB matrix and range its frames are read and written back with."""
+        return yuv_matrix(self.color, self.height)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoPlan":
+        return cls(**d)
+
+
+def is_video_path(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise InputNotFound(f"{path}: no such file")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise UnsupportedInput(f"{path}: not a readable video (invalid data, or truncated)") from None
+    except av.error.FFmpegError as e:
+        raise UnsupportedInput(f"{path}: cannot open as video ({e.strerror or e})") from None
+
+
+def plan(path: str | Path) -> VideoPlan:
+    """Demux the video stream once (no decoding but the first frame): pts, keyframes, checks."""
+    path = Path(path)
+    with _open(path) as c:
+        if not c.streams.video:
+            kinds = ", ".join(sorted({s.type for s in c.streams})) or "no streams"
+            raise UnsupportedInput(f"{path}: no video stream (has {kinds})")
+        v = c.streams.video[0]
+        cc = v.codec_context
+        if not cc.width or not cc.height:
+            raise CorruptInput(f"{path}: video stream has no frame size")
+        declared = v.frames
+        pts: list[int] = []
+        keys: list[int] = []
+        last_dur = 0
+        packets = 0
+        try:
+            for pkt in c.demux(v):
+                if pkt.size == 0:
+                    continue
+                packets += 1
+                if pkt.is_discard:  # before the edit list's start: decoded, never shown
+                    continue
+                p = pkt.pts if pkt.pts is not None else pkt.dts
+                if p is None:
+                    p = (pts[-1] + max(last_dur, 1)) if pts else 0
+                pts.append(int(p))
+                if pkt.is_keyframe:
+                    keys.append(int(p))
+                last_dur = pkt.duration or last_dur
+        except av.error.FFmpegError as e:
+            raise CorruptInput(f"{path}: corrupt video data after {len(pts)} frames ({e})") from None
+        if not pts:
+            raise CorruptInput(f"{path}: video stream has no frames")
+        if declared and packets < declared:
+            raise CorruptInput(
+                f"{path}: truncated: the header declares {declared} frames, {packets} are present"
+            )
+        pts.sort()
+        index = {p: i for i, p in enumerate(pts)}
+        keyframes = sorted(index[k] for k in set(keys) if k in index) or [0]
+        if keyframes[0] != 0:
+            keyframes.insert(0, 0)
+        tb = v.time_base
+        rate = v.average_rate or v.guessed_rate or Fraction(25)
+        if not last_dur and len(pts) > 1:
+            last_dur = pts[-1] - pts[-2]
+        duration = float((pts[-1] + last_dur - pts[0]) * tb)
+        rotation, color = _first_frame_info(c, v, path)
+        others = len(c.streams) - 1 - len(c.streams.audio)
+        w, h = cc.width, cc.height
+        return VideoPlan(
+            path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
+            time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
+            pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
+            codec=cc.name, audio_streams=len(c.streams.audio), other_streams=others, color=color,
+        )
+
+
+COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
+
+
+def _first_frame_info(c, v, path: Path) -> tuple[int, dict]:
+    """Display rotation (degrees) and colour description of the first decodable frame."""
+    c.seek(0, stream=v)
+    try:
+        for frame in c.decode(v):
+            color = {k: int(getattr(frame, k)) for k in COLOR_TAGS}
+            color["color_range"] = source_range(frame)  # to_i420 keeps the values in it
+            return int(round(frame.rotation or 0)) % 360, color
+    except av.error.FFmpegError as e:
+        raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
+    raise CorruptInput(f"{path}: no video frame could be decoded")
