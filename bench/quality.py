@@ -90,7 +90,7 @@ CASES = (
     Case("identity", "noise20", "none"),
 )
 QUICK = {("closeup", "denoise", "noise20"), ("closeup", "enhance", "down4"), ("closeup", "unmask", "mask"),
-         ("closeup", "identity", "noise20")}
+         ("closeup", "identity", "noise20"), ("closeup", "restore", "mix"), ("closeup", "denoise", "mix")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +559,7 @@ def table(result: dict) -> str:
 
 def make_argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small cut (one clip, four cases) for tests")
+    p.add_argument("--quick", action="store_true", help="a small cut (one clip, six cases) for tests")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--tasks", help="comma-separated tasks (default: all)")
     p.add_argument("--sources", help=f"comma-separated sources: {', '.join(s.name for s in SOURCES)}")

@@ -35,7 +35,7 @@ from .degrade import canonical
 # reached: that belongs in the commit that changed the weights.
 CARD_FIELDS = ("task", "weights", "format", "architecture", "config", "params", "multiple", "data",
                "training", "validation", "exported", "speed_cpu", "evaluation")
-CARD_OPTIONAL = ("evaluation_readme_framing", "evaluation_readme_polygon",
+CARD_OPTIONAL = ("evaluation_whole", "evaluation_readme_framing", "evaluation_readme_polygon",
                  "evaluation_readme_polygon_fast", "evaluated_as", "unmasked_faces", "quality")
 TRAINING_FIELDS = ("steps", "total_steps", "batch", "patch", "train_time_s", "lr", "loss", "ema",
                    "seed", "augment", "degradation", "hardware", "torch", "init")

@@ -34,8 +34,8 @@ class Restorer(nn.Module):
     def _net(self, x: torch.Tensor) -> torch.Tensor:
         if self.run is not None:
             return self.run(x)
-        p = next(self.net.parameters())
-        if x.dtype != p.dtype:  # fp16 crops into an fp32 network (or back): run in its dtype
+        p = next(self.net.parameters(), None)
+        if p is not None and x.dtype != p.dtype:  # fp16 crops into an fp32 network (or back): run in its dtype
             return self.net(x.to(p.dtype)).to(x.dtype)
         return self.net(x)
 
