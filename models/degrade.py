@@ -25,7 +25,8 @@ Tasks:
 
 Fixed evaluation degradations (``degrade_eval``): denoise = Gaussian sigma 25/255 only (noise
 added in float, clipped to [0, 255], rounded to uint8); enhance = x4 INTER_AREA down then bicubic
-up; restore = x2 down-up, Gaussian sigma 10, then libx264 at CRF 32 (``MIX``); unmask = the training mask generator, seeded per image.
+up; restore = x2 down-up, Gaussian sigma 10, then libx264 at CRF 32 (``MIX``); unmask = the
+training mask generator, seeded per image.
 """
 from __future__ import annotations
 

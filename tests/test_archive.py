@@ -95,14 +95,15 @@ def test_queued_manifest_decides_what_is_redone_and_the_report_is_written(worker
 def test_worker_killed_mid_run_then_the_job_and_a_rerun_do_exactly_what_is_missing(workers, tmp_path, db):
     src = build_archive(tmp_path / "album", 160, depth=2)
     dst = tmp_path / "album.identity"
-    workers.start("w1", "w2", **FAST_BEAT)
-    job_id = cli("submit", src, "--task", "identity", "--skip-existing", FACEMEND_CHUNK_FILES=10,
+    # progress written every 50 ms, so that a chunk's middle is seen however fast the machine is
+    workers.start("w1", "w2", FACEMEND_PROGRESS_INTERVAL="0.05", **FAST_BEAT)
+    job_id = cli("submit", src, "--task", "identity", "--skip-existing", FACEMEND_CHUNK_FILES=20,
                  **FAST_BEAT).stdout.strip()
 
     def w1_mid_chunk():
         parts = record(db, job_id)["parts"]
         return next((i for i, p in enumerate(parts) if p.get("state") == "RUNNING"
-                     and p.get("worker", "").startswith("w1@") and 2 <= int(p.get("done") or 0) <= 8), None)
+                     and p.get("worker", "").startswith("w1@") and 2 <= int(p.get("done") or 0) <= 17), None)
 
     wait_until(lambda: w1_mid_chunk() is not None and int(record(db, job_id)["done"]) >= 20, 60,
                "w1 in the middle of a chunk", every=0.02)

@@ -180,7 +180,7 @@ def test_lost_messages_are_sent_again(chaos, tmp_path):
     job_id = cli_json("submit", src, *fast, "-o", out, **settings)["id"]
     assert client.llen("cpu") == 1  # no worker yet: the plan's message waits; lose it
     client.delete("cpu")
-    workers.start("w1", **settings)  # serves gpu and cpu
+    workers.start("w1", args=("--queues", "gpu,cpu"), **settings)  # not the archive queue
     job = finish(job_id, settings)
     no_part_failed(job)
     assert int(client.hget(f"facemend:job:{job_id}", "plan.resent") or 0) == 1
