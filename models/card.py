@@ -7,10 +7,9 @@
 Every figure comes from ``models.evaluate`` with the network run as the product runs it (unmask:
 its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unmask's zooms,
 ``TaskSpec.zooms``): ``evaluation`` on the pipeline's aligned validation crops,
-``evaluation_whole`` on whole photos resized to 128 (the data README's framing) and, for unmask,
-``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
-``evaluation_readme_polygon`` (the data README's flat polygon, the figure the issue's bar is
-judged on) and ``unmasked_faces`` (clean validation crops in, output against input: what the
+``evaluation_whole`` on whole photos resized to 128 (the dataset's reference framing) and, for
+unmask, ``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
+``evaluation_readme_polygon`` (the dataset's reference mask: a flat lower-face polygon) and ``unmasked_faces`` (clean validation crops in, output against input: what the
 network does to a face that wears no mask). ``--write`` merges them into the card beside the
 weights and into the card embedded in the safetensors header; the weights are unchanged.
 """

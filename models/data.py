@@ -8,8 +8,8 @@ labels); the train/validation split is a hash of the file name, so it never chan
     python -m models.data                      # build the UTKFace cache under cache/crops
     python -m models.data pack                 # cache/crops.pack.npz, <= 28 MiB, for a GPU
 
-A *pack* is a subset of the cache small enough to travel to a lent GPU machine (the device tool
-carries 64 MiB, the repository's 33 MiB included): the 128 validation crops training scores on,
+A *pack* is a subset of the cache small enough to copy to a GPU machine beside the repository
+(28 MiB by default): the 128 validation crops training scores on,
 plus a seeded uniform sample of the training split, as many crops as fit (about 4,300 in 28
 MiB), each a 4:4:4 JPEG at quality 90 (42 dB from the cached crop, well above the 33 dB the
 networks restore to) in one ``.npz`` (no pickles). ``load_cache(split, PACK)`` and

@@ -18,7 +18,7 @@ directly. Unmask's network needs an aligned face, so there each mask is drawn in
 crop of the face found on the clean photo and warped onto the photo, and the product's own path
 runs on the masked photo: detection (``FaceDetector.MASKED``, on the masked face), alignment,
 the network, and the blended paste-back of a replacing task. A face the detector misses counts
-with its masked input. ``--mask readme`` instead covers each photo with the data README's
+with its masked input. ``--mask readme`` instead covers each photo with the dataset reference's
 "lower-face polygon filled with a flat colour", reconstructed (``README_POLYGON``): a fixed
 polygon over mouth and chin, 20 % of the photo, filled with RGB (150, 170, 190). On the first 300
 validation faces it gives 17.6 dB for the filled photo and 22.9 for Telea, where the README says
@@ -149,7 +149,7 @@ def mask_photo(photo: np.ndarray, landmarks: np.ndarray, rng: np.random.Generato
     return masked.astype(np.uint8), alpha
 
 
-# The data README's unmask reference, reconstructed: its figures (flat fill 17.5 dB, Telea 23.0)
+# The dataset's unmask reference (../shared/data/README.md), reconstructed: its figures (flat fill 17.5 dB, Telea 23.0)
 # are reproduced within 0.1 dB by this polygon and colour on UTKFace photos resized to 128x128.
 README_POLYGON = np.array([[24, 80], [104, 80], [108, 100], [84, 124], [44, 124], [20, 100]])
 README_COLOUR = (150, 170, 190)

@@ -237,7 +237,7 @@ def engine_of(run) -> str:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-crop PSNR (dB, range 255) of (N, H, W, 3) arrays, capped at 100 for equal crops."""
+    """Per-crop PSNR (dB, range 255) of (N, H, W, 3) arrays (equal crops: 148 dB, the MSE floor)."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
     return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
 
