@@ -145,7 +145,7 @@ def write_photo(path: Path, rgb: np.ndarray) -> None:
 
 def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: int = SEED):
     """The degraded frames and, for ``mask``, each frame's mask (uint8 0/255) else None."""
-    from models import degrade as D
+    from models.training import degrade as D
 
     out, masks = [], None
     if name.startswith("noise"):
@@ -163,7 +163,7 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
     elif name.startswith("h264crf"):
         out = h264(frames, int(name[7:]))
     elif name == "mask":
-        from models.evaluate import mask_photo
+        from models.training.evaluate import mask_photo
 
         masks = []
         for f, fs in zip(frames, faces):

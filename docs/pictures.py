@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import data as D  # noqa: E402
+from models.training import data as D  # noqa: E402
 from models.facemath import FaceEditor, FaceMath  # noqa: E402
 from models.tasks import resolve  # noqa: E402
 from pipeline.faces import FaceDetector  # noqa: E402
@@ -58,8 +58,8 @@ def edited(photo: np.ndarray, det: FaceDetector, restorer: FaceRestorer) -> np.n
 
 def restoration() -> None:
     import models
-    from models.degrade import degrade_batch
-    from models.evaluate import run_model
+    from models.training.degrade import degrade_batch
+    from models.training.evaluate import run_model
 
     names = sorted(p.name for p in D.UTKFACE_DIR.iterdir() if D.parse_utkface_name(p.name) and D.is_val(p.name))
     crops, _ = D.make_crops([D.UTKFACE_DIR / n for n in names[5::97][:6]])

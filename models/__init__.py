@@ -1,4 +1,4 @@
-"""facemend models: restoration networks, degradations, training and evaluation.
+"""facemend models: the restoration and FaceMath networks, their weights and inference engines.
 
 Entry point for the pipeline::
 
@@ -6,7 +6,9 @@ Entry point for the pipeline::
     out = model(crops)          # (B, 3, H, W) float32 in [0, 1] -> same shape, same range
 
 ``models`` knows nothing of video: tensors in, tensors out. Importing the package does not
-import torch (the CLI lists tasks without it); ``load`` does.
+import torch (the CLI lists tasks without it); ``load`` does. Crop data, degradations,
+training, evaluation and model cards are research commands in ``models.training``, which
+nothing the product runs imports.
 """
 from __future__ import annotations
 

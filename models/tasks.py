@@ -24,7 +24,7 @@ class TaskSpec:
     stride; non-native tasks). The 128 px template ends at the chin, and a face mask reaches
     under it: unmask runs on a 128 x 160 crop, so the mask's lower edge is inside the crop and
     painted over instead of being left as a band under the chin. The network is fully
-    convolutional and is trained on both shapes (``models.train --square``). ``rows_below`` is
+    convolutional and is trained on both shapes (``models.training.train --square``). ``rows_below`` is
     what the pipeline adds.
     mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
     (a flip self-ensemble: the aligned template is left-right symmetric). For unmask, whose

@@ -3,7 +3,7 @@
 The template is the FFHQ five-point template (512 px: left eye, right eye, nose, left mouth
 corner, right mouth corner) zoomed in by ``TEMPLATE_ZOOM`` about a point below its centre, so
 that the face fills more of a small crop than FFHQ's hair-and-shoulders framing. Training crops
-(``models.data``) and inference crops are made by the same ``warp_face`` call.
+(``models.training.data``) and inference crops are made by the same ``warp_face`` call.
 
 Paste-back adds the *change* the model made (restored - crop), warped back by the inverse
 similarity transform and weighted by a feathered mask, to the original frame. With an identity

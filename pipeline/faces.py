@@ -44,7 +44,7 @@ class FaceDetector:
 
     # Masked faces: MTCNN's default settings find 118 of 234 UTKFace validation photos with
     # synthetic masks; lower stage thresholds find more (these: 737 of all 1,034, 71 %,
-    # models.evaluate --task unmask --whole), but also boxes on the mask or chin below a face,
+    # models.training.evaluate --task unmask --whole), but also boxes on the mask or chin below a face,
     # so a box lying mostly inside a stronger face's box is dropped (max_overlap).
     MASKED = {"thresholds": (0.3, 0.4, 0.5), "min_score": 0.8, "max_overlap": 0.3}
 

@@ -35,7 +35,7 @@ def needs(engine: str):
 @functools.lru_cache(maxsize=1)
 def val_crops(n: int = 24) -> np.ndarray:
     """Aligned 128 px crops of the first ``n`` UTKFace validation photos with a face found."""
-    from models import data as D
+    from models.training import data as D
 
     paths = [p for p in D.list_images(UTKFACE) if D.is_val(p.name)][: n + 8]
     crops, _ = D.make_crops(paths)
@@ -108,8 +108,10 @@ def test_an_engine_that_cannot_run_falls_back_to_torch_with_one_warning(monkeypa
 
 @functools.lru_cache(maxsize=None)
 def parity(task: str) -> dict:
-    """``export.parity`` of every installed engine on ``val_crops`` (torch's run once)."""
-    return export.parity(task, val_crops(), [e for e in ENGINES if export.installed(e)])
+    """``models.training.parity`` of every installed engine on ``val_crops`` (torch's run once)."""
+    from models.training.parity import parity as engine_parity
+
+    return engine_parity(task, val_crops(), [e for e in ENGINES if export.installed(e)])
 
 
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
@@ -203,8 +205,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @needs_cuda
 def test_cuda_fp16_restorations_match_cpu_fp32():
     """The GPU path (torch fp16, channels-last, as the job runs it): within 0.1 dB of fp32."""
-    from models.data import to_tensor
-    from models.degrade import degrade_batch
+    from models.training.data import to_tensor
+    from models.training.degrade import degrade_batch
 
     crops = val_crops()
     for task in _tasks():

@@ -1,6 +1,6 @@
 """FaceMath with the shipped weights: the VAE, the edits, morph, generate, on real UTKFace faces.
 
-The age/gender judge (models/age.py) was trained apart from the VAE on the training split; the
+The age/gender judge (models/training/age.py) was trained apart from the VAE on the training split; the
 faces here come from the validation split, which neither network saw.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from conftest import SCENES, UTKFACE, VIDEOS, cut, decode_rgb, face_mask, probe, psnr, run_cli, run_json
 
 import models
-from models import data as D
+from models.training import data as D
 from models.facemath import FaceEditor, FaceMath
 from models.tasks import resolve
 
@@ -46,7 +46,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def pool(x: np.ndarray) -> np.ndarray:
-    from models.train_vae import pool64
+    from models.training.train_vae import pool64
 
     return pool64(x)
 
@@ -80,7 +80,7 @@ def test_vae_reconstructs_held_out_faces(fm, val_faces):
 
 
 def test_age_and_gender_arithmetic_move_the_judge(fm, val_faces):
-    from models.age import load_age, predict, predict_gender
+    from models.training.age import load_age, predict, predict_gender
 
     crops, labels = val_faces
     judge = load_age()
@@ -209,7 +209,7 @@ def test_shipped_files_load_without_pickle():
 
 
 def test_vae_training_smoke_run_exports_and_resumes(tmp_path, val_faces):
-    from models.train_vae import VAETrainConfig, pool64, train
+    from models.training.train_vae import VAETrainConfig, pool64, train
     from models.vae import load_vae
 
     crops, _ = val_faces

@@ -101,7 +101,7 @@ def test_unmask_finds_masked_faces_and_paints_over_the_masks(tmp_path):
     folder job: MTCNN scores such faces low, so unmask detects leniently; the painted face is
     blended in whole, so the mask's pattern does not survive on a face larger than the
     network's 128 px crop; and the mask's part under the chin is painted over too."""
-    from models.evaluate import mask_photo
+    from models.training.evaluate import mask_photo
     from pipeline import align
     from pipeline.faces import FaceDetector
 
@@ -144,8 +144,8 @@ def _readme_masked(name: str):
     """A UTKFace validation photo in the data README's unmask framing (resized to 128 px, its
     flat polygon over the mouth): (masked photo, the masked detector, a function giving how far
     a face's eyes lie from those found on the clean photo, in eye distances)."""
-    from models.data import read_rgb
-    from models.evaluate import readme_mask_photo
+    from models.training.data import read_rgb
+    from models.training.evaluate import readme_mask_photo
     from pipeline.faces import FaceDetector
 
     photo = cv2.resize(read_rgb(UTKFACE / f"{name}.jpg.chip.jpg"), (128, 128), interpolation=cv2.INTER_AREA)
@@ -191,7 +191,7 @@ def test_unmask_fast_paints_the_mask_in_one_pass(tmp_path):
     """--fast: one network pass per face instead of unmask's six (its mirror and three zooms):
     the mask is still painted over, and the picture differs from the default's, which averages
     six guesses (on the data README's polygon: 27.2 dB against 27.6)."""
-    from models.evaluate import mask_photo
+    from models.training.evaluate import mask_photo
     from pipeline.faces import FaceDetector
 
     clean = cv2.cvtColor(cv2.imread(str(SCENES / "pyfeat_single_face.jpg")), cv2.COLOR_BGR2RGB)
@@ -230,7 +230,7 @@ def test_a_close_up_cut_by_the_photos_edge_is_found_and_restored(tmp_path):
     """A close-up whose forehead and chin run off the photo: MTCNN misses it at one look, so a
     still image without a face is searched again inside a grey border. The face is found where
     it is in the whole photo, and the CLI restores it."""
-    from models.data import read_rgb
+    from models.training.data import read_rgb
     from pipeline.faces import FaceDetector
 
     photo = read_rgb(SCENES / "pyfeat_single_face.jpg")

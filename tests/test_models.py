@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import models
-from models import data as D
-from models.degrade import degrade, degrade_batch, degrade_eval
-from models.evaluate import evaluate, whole_unmask
+from models.training import data as D
+from models.training.degrade import degrade, degrade_batch, degrade_eval
+from models.training.evaluate import evaluate, whole_unmask
 from models.nets import NetConfig, ResUNet, grow_net, load_net, read_metadata, save_net
 from models.registry import WEIGHTS_DIR
-from models.train import PRESETS, TrainConfig, train
+from models.training.train import PRESETS, TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UTKFACE = SHARED / "faces" / "utkface"
@@ -169,7 +169,7 @@ def test_degradations_are_deterministic(task, train_crops):
 def test_video_codec_degradation_is_a_real_encode_deterministic_per_seed(codec, train_crops):
     """The codec degradation runs the real encoder and decoder (PyAV): harder settings lose
     more, the same seed gives the same bytes, another seed moves the block grid."""
-    from models.degrade import video_codec
+    from models.training.degrade import video_codec
 
     crop = np.ascontiguousarray(train_crops[0][:64, :64])
     q_soft, q_hard = (28, 45) if codec == "libx264" else (4, 31)
@@ -203,7 +203,7 @@ def test_restore_training_chains_degradations_in_the_order_they_happen(train_cro
     """restore's training inputs combine blur, down-up, noise and a real encoder (video or
     JPEG), each drawn on its own, always in that order; the fixed evaluation input is the
     MIX chain: x2 down-up, sigma 10, libx264 at CRF 32."""
-    from models import degrade as D
+    from models.training import degrade as D
 
     calls: list[str] = []
     for name in ("motion_blur", "down_up", "gaussian_noise", "poisson_noise", "video_codec", "jpeg_anywhere"):
@@ -251,8 +251,8 @@ def test_lower_face_occluders_cover_mouth_and_chin_not_the_nose_bridge(train_cro
     """--occluders P: a share of unmask's training masks are flat lower-face polygons whose top
     lies between the nose tip and the lips (the data README's kind of mask), drawn from the same
     seeded generator: same seed, same occluder; the Batches share comes out as given."""
-    from models.degrade import apply_mask
-    from models.train import Batches
+    from models.training.degrade import apply_mask
+    from models.training.train import Batches
     from pipeline.align import template
 
     t = template(128)
@@ -283,7 +283,7 @@ def test_alignment_jitter_moves_face_and_mask_together(train_crops):
     """Unmask's alignment jitter warps the clean crop, the masked crop and the mask with one
     transform: the mask leaves its template place, and it still marks exactly the pixels where
     the masked crop differs from the clean one."""
-    from models.train import jitter_alignment
+    from models.training.train import jitter_alignment
 
     moved = 0
     for seed in range(12):
@@ -309,7 +309,7 @@ def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_cro
     gives the clean crop, the masked crop and the mask exactly OpenCV's BORDER_REFLECT101 of
     their rows above a random last row under the mouth; Batches applies it to the share
     asked."""
-    from models.train import EDGE_FROM, Batches, photo_edge
+    from models.training.train import EDGE_FROM, Batches, photo_edge
 
     rows, mirrored = set(), 0
     for seed in range(8):
@@ -336,7 +336,7 @@ def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_cro
 
 
 def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
-    """``models.data pack``: validation crops first, then as many training crops as fit the
+    """``models.training.data pack``: validation crops first, then as many training crops as fit the
     size limit, as near-lossless JPEGs; training reads a pack like the cache."""
     crops = np.concatenate([train_crops, train_crops[:, :, ::-1]])  # 2x the faces, mirrored
     items = [{"file": f"f{i}.jpg", "val": i % 4 == 0} for i in range(len(crops))]
@@ -356,7 +356,7 @@ def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
     cfg = TrainConfig(task="enhance", steps=2, out=str(tmp_path / "run"), val_count=4, threads=2,
                       crops=str(tmp_path / "full.npz"))
     assert train(cfg)["step"] == 2
-    from models.train import main as train_main
+    from models.training.train import main as train_main
 
     with pytest.raises(SystemExit, match="no such crop pack"):  # one line, nothing written
         train_main(["--task", "enhance", "--steps", "1", "--crops", str(tmp_path / "none.npz"),
@@ -367,7 +367,7 @@ def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
 def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     """--clean P: a share of unmask's training faces carry no mask and must come out as they
     went in, so the network learns to leave a face without a mask alone."""
-    from models.train import Batches
+    from models.training.train import Batches
 
     clean, bad, mask = Batches("unmask", train_crops, 128, 64, seed=0, clean=0.25).next()
     same = np.array([np.array_equal(c, b) for c, b in zip(clean, bad)])
@@ -381,8 +381,8 @@ def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_pa
     with those rows added; a mask drawn in them has the same shape as in the square crop (same
     seed) with its lower edge and the neck under it in view; training reads such crops and says
     so in its card."""
-    from models.degrade import apply_mask
-    from models.train import Batches
+    from models.training.degrade import apply_mask
+    from models.training.train import Batches
 
     tall, kept = D.make_crops(_photos(False, 10), height=160, detector=detector)
     assert tall.shape[1:] == (160, 128, 3) and len(tall) == len(train_crops)
@@ -455,9 +455,9 @@ def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
 
 
 def test_model_cards_follow_one_schema():
-    """Every restoration network's card has the same structured fields (models.card.check_card),
+    """Every restoration network's card has the same structured fields (models.training.card.check_card),
     the JSON beside the weights equals the card in their header, and no card tells a history."""
-    from models.card import HISTORY_WORDS, check_card
+    from models.training.card import HISTORY_WORDS, check_card
 
     restoring = [s for s in models.TASKS.values() if s.weights and not s.latent]
     assert {s.name for s in restoring} >= {"denoise", "enhance", "restore", "unmask"}
@@ -512,7 +512,7 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
     a second time with those rows refilled from the photo with the first pass pasted in: the
     network no longer sees the mask under the edge, the pixels inside the photo are the ones it
     was given the first time, and a face whose crop lies inside the photo gets one pass."""
-    from models.evaluate import README_COLOUR, readme_mask_photo
+    from models.training.evaluate import README_COLOUR, readme_mask_photo
     from pipeline import align
     from pipeline.faces import FaceDetector
     from pipeline.restore import FaceRestorer
@@ -552,12 +552,12 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
 
 
 def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_path):
-    """models.card scores a network as the product runs it, every way its card reports, and
+    """models.training.card scores a network as the product runs it, every way its card reports, and
     --write merges the figures into the card file and the card in the safetensors header,
     leaving the tensors as they were."""
     from safetensors.torch import load_file
 
-    from models.card import card_scores, write_card
+    from models.training.card import card_scores, write_card
     from models.nets import load_net
     from models.registry import Restorer
     from models.tasks import resolve
@@ -585,7 +585,7 @@ def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_pa
 
 @pytest.mark.parametrize("whole", [False, True])
 def test_evaluate_on_a_folder_without_photos_is_a_one_line_error(tmp_path, whole):
-    from models.evaluate import main
+    from models.training.evaluate import main
 
     (tmp_path / "notes.txt").write_text("no photos here")
     for data in (tmp_path, tmp_path / "missing"):

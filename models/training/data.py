@@ -5,15 +5,15 @@ finds the largest face, ``pipeline.align`` warps it to the template crop. The UT
 built once and cached as ``crops.npy`` (N, 128, 128, 3) uint8 plus ``index.json`` (file names and
 labels); the train/validation split is a hash of the file name, so it never changes.
 
-    python -m models.data                      # build the UTKFace cache under cache/crops
-    python -m models.data pack                 # cache/crops.pack.npz, <= 28 MiB, for a GPU
+    python -m models.training.data                      # build the UTKFace cache under cache/crops
+    python -m models.training.data pack                 # cache/crops.pack.npz, <= 28 MiB, for a GPU
 
 A *pack* is a subset of the cache small enough to copy to a GPU machine beside the repository
 (28 MiB by default): the 128 validation crops training scores on,
 plus a seeded uniform sample of the training split, as many crops as fit (about 4,300 in 28
 MiB), each a 4:4:4 JPEG at quality 90 (42 dB from the cached crop, well above the 33 dB the
 networks restore to) in one ``.npz`` (no pickles). ``load_cache(split, PACK)`` and
-``python -m models.train --crops PACK`` read it like the cache.
+``python -m models.training.train --crops PACK`` read it like the cache.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = ROOT.parent / "shared" / "data"
 UTKFACE_DIR = DATA_DIR / "faces" / "utkface"
 CACHE_DIR = ROOT / "cache" / "crops"
@@ -41,7 +41,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def cache_dir(height: int = CROP_SIZE) -> Path:
-    """Where ``python -m models.data`` caches crops ``height`` rows tall: cache/crops for the
+    """Where ``python -m models.training.data`` caches crops ``height`` rows tall: cache/crops for the
     square template crop, cache/crops160 for unmask's 128 x 160 crop."""
     return CACHE_DIR if height == CROP_SIZE else CACHE_DIR.parent / f"crops{height}"
 
@@ -191,7 +191,7 @@ def load_cache(
     else:
         npy, idx = Path(cache) / "crops.npy", Path(cache) / "index.json"
         if not npy.is_file() or not idx.is_file():
-            raise FileNotFoundError(f"{cache}: crop cache missing; build it with python -m models.data")
+            raise FileNotFoundError(f"{cache}: crop cache missing; build it with python -m models.training.data")
         crops = np.load(npy, mmap_mode="r")
         items = json.loads(idx.read_text())["items"]
     if split == "all":
@@ -265,7 +265,7 @@ def pack_crops(crops: np.ndarray, items: list[dict], out: Path, *, max_mib: floa
 def load_pack(path: Path) -> tuple[np.ndarray, list[dict]]:
     """All crops (N, H, S, 3) uint8 RGB and index entries of a pack written by ``pack_crops``."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such crop pack; make one with python -m models.data pack")
+        raise FileNotFoundError(f"{path}: no such crop pack; make one with python -m models.training.data pack")
     with np.load(path, allow_pickle=False) as z:
         data, offsets, meta = z["jpeg"], z["offsets"], json.loads(z["index"].tobytes().decode())
     size = meta["size"]
@@ -320,7 +320,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m models.data",
+        prog="python -m models.training.data",
         description="Build the UTKFace aligned-crop cache (default), or pack a subset of it small"
                     " enough to carry to a GPU machine (pack).")
     p.add_argument("command", nargs="?", choices=("build", "pack"), default="build")

@@ -4,7 +4,7 @@ It is trained on the UTKFace training split only (labels from the file names), s
 the VAE, and is used solely to *measure* whether ``--task age`` moves faces' apparent age
 (``python -m models.facemath measure``). It is never used to make an edit.
 
-    python -m models.age --minutes 10 --export       # train, write models/weights/age.safetensors
+    python -m models.training.age --minutes 10 --export       # train, write models/weights/age.safetensors
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .train_vae import load_faces, to_tensor
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 class AgeNet(nn.Module):
@@ -65,7 +65,7 @@ def save_age(net: AgeNet, path: Path, card: dict) -> None:
 def load_age(path: str | Path = WEIGHTS_DIR / "age.safetensors", device: str = "cpu") -> AgeNet:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: age regressor weights missing; train with python -m models.age")
+        raise FileNotFoundError(f"{path}: age regressor weights missing; train with python -m models.training.age")
     with safe_open(str(path), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     net = AgeNet()

@@ -1,6 +1,6 @@
 """Inference speed of the shipped networks: faces per second at batch 1 and batch 32.
 
-    python -m models.speed [--threads N] [--device cpu] [--size 128]
+    python -m models.training.speed [--threads N] [--device cpu] [--size 128]
 
 Prints one JSON object: per task, parameter count, weight file size, the crop the product runs
 it on (unmask: ``size`` wide and 32 rows taller, for the chin) and faces/s on that crop.
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from . import TASKS, load
-from .registry import WEIGHTS_DIR
+from .. import TASKS, load
+from ..registry import WEIGHTS_DIR
 
 
 @torch.inference_mode()
@@ -36,7 +36,7 @@ def faces_per_second(model: torch.nn.Module, batch: int, size: int, device: str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m models.speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m models.training.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", type=int, default=128)

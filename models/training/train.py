@@ -1,7 +1,7 @@
 """Train a restoration network on aligned UTKFace crops with on-the-fly degradations.
 
-    python -m models.train --task denoise --minutes 90 --export
-    python -m models.train --task unmask --steps 20000 --threads 1 --export
+    python -m models.training.train --task denoise --minutes 90 --export
+    python -m models.training.train --task unmask --steps 20000 --threads 1 --export
 
 Runs on CPU or CUDA (AMP and channels_last there). State goes to runs/<task>/last.pt (a
 checkpoint, resumed automatically); ``--export`` writes the best weights so far (by validation
@@ -30,12 +30,12 @@ from pytorch_msssim import ssim
 
 from . import data as D
 from .degrade import apply_mask, canonical, degrade, degrade_batch
-from .nets import NetConfig, ResUNet, grow_net, load_net, save_net
+from ..nets import NetConfig, ResUNet, grow_net, load_net, save_net
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 # Per-task network and patch settings. Denoise and enhance are local: trained on 64x64 patches.
 # Unmask must see the whole lower face: trained on full crops, one level deeper, and its stem
@@ -352,7 +352,7 @@ def init_info(init: str) -> dict | None:
     """The weights a run started from: their file name and the steps their card counts."""
     if not init:
         return None
-    from .nets import read_metadata
+    from ..nets import read_metadata
 
     try:
         training = json.loads(read_metadata(init).get("card", "{}")).get("training", {})
@@ -549,9 +549,9 @@ class _Subset:
 
 def make_argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m models.train", description=__doc__.split("\n\n")[0],
-        epilog="examples:\n  python -m models.train --task denoise --minutes 90 --threads 1 --export\n"
-               "  python -m models.train --task enhance --steps 200 --device cuda",
+        prog="python -m models.training.train", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m models.training.train --task denoise --minutes 90 --threads 1 --export\n"
+               "  python -m models.training.train --task enhance --steps 200 --device cuda",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", required=True, help="denoise, enhance (deblur), restore or unmask")
@@ -571,7 +571,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", default="", help="start from these weights (e.g. models/weights/denoise.safetensors)")
     p.add_argument("--crops", default="", help="crop cache folder or a pack from"
-                   " 'python -m models.data pack' (default: cache/crops)")
+                   " 'python -m models.training.data pack' (default: cache/crops)")
     p.add_argument("--jitter", type=float, default=0.0,
                    help="probability of an alignment jitter per training sample (unmask: use 0.5"
                         " so the net copes with the off landmarks of masked faces)")
@@ -580,7 +580,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
                         " to leave unmasked faces alone (e.g. 0.15)")
     p.add_argument("--occluders", type=float, default=0.0,
                    help="unmask: share of masks drawn as lower-face occluders, flat-coloured"
-                        " polygons over mouth and chin (models.degrade.draw_occluder; e.g. 0.35)")
+                        " polygons over mouth and chin (models.training.degrade.draw_occluder; e.g. 0.35)")
     p.add_argument("--square", type=float, default=0.0,
                    help="with crops taller than wide (--crops cache/crops160): this share of batches"
                         " is cut to the square template crop, so the net learns both shapes (e.g. 0.5)")

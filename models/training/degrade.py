@@ -319,7 +319,7 @@ def draw_occluder(size: int, rng: np.random.Generator, height: int | None = None
     the nose, a censor patch, a hand or a scarf), filled with a flat random colour, plain or
     lightly shaded, with hard or anti-aliased edges, seldom with straps. The training
     generator's masks all reach the nose bridge, and a network trained on them alone paints such
-    low patches poorly (``python -m models.train --occluders P``). A network trained on
+    low patches poorly (``python -m models.training.train --occluders P``). A network trained on
     128 px crops only leaves a mask's band under the chin of the product's 128 x 160 crop, so
     unmask trains on both crop shapes (``--square 0.5``)."""
     height = height or size

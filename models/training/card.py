@@ -1,10 +1,10 @@
 """Score a restoration network the ways its model card reports, and write them into the card.
 
-    python -m models.card --task unmask --weights runs/unmask/export/unmask.safetensors
-    python -m models.card --task unmask --weights W --write      # into W's card (.json + header)
-    python -m models.card --task restore --quality bench.json    # the output file's figures
+    python -m models.training.card --task unmask --weights runs/unmask/export/unmask.safetensors
+    python -m models.training.card --task unmask --weights W --write      # into W's card (.json + header)
+    python -m models.training.card --task restore --quality bench.json    # the output file's figures
 
-Every figure comes from ``models.evaluate`` with the network run as the product runs it (unmask:
+Every figure comes from ``models.training.evaluate`` with the network run as the product runs it (unmask:
 its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unmask's zooms,
 ``TaskSpec.zooms``): ``evaluation`` on the pipeline's aligned validation crops,
 ``evaluation_whole`` on whole photos resized to 128 (the dataset's reference framing) and, for
@@ -112,7 +112,7 @@ def card_scores(task: str, model, limit: int | None = None, clean: int = 200,
     if task == "unmask":
         r["evaluation_readme_framing"] = E.whole_unmask(data, limit, model=model)
         r["evaluation_readme_polygon"] = E.whole_unmask(data, limit, model=model, mask="readme")
-        from .tasks import resolve
+        from ..tasks import resolve
 
         spec = resolve(task)
         tall, tall_cache = None, D.cache_dir(spec.size + spec.rows_below)  # the product's crop
@@ -128,7 +128,7 @@ def card_scores(task: str, model, limit: int | None = None, clean: int = 200,
 
 def write_card(weights: Path, scores: dict) -> Path:
     """Merge ``scores`` into the card beside ``weights`` and into its header; returns the card."""
-    from .nets import load_net, read_metadata, save_net
+    from ..nets import load_net, read_metadata, save_net
 
     card_path = weights.with_suffix(".json")
     meta = read_metadata(weights)
@@ -144,7 +144,7 @@ def write_card(weights: Path, scores: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.card", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m models.training.card", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help="denoise, enhance (deblur), restore or unmask")
     p.add_argument("--weights", type=Path, default=None,
                    help="a .safetensors file (default: the shipped weights of --task)")
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bench/quality.py --json output: write its rows for --task as the card's"
                         " quality field (nothing else is scored)")
     a = p.parse_args(argv)
-    from .nets import load_net
-    from .registry import WEIGHTS_DIR, Restorer
-    from .tasks import resolve
+    from ..nets import load_net
+    from ..registry import WEIGHTS_DIR, Restorer
+    from ..tasks import resolve
 
     spec = resolve(canonical(a.task))
     weights = a.weights or WEIGHTS_DIR / (spec.weights or "")

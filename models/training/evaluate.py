@@ -1,13 +1,13 @@
 """Evaluate a task's shipped network against the degraded input and a classical baseline.
 
-    python -m models.evaluate --task denoise                 # validation split of the crop cache
-    python -m models.evaluate --task unmask --data DIR --limit 100 --json
-    python -m models.evaluate --task enhance --whole    # README framing: whole photo at 128
-    python -m models.evaluate --task unmask --whole     # masks on whole photos, full pipeline
-    python -m models.evaluate --task unmask --whole --mask readme   # the README's polygon
+    python -m models.training.evaluate --task denoise                 # validation split of the crop cache
+    python -m models.training.evaluate --task unmask --data DIR --limit 100 --json
+    python -m models.training.evaluate --task enhance --whole    # README framing: whole photo at 128
+    python -m models.training.evaluate --task unmask --whole     # masks on whole photos, full pipeline
+    python -m models.training.evaluate --task unmask --whole --mask readme   # the README's polygon
 
 Faces are aligned to 128x128 crops exactly as at inference (FaceDetector + pipeline.align), then
-degraded by the task's fixed evaluation degradation (``models.degrade.degrade_eval``, seed 0 per
+degraded by the task's fixed evaluation degradation (``models.training.degrade.degrade_eval``, seed 0 per
 image, so every run gives the same numbers). PSNR (RGB, whole crop, data range 255) is the mean
 over crops of per-crop PSNR; SSIM is pytorch_msssim.ssim (11x11 Gaussian window, sigma 1.5)
 averaged over crops.
@@ -87,7 +87,7 @@ def evaluate(
     seed: int = SEED,
 ) -> dict:
     """Scores of the degraded input, the baseline and the model on clean uint8 crops."""
-    from . import load
+    from .. import load
 
     task = canonical(task)
     bad, masks = degrade_batch(task, crops, seed=seed, evaluation=True)
@@ -177,12 +177,12 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     from pipeline.faces import FaceDetector
     from pipeline.restore import FaceRestorer
 
-    from . import load
+    from .. import load
 
     model = model if model is not None else load("unmask", device=device)
     if not hasattr(model, "spec"):  # a bare network: run it as the product does
-        from .registry import Restorer
-        from .tasks import TASKS
+        from ..registry import Restorer
+        from ..tasks import TASKS
 
         model = Restorer(TASKS[canonical("unmask")], model)
     crops, source = whole_photos(data, None)
@@ -253,9 +253,9 @@ def crops_from(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]:
 
 def make_argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m models.evaluate", description=__doc__.split("\n\n")[0],
-        epilog="examples:\n  python -m models.evaluate --task denoise --json\n"
-               "  python -m models.evaluate --task unmask --data ../shared/data/scenes",
+        prog="python -m models.training.evaluate", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m models.training.evaluate --task denoise --json\n"
+               "  python -m models.training.evaluate --task unmask --data ../shared/data/scenes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", required=True, help="denoise, enhance (deblur) or unmask")
@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     model = None
     if a.weights is not None:
-        from .nets import load_net
-        from .registry import Restorer
-        from .tasks import resolve
+        from ..nets import load_net
+        from ..registry import Restorer
+        from ..tasks import resolve
 
         # run as the product runs the task's network (unmask: with its mirror self-ensemble)
         model = Restorer(resolve(a.task), load_net(a.weights, device=a.device)).eval()

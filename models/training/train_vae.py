@@ -1,7 +1,7 @@
 """Train FaceMath's face VAE on aligned UTKFace crops (the restoration models' crop cache).
 
-    python -m models.train_vae --minutes 60 --export
-    python -m models.train --task facemath --minutes 60 --export      # the same, via models.train
+    python -m models.training.train_vae --minutes 60 --export
+    python -m models.training.train --task facemath --minutes 60 --export      # the same, via models.training.train
 
 The 128 px cache crops are average-pooled to 64 px, exactly as ``models.facemath`` does at
 inference time. Loss: per-pixel MSE + a KL weight annealed linearly from 0 over the first
@@ -29,12 +29,12 @@ from torch.nn import functional as F
 
 from . import data as D
 from .train import ema_update, hardware, lr_at
-from .vae import FaceVAE, VAEConfig, kl_divergence, save_vae
+from ..vae import FaceVAE, VAEConfig, kl_divergence, save_vae
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 @dataclass
@@ -158,7 +158,7 @@ def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
         val_faces = val_all[pick]
     cfg.val_count = len(val_faces)
     if cfg.init:
-        from .vae import load_vae
+        from ..vae import load_vae
 
         vae = load_vae(cfg.init, device).train()
         vcfg = vae.config
@@ -198,7 +198,7 @@ def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
             save_vae(ema, out / "best.safetensors", metadata={"step": state["step"]})
 
     def export() -> None:
-        from .vae import load_vae
+        from ..vae import load_vae
 
         best = load_vae(out / "best.safetensors")
         card = make_card(cfg, best, state, len(train_faces))
