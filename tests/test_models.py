@@ -251,8 +251,8 @@ def test_lower_face_occluders_cover_mouth_and_chin_not_the_nose_bridge(train_cro
     """--occluders P: a share of unmask's training masks are flat lower-face polygons whose top
     lies between the nose tip and the lips (the data README's kind of mask), drawn from the same
     seeded generator: same seed, same occluder; the Batches share comes out as given."""
+    from models.training.batches import Batches
     from models.training.degrade import apply_mask
-    from models.training.train import Batches
     from pipeline.align import template
 
     t = template(128)
@@ -283,7 +283,7 @@ def test_alignment_jitter_moves_face_and_mask_together(train_crops):
     """Unmask's alignment jitter warps the clean crop, the masked crop and the mask with one
     transform: the mask leaves its template place, and it still marks exactly the pixels where
     the masked crop differs from the clean one."""
-    from models.training.train import jitter_alignment
+    from models.training.batches import jitter_alignment
 
     moved = 0
     for seed in range(12):
@@ -309,7 +309,7 @@ def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_cro
     gives the clean crop, the masked crop and the mask exactly OpenCV's BORDER_REFLECT101 of
     their rows above a random last row under the mouth; Batches applies it to the share
     asked."""
-    from models.training.train import EDGE_FROM, Batches, photo_edge
+    from models.training.batches import EDGE_FROM, Batches, photo_edge
 
     rows, mirrored = set(), 0
     for seed in range(8):
@@ -336,8 +336,8 @@ def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_cro
 
 
 def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
-    """``models.training.data pack``: validation crops first, then as many training crops as fit the
-    size limit, as near-lossless JPEGs; training reads a pack like the cache."""
+    """``models.training.data pack``: validation crops first, then as many training crops as
+    fit the size limit, as near-lossless JPEGs; training reads a pack like the cache."""
     crops = np.concatenate([train_crops, train_crops[:, :, ::-1]])  # 2x the faces, mirrored
     items = [{"file": f"f{i}.jpg", "val": i % 4 == 0} for i in range(len(crops))]
     n_val = sum(it["val"] for it in items)
@@ -367,7 +367,7 @@ def test_a_crop_pack_round_trips_and_trains(train_crops, tmp_path):
 def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     """--clean P: a share of unmask's training faces carry no mask and must come out as they
     went in, so the network learns to leave a face without a mask alone."""
-    from models.training.train import Batches
+    from models.training.batches import Batches
 
     clean, bad, mask = Batches("unmask", train_crops, 128, 64, seed=0, clean=0.25).next()
     same = np.array([np.array_equal(c, b) for c, b in zip(clean, bad)])
@@ -381,8 +381,8 @@ def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_pa
     with those rows added; a mask drawn in them has the same shape as in the square crop (same
     seed) with its lower edge and the neck under it in view; training reads such crops and says
     so in its card."""
+    from models.training.batches import Batches
     from models.training.degrade import apply_mask
-    from models.training.train import Batches
 
     tall, kept = D.make_crops(_photos(False, 10), height=160, detector=detector)
     assert tall.shape[1:] == (160, 128, 3) and len(tall) == len(train_crops)
@@ -439,9 +439,15 @@ def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path)
     assert ("squared error" in card["training"]["loss"]) == (task == "enhance")
     with torch.no_grad():
         assert net(torch.rand(1, 3, 128, 128)).shape == (1, 3, 128, 128)
-    if task == "denoise":  # resuming continues from the checkpoint
+    from models.training.card import check_file_fields, sha256_file
+
+    assert card["weights_sha256"] == sha256_file(tmp_path / "w" / f"{task}.safetensors")
+    assert len(card["history"]) == 1 and check_file_fields(card) == []
+    if task == "denoise":  # resuming continues from the checkpoint, the same run in the history
         cfg.steps = 3
         assert train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])["step"] == 3
+        card = json.loads((tmp_path / "w" / f"{task}.json").read_text())
+        assert len(card["history"]) == 1 and card["history"][0]["change"] == "trained 3 steps"
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -455,20 +461,37 @@ def test_shipped_model_beats_degraded_input_on_held_out_faces(task, val_crops):
 
 
 def test_model_cards_follow_one_schema():
-    """Every restoration network's card has the same structured fields (models.training.card.check_card),
-    the JSON beside the weights equals the card in their header, and no card tells a history."""
-    from models.training.card import HISTORY_WORDS, check_card
+    """Every restoration network's card has the same structured fields
+    (models.training.card.check_card); every card file beside weights holds the sha256 of the
+    .safetensors file as it is and a short dated history, and otherwise equals the card (or
+    summary) in the weights' header; no card tells a diary."""
+    from models.training.card import HISTORY_WORDS, check_card, check_file_fields, header_card, sha256_file
 
     restoring = [s for s in models.TASKS.values() if s.weights and not s.latent]
     assert {s.name for s in restoring} >= {"denoise", "enhance", "restore", "unmask"}
     for spec in restoring:
         card = json.loads((WEIGHTS_DIR / spec.weights).with_suffix(".json").read_text())
         assert check_card(card) == [], (spec.name, check_card(card))
-        assert json.loads(read_metadata(WEIGHTS_DIR / spec.weights)["card"]) == card, spec.name
-    for path in WEIGHTS_DIR.glob("*.json"):
+    cards = sorted(WEIGHTS_DIR.glob("*.json"))
+    assert {p.stem for p in cards} >= {"denoise", "enhance", "restore", "unmask", "facemath", "age"}
+    for path in cards:
         text = path.read_text().lower()
         assert not [w for w in HISTORY_WORDS if w in text], path.name
+        card = json.loads(path.read_text())
+        weights = path.with_suffix(".safetensors")
+        assert check_file_fields(card) == [], (path.name, check_file_fields(card))
+        assert card["weights_sha256"] == sha256_file(weights), path.name
+        meta = read_metadata(weights)
+        assert json.loads(meta.get("card") or meta["summary"]) == header_card(card), path.name
     assert check_card({"task": "x", "training": {"note": "fine-tuned in session 4"}})  # it can fail
+    good = {"weights_sha256": "0" * 64, "history": [{"date": "2026-11-21", "change": "trained", "score": 1.0}]}
+    assert check_file_fields(good) == []
+    for bad in ({**good, "weights_sha256": "abc"}, {**good, "history": []},
+                {**good, "history": [{"date": "21.11.2026", "change": "trained", "score": 1.0}]},
+                {**good, "history": [{"date": "2026-11-21", "change": "x" * 300, "score": 1.0}]},
+                {**good, "history": [{"date": "2026-11-21", "change": "trained", "score": 1.0, "why": ""}]},
+                {**good, "history": good["history"] * 7}):
+        assert check_file_fields(bad), bad
 
 
 def test_unmask_averages_its_network_over_the_crop_and_its_mirror(val_crops):
@@ -552,12 +575,12 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
 
 
 def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_path):
-    """models.training.card scores a network as the product runs it, every way its card reports, and
-    --write merges the figures into the card file and the card in the safetensors header,
-    leaving the tensors as they were."""
+    """models.training.card scores a network as the product runs it, every way its card
+    reports, and --write merges the figures into the card file and the card in the safetensors
+    header, leaving the tensors as they were."""
     from safetensors.torch import load_file
 
-    from models.training.card import card_scores, write_card
+    from models.training.card import card_scores, header_card, sha256_file, write_card
     from models.nets import load_net
     from models.registry import Restorer
     from models.tasks import resolve
@@ -578,7 +601,8 @@ def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_pa
     card = json.loads(write_card(weights, r).read_text())
     assert card["evaluation_readme_polygon"] == r["evaluation_readme_polygon"]
     assert card["training"] == json.loads((WEIGHTS_DIR / "unmask.json").read_text())["training"]
-    assert json.loads(read_metadata(weights)["card"]) == card
+    assert json.loads(read_metadata(weights)["card"]) == header_card(card)
+    assert card["weights_sha256"] == sha256_file(weights)  # the rewritten header's file
     before, after = load_file(str(WEIGHTS_DIR / "unmask.safetensors")), load_file(str(weights))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -2,9 +2,13 @@
 
 It is trained on the UTKFace training split only (labels from the file names), separately from
 the VAE, and is used solely to *measure* whether ``--task age`` moves faces' apparent age
-(``python -m models.facemath measure``). It is never used to make an edit.
+(``python -m models.training.facemath measure``). It is never used to make an edit.
 
-    python -m models.training.age --minutes 10 --export       # train, write models/weights/age.safetensors
+    python -m models.training.age --minutes 10 --export   # train, write models/weights/age.*
+
+It trains on the loop every trainer shares (``models.training.loop``), without EMA; state goes
+to runs/age/last.pt and is resumed automatically; the best weights are those with the lowest
+validation age error.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import argparse
 import json
 import logging
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .train import hardware
+from .loop import Job, fit, hardware
 from .train_vae import load_faces, to_tensor
 
 log = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
@@ -94,8 +99,32 @@ def predict_gender(net: AgeNet, faces: np.ndarray, device: str = "cpu", batch: i
     return _mirrored(lambda x: torch.sigmoid(net.outputs(x)[1]), faces, device, batch)
 
 
+@dataclass
+class AgeTrainConfig:
+    """The judge's run on the shared loop: cosine learning rate to zero over the time budget, no
+    warm-up, no EMA (BatchNorm's statistics belong to the network itself)."""
+
+    minutes: float = 10.0
+    steps: int = 0
+    batch: int = 64
+    lr: float = 2e-3
+    ema: float = 0.0
+    seed: int = 0
+    threads: int = 0
+    val_every_min: float = 3.0
+    export_every_min: float = 5.0
+    ckpt_every_min: float = 2.0
+    export: bool = False
+    out: str = ""  # run folder; default runs/age
+    export_dir: str = ""  # default models/weights
+
+
 def train(minutes: float, *, batch: int = 64, lr: float = 2e-3, seed: int = 0, threads: int = 0,
-          export: bool = False) -> dict:
+          export: bool = False, out: str = "", export_dir: str = "") -> dict:
+    """Train (or resume, from runs/age/last.pt) the judge for ``minutes`` of training time on the
+    training split; returns the card of its best weights (lowest validation age error)."""
+    cfg = AgeTrainConfig(minutes=minutes, batch=batch, lr=lr, seed=seed, threads=threads,
+                         export=export, out=out, export_dir=export_dir)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -105,14 +134,9 @@ def train(minutes: float, *, batch: int = 64, lr: float = 2e-3, seed: int = 0, t
     genders = np.array([it["gender"] for it in items], np.float32)
     val, vitems = load_faces("val")
     vages = np.array([it["age"] for it in vitems], np.float32)
-    net = AgeNet()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    t0, step = time.time(), 0
-    while time.time() - t0 < minutes * 60:
-        frac = (time.time() - t0) / (minutes * 60)
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0)))
-        net.train()
+    vgen = np.array([it["gender"] for it in vitems])
+
+    def next_batch() -> tuple:
         idx = rng.integers(0, len(faces), batch)
         xb = faces[idx]
         flip = rng.random(batch) < 0.5
@@ -120,41 +144,54 @@ def train(minutes: float, *, batch: int = 64, lr: float = 2e-3, seed: int = 0, t
         # small shifts: the regressor should not depend on pixel-exact alignment
         dx, dy = rng.integers(-3, 4, 2)
         xb = np.roll(xb, (int(dy), int(dx)), axis=(1, 2))
-        x = to_tensor(xb)
-        target = torch.log1p(torch.from_numpy(ages[idx]))
+        return to_tensor(xb), torch.log1p(torch.from_numpy(ages[idx])), torch.from_numpy(genders[idx])
+
+    def loss(net: AgeNet, b: tuple, step: int) -> tuple[torch.Tensor, dict]:
+        x, target, female = b
         log_age, logit = net.outputs(x)
-        loss = torch.nn.functional.smooth_l1_loss(log_age, target, beta=0.1) + 0.2 * \
-            torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.from_numpy(genders[idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        if step % 200 == 0:
-            log.info("step %d loss %.4f (%.0f s)", step, float(loss.detach()), time.time() - t0)
-    pred = predict(net, val)
-    mae = float(np.abs(pred - vages).mean())
-    vgen = np.array([it["gender"] for it in vitems])
-    gacc = float(((predict_gender(net, val) > 0.5) == (vgen == 1)).mean())
-    card = {
-        "model": "age and gender regressor (FaceMath's judge; never used to edit)",
-        "weights": "age.safetensors",
-        "input": "pipeline-aligned 128 px crop, 2x2 average-pooled to 64 px",
-        "params": sum(p.numel() for p in net.parameters()),
-        "data": {"train": len(faces), "val": len(val),
-                 "source": "UTKFace training split (the VAE's split; validation faces never seen)",
-                 "license": "UTKFace is non-commercial research only; these weights inherit that."},
-        "training": {"steps": step, "batch": batch, "lr": lr, "loss": "smooth L1 on log(1 + age) + 0.2 * BCE(gender)",
-                     "augment": "flip, +-3 px shift", "seconds": round(time.time() - t0, 1),
-                     "hardware": hardware("cpu", threads), "torch": torch.__version__},
-        "validation": {"n": len(val), "mae_years": round(mae, 2),
-                       "median_abs_error_years": round(float(np.median(np.abs(pred - vages))), 2),
-                       "gender_accuracy": round(gacc, 4)},
-    }
-    log.info("judge: %d steps, validation age MAE %.2f years, gender accuracy %.3f", step, mae, gacc)
-    if export:
-        save_age(net, WEIGHTS_DIR / "age.safetensors", card)
-        (WEIGHTS_DIR / "age.json").write_text(json.dumps(card, indent=2) + "\n")
-    return card
+        value = torch.nn.functional.smooth_l1_loss(log_age, target, beta=0.1) + 0.2 * \
+            torch.nn.functional.binary_cross_entropy_with_logits(logit, female)
+        return value, {"loss": value.detach()}
+
+    def evaluate(net: AgeNet) -> dict:
+        pred = predict(net, val)
+        return {"mae_years": float(np.abs(pred - vages).mean()),
+                "median_abs_error_years": float(np.median(np.abs(pred - vages))),
+                "gender_accuracy": float(((predict_gender(net, val) > 0.5) == (vgen == 1)).mean())}
+
+    def card(best: AgeNet, state: dict) -> dict:
+        s = state["best_scores"]
+        return {
+            "model": "age and gender regressor (FaceMath's judge; never used to edit)",
+            "weights": "age.safetensors",
+            "input": "pipeline-aligned 128 px crop, 2x2 average-pooled to 64 px",
+            "params": sum(p.numel() for p in best.parameters()),
+            "data": {"train": len(faces), "val": len(val),
+                     "source": "UTKFace training split (the VAE's split; validation faces never seen)",
+                     "license": "UTKFace is non-commercial research only; these weights inherit that."},
+            "training": {"steps": state["step"], "batch": batch, "lr": lr,
+                         "loss": "smooth L1 on log(1 + age) + 0.2 * BCE(gender)",
+                         "augment": "flip, +-3 px shift", "seconds": round(state["elapsed"], 1),
+                         "hardware": hardware("cpu", threads), "torch": torch.__version__},
+            "validation": {"n": len(val), "mae_years": round(s["mae_years"], 2),
+                           "median_abs_error_years": round(s["median_abs_error_years"], 2),
+                           "gender_accuracy": round(s["gender_accuracy"], 4)},
+        }
+
+    job = Job(
+        name="age", net=AgeNet(), batch=next_batch, loss=loss, evaluate=evaluate,
+        save=lambda n, path, meta: save_age(n, path, meta.get("card", {})), load=load_age, card=card,
+        describe=lambda state: (f"trained {state['step']:,} steps",
+                                f"validation MAE {state['best_scores']['mae_years']:.1f} years"),
+        rng=rng, metric="mae_years", lower_is_better=True, clip=None, weight_decay=1e-4,
+        warmup=0, lr_floor=0.0,
+        log_line=lambda s: f"val age MAE {s['mae_years']:.2f} years, gender accuracy {s['gender_accuracy']:.3f}",
+    )
+    state = fit(cfg, job, Path(out or ROOT / "runs" / "age"), Path(export_dir or WEIGHTS_DIR))
+    result = card(load_age(Path(out or ROOT / "runs" / "age") / "best.safetensors"), state)
+    log.info("judge: %d steps, validation age MAE %.2f years, gender accuracy %.3f", state["step"],
+             result["validation"]["mae_years"], result["validation"]["gender_accuracy"])
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,9 @@ weights and into the card embedded in the safetensors header; the weights are un
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,8 +34,9 @@ from .degrade import canonical
 # weights' header under "card"): these fields, always; optional ones below; nothing else. Every
 # figure is a structured field (numbers with their conditions), never prose about how it was
 # reached: that belongs in the commit that changed the weights.
-CARD_FIELDS = ("task", "weights", "format", "architecture", "config", "params", "multiple", "data",
-               "training", "validation", "exported", "speed_cpu", "evaluation")
+CARD_FIELDS = ("task", "weights", "weights_sha256", "format", "architecture", "config", "params",
+               "multiple", "data", "training", "validation", "exported", "speed_cpu", "evaluation",
+               "history")
 CARD_OPTIONAL = ("evaluation_whole", "evaluation_readme_framing", "evaluation_readme_polygon",
                  "evaluation_readme_polygon_fast", "evaluated_as", "unmasked_faces", "quality")
 TRAINING_FIELDS = ("steps", "total_steps", "batch", "patch", "train_time_s", "lr", "loss", "ema",
@@ -41,6 +44,13 @@ TRAINING_FIELDS = ("steps", "total_steps", "batch", "patch", "train_time_s", "lr
 DATA_FIELDS = ("source", "train_crops", "split", "license")
 QUALITY_ROW = ("source", "degradation", "faces", "input", "classical", "facemend", "ceiling")
 HISTORY_WORDS = ("session", "previous", "issue", "commit ")  # words of a diary, not of a card
+# The card file's own fields, in every ``<name>.json`` beside weights but not in the card in the
+# weights' header: the sha256 of the .safetensors file as it is (a file cannot hold its own
+# hash), and ``history``: the changes that shipped these weights, oldest first, each
+# {date, change, score} (score: the figure that change reached), at most HISTORY_MAX of them.
+FILE_FIELDS = ("weights_sha256", "history")
+HISTORY_ENTRY = ("date", "change", "score")
+HISTORY_MAX = 6
 
 
 def check_card(card: dict) -> list[str]:
@@ -61,9 +71,11 @@ def check_card(card: dict) -> list[str]:
         for row in quality.get("rows", []):
             problems += [f"quality row without {k}" for k in QUALITY_ROW if k not in row]
 
+    problems += check_file_fields(card)
+
     def texts(d, path=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+            if isinstance(v, (dict, list)):
                 yield from texts(v, f"{path}{k}.")
             elif isinstance(v, str):
                 yield f"{path}{k}", v
@@ -72,6 +84,79 @@ def check_card(card: dict) -> list[str]:
         problems += [f"{key}: history ({w.strip()!r}) in a card" for w in HISTORY_WORDS
                      if w in text.lower()]
     return problems
+
+
+def check_file_fields(card: dict) -> list[str]:
+    """What is wrong with a card file's ``weights_sha256`` and ``history`` (any card: restoration
+    networks, the VAE, the age judge, the attribute vectors)."""
+    problems = []
+    sha = card.get("weights_sha256")
+    if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        problems.append("weights_sha256: the sha256 of the weights file, 64 hex digits")
+    history = card.get("history")
+    if not isinstance(history, list) or not 1 <= len(history) <= HISTORY_MAX:
+        return problems + [f"history: a list of 1 to {HISTORY_MAX} entries"]
+    for i, e in enumerate(history):
+        if not isinstance(e, dict) or set(e) != set(HISTORY_ENTRY):
+            problems.append(f"history[{i}]: exactly {{{', '.join(HISTORY_ENTRY)}}}")
+            continue
+        if not (isinstance(e["date"], str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", e["date"])):
+            problems.append(f"history[{i}].date: YYYY-MM-DD")
+        if not (isinstance(e["change"], str) and 0 < len(e["change"]) <= 100):
+            problems.append(f"history[{i}].change: a short line (at most 100 characters)")
+        score = e["score"]
+        if isinstance(score, bool) or not (isinstance(score, (int, float))
+                                           or (isinstance(score, str) and 0 < len(score) <= 60)):
+            problems.append(f"history[{i}].score: a number or a short string")
+    dates = [e.get("date", "") for e in history if isinstance(e, dict)]
+    if dates != sorted(dates):
+        problems.append("history: oldest first")
+    return problems
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def header_card(card: dict) -> dict:
+    """The card as the weights' header holds it: without the card file's own fields."""
+    return {k: v for k, v in card.items() if k not in FILE_FIELDS}
+
+
+def read_card_history(card_path: Path) -> list[dict]:
+    """The ``history`` of the card file at ``card_path`` (empty when there is none)."""
+    try:
+        history = json.loads(Path(card_path).read_text()).get("history")
+    except (OSError, ValueError):
+        return []
+    return list(history) if isinstance(history, list) else []
+
+
+def file_card(card: dict, weights: Path, history: list[dict]) -> dict:
+    """``card`` with the file fields: the sha256 of ``weights`` as it is now, after ``weights``,
+    and the last ``HISTORY_MAX`` entries of ``history`` at the end."""
+    out = {}
+    for k, v in header_card(card).items():
+        out[k] = v
+        if k == "weights":
+            out["weights_sha256"] = sha256_file(weights)
+    out.setdefault("weights_sha256", sha256_file(weights))
+    out["history"] = list(history)[-HISTORY_MAX:]
+    return out
+
+
+def write_card_file(weights: Path, card: dict, history: list[dict], change: str, score) -> Path:
+    """Write ``<weights>.json``: ``card`` with the weights' sha256 and ``history`` plus one entry
+    for this change (dated today, UTC). Returns the card file's path."""
+    entry = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "change": change, "score": score}
+    path = Path(weights).with_suffix(".json")
+    path.write_text(json.dumps(file_card(card, Path(weights), [*history, entry]), indent=2) + "\n")
+    return path
 
 
 def quality_rows(task: str, bench: dict) -> dict:
@@ -138,8 +223,10 @@ def write_card(weights: Path, scores: dict) -> Path:
     card.update({k: v for k, v in scores.items() if k != "scored_in_s"})
     net = load_net(weights)
     extra = {k: v for k, v in meta.items() if k not in ("format", "config", "card")}
-    save_net(net, weights, metadata={**extra, "card": card}, fmt=meta.get("format", "facemend-resunet"))
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    save_net(net, weights, metadata={**extra, "card": header_card(card)},
+             fmt=meta.get("format", "facemend-resunet"))
+    # the tensors are the same: the history stays, the file's sha256 is the new header's
+    card_path.write_text(json.dumps(file_card(card, weights, card.get("history", [])), indent=2) + "\n")
     return card_path
 
 

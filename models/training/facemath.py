@@ -27,6 +27,7 @@ from ..tasks import resolve
 from ..vae import FaceVAE, load_vae
 from . import data as D
 from .age import load_age, predict, predict_gender
+from .card import read_card_history, write_card_file
 from .train_vae import load_faces, pool64, reconstruction_scores, to_tensor
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,9 @@ def attributes_main(out: Path = ATTRS_FILE) -> dict:
     }
     tmp = out.with_name(out.name + ".partial.tmp")
     save_file({k: v.contiguous() for k, v in attrs.items()}, str(tmp), metadata={"summary": json.dumps(summary)})
+    history = read_card_history(out.with_suffix(".json"))
     tmp.replace(out)
-    out.with_name(out.name.replace(".safetensors", ".json")).write_text(json.dumps(summary, indent=2) + "\n")
+    write_card_file(out, summary, history, "recomputed from the shipped VAE", f"age gain {summary['age_gain']}")
     return summary
 
 

@@ -1,24 +1,23 @@
 """Train FaceMath's face VAE on aligned UTKFace crops (the restoration models' crop cache).
 
     python -m models.training.train_vae --minutes 60 --export
-    python -m models.training.train --task facemath --minutes 60 --export      # the same, via models.training.train
+    python -m models.training.train --task facemath --minutes 60 --export   # the same
 
 The 128 px cache crops are average-pooled to 64 px, exactly as ``models.facemath`` does at
 inference time. Loss: per-pixel MSE + a KL weight annealed linearly from 0 over the first
 ``anneal`` steps (so the decoder learns to reconstruct before the prior pulls the codes in).
-State goes to runs/facemath/last.pt and is resumed automatically; ``--export`` writes the best
+It runs on the training loop every trainer shares (``models.training.loop``). State goes to
+runs/facemath/last.pt and is resumed automatically; ``--export`` writes the best
 weights (by validation reconstruction PSNR of an EMA of the weights, decoding the mean) to
 models/weights/facemath.safetensors with a model card facemath.json. Run
-``python -m models.facemath attributes`` afterwards: the attribute vectors depend on the weights.
+``python -m models.training.facemath attributes`` afterwards: the attribute vectors depend on the weights.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..vae import FaceVAE, VAEConfig, kl_divergence, load_vae, save_vae
 from . import data as D
-from .train import ema_update, hardware, lr_at
-from ..vae import FaceVAE, VAEConfig, kl_divergence, save_vae
+from .loop import Job, fit, hardware
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +141,12 @@ def make_card(cfg: VAETrainConfig, vae: FaceVAE, state: dict, n_train: int) -> d
 
 def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
           val_faces: np.ndarray | None = None) -> dict:
-    """Train (or resume) the VAE per ``cfg``; faces default to the UTKFace cache, pooled."""
+    """Train (or resume) the VAE per ``cfg`` on the shared loop (``loop.fit``); faces default to
+    the UTKFace cache, pooled."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = cfg.device
-    out = Path(cfg.out or ROOT / "runs" / "facemath")
-    out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(cfg.export_dir or WEIGHTS_DIR)
     if train_faces is None:
         train_faces, _ = load_faces("train")
     if val_faces is None:
@@ -158,114 +155,41 @@ def train(cfg: VAETrainConfig, train_faces: np.ndarray | None = None,
         val_faces = val_all[pick]
     cfg.val_count = len(val_faces)
     if cfg.init:
-        from ..vae import load_vae
-
         vae = load_vae(cfg.init, device).train()
-        vcfg = vae.config
         log.info("initialised from %s", cfg.init)
     else:
-        vcfg = VAEConfig(**cfg.net)
-        vae = FaceVAE(vcfg).to(device)
-    ema = copy.deepcopy(vae).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        vae = FaceVAE(VAEConfig(**cfg.net)).to(device)
+    pixels = 3 * vae.config.size * vae.config.size
     rng = np.random.default_rng(cfg.seed)
-    state = {"step": 0, "elapsed": 0.0, "best": -1.0, "best_scores": {}, "history": []}
-    ckpt = out / "last.pt"
-    if ckpt.is_file():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)  # our own checkpoint
-        vae.load_state_dict(saved["net"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-        rng.bit_generator.state = saved["rng"]
-        log.info("resumed %s at step %d", ckpt, state["step"])
 
-    def save_ckpt() -> None:
-        tmp = ckpt.with_name("last.partial.pt")
-        torch.save({"net": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "state": state, "rng": rng.bit_generator.state, "config": asdict(cfg)}, tmp)
-        tmp.replace(ckpt)
-
-    def evaluate_now() -> None:
-        scores = reconstruction_scores(ema, val_faces, device)
-        scores.update(step=state["step"], elapsed=round(state["elapsed"], 1))
-        state["history"].append(scores)
-        log.info("step %d  val recon PSNR %.2f dB  KL %.1f", state["step"], scores["psnr"], scores["kl"])
-        if scores["psnr"] > state["best"]:
-            state["best"], state["best_scores"] = scores["psnr"], dict(scores)
-            save_vae(ema, out / "best.safetensors", metadata={"step": state["step"]})
-
-    def export() -> None:
-        from ..vae import load_vae
-
-        best = load_vae(out / "best.safetensors")
-        card = make_card(cfg, best, state, len(train_faces))
-        save_vae(best, export_dir / "facemath.safetensors", metadata={"card": card})
-        (export_dir / "facemath.json").write_text(json.dumps(card, indent=2) + "\n")
-        log.info("exported %s (val recon PSNR %.2f dB)", export_dir / "facemath.safetensors", state["best"])
-
-    def done() -> bool:
-        return bool((cfg.steps and state["step"] >= cfg.steps)
-                    or (cfg.minutes and state["elapsed"] >= cfg.minutes * 60))
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps or None, initial=state["step"], desc="facemath", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 60.0, file=sys.stderr)
-    last_val = last_export = last_ckpt = state["elapsed"]
-    pixels = 3 * vcfg.size * vcfg.size
-    loss_avg = None
-    t_prev = time.time()
-    t_wall = time.time() - state.get("wall", 0.0)
-    while not done():
-        state["wall"] = time.time() - t_wall
-        vae.train()
+    def batch() -> torch.Tensor:
         idx = rng.integers(0, len(train_faces), cfg.batch)
         xb = train_faces[np.sort(idx)]
         flip = rng.random(cfg.batch) < 0.5
         xb = np.where(flip[:, None, None, None], xb[:, :, ::-1], xb)
-        x = to_tensor(xb).to(device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, state["step"], state["elapsed"])
-        recon, mu, logvar = vae(x)
+        return to_tensor(xb).to(device)
+
+    def loss(net: FaceVAE, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        recon, mu, logvar = net(x)
         mse = F.mse_loss(recon, x)
         kl = kl_divergence(mu, logvar).mean()
-        beta = cfg.kl_weight * min(1.0, state["step"] / max(1, cfg.anneal))
-        loss = mse + beta * kl / pixels
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, vae, state["step"], cfg.ema)
-        state["step"] += 1
-        now = time.time()
-        state["elapsed"] += now - t_prev
-        t_prev = now
-        lv = float(mse.detach())
-        loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
-        bar.update(1)
-        bar.set_postfix(psnr=f"{-10 * math.log10(max(loss_avg, 1e-10)):.2f}", kl=f"{float(kl.detach()):.0f}",
-                        val=f"{state['best']:.2f}", refresh=False)
-        if state["elapsed"] - last_val >= cfg.val_every_min * 60:
-            evaluate_now()
-            last_val = state["elapsed"]
-            t_prev = time.time()
-        if cfg.export and state["best"] > 0 and state["elapsed"] - last_export >= cfg.export_every_min * 60:
-            export()
-            last_export = state["elapsed"]
-        if state["elapsed"] - last_ckpt >= cfg.ckpt_every_min * 60:
-            save_ckpt()
-            last_ckpt = state["elapsed"]
-    bar.close()
-    evaluate_now()
-    state["wall"] = time.time() - t_wall
-    save_ckpt()
-    if cfg.export:
-        export()
-    log.info("done: %d steps, %.0f s, best val recon PSNR %.2f dB", state["step"], state["elapsed"], state["best"])
-    return state
+        beta = cfg.kl_weight * min(1.0, step / max(1, cfg.anneal))
+        return mse + beta * kl / pixels, {"mse": mse.detach(), "kl": kl.detach()}
+
+    def describe(state: dict) -> tuple[str, str]:
+        change = f"trained {state['step']:,} steps" + (f" from {Path(cfg.init).name}" if cfg.init else "")
+        return change, f"validation reconstruction {state['best_scores'].get('psnr', 0.0):.2f} dB"
+
+    job = Job(
+        name="facemath", net=vae, batch=batch, loss=loss,
+        evaluate=lambda ema: reconstruction_scores(ema, val_faces, device),
+        save=lambda n, path, meta: save_vae(n, path, metadata=meta), load=load_vae,
+        card=lambda best, state: make_card(cfg, best, state, len(train_faces)),
+        describe=describe, rng=rng, metric="psnr",
+        log_line=lambda s: f"val recon PSNR {s['psnr']:.2f} dB  KL {s['kl']:.1f}",
+        show=lambda m: {"psnr": f"{-10 * math.log10(max(m['mse'], 1e-10)):.2f}", "kl": f"{m['kl']:.0f}"},
+    )
+    return fit(cfg, job, Path(cfg.out or ROOT / "runs" / "facemath"), Path(cfg.export_dir or WEIGHTS_DIR))
 
 
 def make_argument_parser() -> argparse.ArgumentParser:

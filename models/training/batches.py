@@ -1,0 +1,112 @@
+"""Training batches of the restoration networks: augmented crops, a random patch, degraded on
+the fly, and the alignment faults a real face brings (``jitter_alignment``, ``photo_edge``).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from . import data as D
+from .degrade import apply_mask, degrade
+
+
+class Batches:
+    """Random training batches: augmented crops, a random patch, degraded on the fly."""
+
+    def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
+                 jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
+                 square: float = 0.0, edge: float = 0.0) -> None:
+        self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
+        self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
+        self.edge = edge
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        clean, bad, masks = [], [], []
+        height, size = self.crops.shape[1:3]
+        if self.square and height > size and self.rng.random() < self.square:
+            height = size  # this batch sees the square crop only (a batch has one shape)
+        for _ in range(self.batch):
+            crop = np.asarray(self.crops[self.rng.integers(len(self.crops))])[:height]
+            crop = D.augment(crop, self.rng)
+            if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
+                y, x = self.rng.integers(0, (np.array([height, size]) - self.patch) // 8 + 1) * 8
+                crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
+            if self.occluders and self.task == "unmask" and self.rng.random() < self.occluders:
+                d = apply_mask(crop, self.rng, occluder=True)
+            else:
+                d = degrade(self.task, crop, self.rng)
+            image, mask = d.image, d.mask
+            if self.clean and mask is not None and self.rng.random() < self.clean:
+                image, mask = crop, np.zeros_like(mask)  # a face without a mask stays as it is
+            if self.jitter and self.rng.random() < self.jitter:
+                crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
+            if self.edge and self.rng.random() < self.edge:
+                crop, image, mask = photo_edge(crop, image, mask, self.rng)
+            clean.append(crop)
+            bad.append(image)
+            masks.append(mask)
+        m = np.stack(masks) if masks[0] is not None else None
+        return np.stack(clean), np.stack(bad), m
+
+
+JITTER = {"degrees": 10.0, "scale": 0.1, "shift": 0.05}  # uniform +-; shift as a crop fraction
+
+
+def jitter_alignment(
+    clean: np.ndarray, bad: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One random similarity transform applied to the clean crop, its degraded copy and the mask
+    alike: the face *and what degrades it* move together off the template, as they do at work
+    when landmarks are off (MTCNN's landmarks on a masked face miss by 0.2-0.3 eye distances).
+    Unmask trains with it so the network finds a mask that is not where the template puts it.
+    A taller crop turns about the centre of its square template crop, as a square one does."""
+    height, size = clean.shape[:2]
+    angle = rng.uniform(-JITTER["degrees"], JITTER["degrees"])
+    scale = 1.0 + rng.uniform(-JITTER["scale"], JITTER["scale"])
+    dx, dy = rng.uniform(-JITTER["shift"], JITTER["shift"], size=2) * size
+    m = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+    m[:, 2] += (dx, dy)
+
+    def warp(img: np.ndarray) -> np.ndarray:  # reflected borders, as the crop cache has them
+        return cv2.warpAffine(img, m, (size, height), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT101)
+
+    return warp(clean), warp(bad), None if mask is None else warp(mask)
+
+
+EDGE_FROM = 0.75  # photo_edge: the photo's last row lies in [EDGE_FROM * width, height)
+
+
+def photo_edge(
+    clean: np.ndarray, bad: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The crop of a face at the photo's bottom edge, as the product makes it: the photo ends at a
+    random row under the mouth and ``warp_face`` fills the crop below it by reflection
+    (BORDER_REFLECT101). The mask is on the photo, so it is reflected too: under the chin the
+    network sees the mask again, mirrored, where training crops (masked after cropping) never
+    showed it. Close-cropped portraits and ID photos are like this, and so are the data README's
+    whole UTKFace photos: the photo's last row falls at crop rows 123-141 of 160 for 90 % of them.
+    The rows from ``r`` down are OpenCV's reflection of those above, in the clean crop, the
+    masked crop and the mask alike."""
+    height, size = clean.shape[:2]
+    r = int(rng.integers(int(EDGE_FROM * size), height))
+
+    def cut(a: np.ndarray) -> np.ndarray:
+        return cv2.copyMakeBorder(a[:r], 0, height - r, 0, 0, cv2.BORDER_REFLECT_101)
+
+    return cut(clean), cut(bad), None if mask is None else cut(mask)
+
+
+class Subset:
+    """Rows ``idx`` of a (memory-mapped) array, read lazily."""
+
+    def __init__(self, arr: np.ndarray, idx: list[int]) -> None:
+        self.arr, self.idx = arr, np.asarray(idx)
+        self.shape = (len(idx),) + arr.shape[1:]
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.arr[self.idx[i]]
