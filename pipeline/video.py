@@ -208,109 +208,162 @@ def process_range(
     io_queue: frames decoded ahead and frames waiting for the encoder, each in its own thread
     behind a queue of this many frames (0: decode and encode in this thread).
     """
-    if not 1 <= detect_every <= FaceTracker().max_gap + 1:
-        raise ValueError(f"detect_every={detect_every} must be between 1 and {FaceTracker().max_gap + 1}")
-    stop = vplan.frames if stop is None else min(stop, vplan.frames)
-    ctx = FaceTracker().lookahead if context is None else context
-    tracker = FaceTracker(first=max(0, start - ctx))
-    first, last = max(0, start - ctx), min(vplan.frames, stop + ctx)
-    stats = RangeStats(start=start, stop=stop)
-    reset = getattr(restorer, "reset", None)
-    if reset is not None:  # per-video state (the last frame's output, smoothed codes) starts anew
-        reset()
-    clock = _Clock(stats.stages)
-    t0 = time.perf_counter()
-    pending: dict[int, np.ndarray] = {}  # frame index -> I420, awaiting final faces
-    matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
+    return RangeRun(vplan, part, detector=detector, restorer=restorer, settings=settings, start=start,
+                    stop=stop, context=context, detect_batch=detect_batch, detect_every=detect_every,
+                    io_queue=io_queue, progress=progress, should_cancel=should_cancel).run()
 
-    def chosen(i: int) -> bool:
-        return i % detect_every == 0 or i == vplan.frames - 1
 
-    with VideoEncoder(part, vplan, settings) as enc:
-        writer = _Writer(enc, io_queue)
+class RangeRun:
+    """One ``process_range``. Frames move through four holders, in order: decoded and
+    ``waiting`` (their faces are not known before the next detected frame), handed to the
+    ``tracker`` and ``pending`` (the tracker settles their faces once it has seen enough frames
+    after them), then restored and written. ``found`` holds the detections of waiting frames,
+    ``prev`` the last detected frame and its faces."""
 
-        def finish(ready):
-            idx = [i for i, _ in ready if start <= i < stop]
-            faces = {i: fs for i, fs in ready}
-            with_faces = [i for i in idx if faces[i]]
-            rgbs = [i420_to_rgb(pending[i], matrix) for i in with_faces]
-            with clock("restore"):
-                deltas = restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces)
-            with clock("paste"):
-                for i, ds in zip(with_faces, deltas):
-                    for rect, d in ds:
-                        add_rgb_delta(pending[i], rect, d, matrix)
-            with clock("encode"):
-                for i in idx:
-                    writer.write(i, pending[i])
-            for i, _ in ready:
-                pending.pop(i, None)
-            stats.frames += len(idx)
-            stats.frames_with_faces += len(with_faces)
-            stats.faces += sum(len(faces[i]) for i in with_faces)
-            if progress and idx:
-                progress(len(idx))
+    def __init__(self, vplan: VideoPlan, part: Path, *, detector: FaceDetector, restorer: FaceRestorer,
+                 settings: EncoderSettings, start: int = 0, stop: int | None = None,
+                 context: int | None = None, detect_batch: int = 8, detect_every: int = 1,
+                 io_queue: int = 8, progress: Progress | None = None,
+                 should_cancel: CancelCheck | None = None) -> None:
+        max_every = FaceTracker().max_gap + 1
+        if not 1 <= detect_every <= max_every:
+            raise ValueError(f"detect_every={detect_every} must be between 1 and {max_every}")
+        self.vplan, self.part, self.settings = vplan, part, settings
+        self.detector, self.restorer = detector, restorer
+        self.detect_batch, self.detect_every, self.io_queue = detect_batch, detect_every, io_queue
+        self.progress, self.should_cancel = progress, should_cancel
+        self.start = start
+        self.stop = vplan.frames if stop is None else min(stop, vplan.frames)
+        ctx = FaceTracker().lookahead if context is None else context
+        self.first, self.last = max(0, start - ctx), min(vplan.frames, self.stop + ctx)  # frames decoded
+        self.tracker = FaceTracker(first=self.first)
+        self.stats = RangeStats(start=start, stop=self.stop)
+        self.clock = _Clock(self.stats.stages)
+        self.matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
+        self.waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
+        self.found: dict[int, list] = {}  # detections of waiting frames
+        self.prev: tuple[int, list] | None = None  # the last detected frame and its faces
+        self.pending: dict[int, np.ndarray] = {}  # frame index -> I420, awaiting final faces
+        self.source = None  # the decoded frames, in order
+        self.writer: _Writer | None = None
 
-        def detect(items: list[tuple[int, np.ndarray]]) -> None:
-            if items:
-                stats.detected += len(items)
-                with clock("detect"):
-                    found.update(zip([i for i, _ in items],
-                                     detector.detect([i420_to_rgb(yuv, matrix) for _, yuv in items])))
+    def run(self) -> RangeStats:
+        reset = getattr(self.restorer, "reset", None)
+        if reset is not None:  # per-video state (the last frame's output, smoothed codes) starts anew
+            reset()
+        t0 = time.perf_counter()
+        with VideoEncoder(self.part, self.vplan, self.settings) as enc:
+            self.writer = _Writer(enc, self.io_queue)
+            self.source = (_Prefetch(self.vplan, self.first, self.last, self.io_queue) if self.io_queue > 0
+                           else iter_frames(self.vplan, self.first, self.last))
+            try:
+                self.loop()
+            finally:
+                self.source.close()
+                self.writer.close()  # on an error: stop the thread before the encoder is aborted
+            if self.stats.frames != self.stop - self.start:
+                raise RuntimeError(f"{self.vplan.path}: wrote {self.stats.frames} frames for range "
+                                   f"{self.start}..{self.stop}")
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
 
-        def add(items: list[tuple[int, np.ndarray]]) -> None:
-            for i, yuv in items:
-                pending[i] = yuv
-                tracker.add(i, found.pop(i, None))
+    def loop(self) -> None:
+        while True:
+            new, more = self.decode()
+            if not new:
+                break
+            self.check_cancel(new[0][0])
+            self.waiting += new
+            self.detect([(i, yuv) for i, yuv in new if self.chosen(i)])
+            self.detect(self.refine())
+            self.hand_over()
+            self.restore(self.tracker.pop_ready())
+            if not more:
+                break
+        self.track(self.waiting)  # after the range's last detected frame: context frames only
+        self.waiting = []
+        self.restore(self.tracker.pop_ready(final=True))
+        with self.clock("encode"):
+            self.writer.finish()
 
-        waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
-        found: dict[int, list] = {}  # detections of waiting frames
-        prev: tuple[int, list] | None = None  # the last detected frame and its faces
-        frames = _Prefetch(vplan, first, last, io_queue) if io_queue > 0 else iter_frames(vplan, first, last)
-        try:
-            ended = False
-            while not ended:
-                new: list[tuple[int, np.ndarray]] = []
-                ended = True
-                with clock("decode"):
-                    n = 0
-                    for item in frames:
-                        new.append(item)
-                        n += chosen(item[0])
-                        if n == detect_batch:
-                            ended = False
-                            break
-                if not new:
-                    break
-                if should_cancel is not None and should_cancel():
-                    raise Cancelled(f"{vplan.path}: cancelled at frame {new[0][0]}")
-                waiting += new
-                detect([(i, yuv) for i, yuv in new if chosen(i)])
-                # frames between two detected frames whose faces differ are detected too
-                refine: list[tuple[int, np.ndarray]] = []
-                gap: list[tuple[int, np.ndarray]] = []
-                for i, yuv in waiting:
-                    if i not in found:
-                        gap.append((i, yuv))
-                        continue
-                    if gap and not (same_faces(prev[1], found[i], i - prev[0]) if prev else not found[i]):
-                        refine += gap
-                    prev, gap = (i, found[i]), []
-                detect(refine)
-                # hand the tracker every frame up to the last detected one; frames after it
-                # wait for the next detected frame (their faces are not known before)
-                k = max((k for k, (i, _) in enumerate(waiting) if i in found), default=-1)
-                add(waiting[: k + 1])
-                del waiting[: k + 1]
-                finish(tracker.pop_ready())
-            add(waiting)  # after the range's last detected frame: context frames only
-            finish(tracker.pop_ready(final=True))
-            with clock("encode"):
-                writer.finish()
-        finally:
-            frames.close()
-            writer.close()  # on an error: stop the thread before the encoder is aborted
-        if stats.frames != stop - start:
-            raise RuntimeError(f"{vplan.path}: wrote {stats.frames} frames for range {start}..{stop}")
-    stats.seconds = time.perf_counter() - t0
-    return stats
+    def chosen(self, i: int) -> bool:
+        """Whether frame ``i`` is detected whatever its neighbours (``detect_every``)."""
+        return i % self.detect_every == 0 or i == self.vplan.frames - 1
+
+    def decode(self) -> tuple[list[tuple[int, np.ndarray]], bool]:
+        """The next frames, up to the ``detect_batch``-th chosen one; and whether more may follow."""
+        new: list[tuple[int, np.ndarray]] = []
+        n = 0
+        with self.clock("decode"):
+            for item in self.source:
+                new.append(item)
+                n += self.chosen(item[0])
+                if n == self.detect_batch:
+                    return new, True
+        return new, False
+
+    def check_cancel(self, frame: int) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled(f"{self.vplan.path}: cancelled at frame {frame}")
+
+    def detect(self, items: list[tuple[int, np.ndarray]]) -> None:
+        """Run the detector on ``items``; their faces go to ``found``."""
+        if items:
+            self.stats.detected += len(items)
+            with self.clock("detect"):
+                faces = self.detector.detect([i420_to_rgb(yuv, self.matrix) for _, yuv in items])
+                self.found.update(zip([i for i, _ in items], faces))
+
+    def refine(self) -> list[tuple[int, np.ndarray]]:
+        """The waiting frames not detected yet that lie between two detected frames whose faces
+        differ: they are detected too."""
+        refine: list[tuple[int, np.ndarray]] = []
+        gap: list[tuple[int, np.ndarray]] = []
+        for i, yuv in self.waiting:
+            if i not in self.found:
+                gap.append((i, yuv))
+                continue
+            prev = self.prev
+            if gap and not (same_faces(prev[1], self.found[i], i - prev[0]) if prev else not self.found[i]):
+                refine += gap
+            self.prev, gap = (i, self.found[i]), []
+        return refine
+
+    def hand_over(self) -> None:
+        """Hand the tracker every waiting frame up to the last detected one; the frames after it
+        wait for the next detected frame (their faces are not known before)."""
+        k = max((k for k, (i, _) in enumerate(self.waiting) if i in self.found), default=-1)
+        self.track(self.waiting[: k + 1])
+        del self.waiting[: k + 1]
+
+    def track(self, items: list[tuple[int, np.ndarray]]) -> None:
+        for i, yuv in items:
+            self.pending[i] = yuv
+            self.tracker.add(i, self.found.pop(i, None))
+
+    def restore(self, ready: list[tuple[int, list]]) -> None:
+        """Restore the faces of the frames the tracker settled (``pop_ready``) and write those
+        in the range; context frames are dropped."""
+        idx = [i for i, _ in ready if self.start <= i < self.stop]
+        faces = {i: fs for i, fs in ready}
+        with_faces = [i for i in idx if faces[i]]
+        rgbs = [i420_to_rgb(self.pending[i], self.matrix) for i in with_faces]
+        with self.clock("restore"):
+            deltas = self.restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces)
+        with self.clock("paste"):
+            for i, ds in zip(with_faces, deltas):
+                for rect, d in ds:
+                    add_rgb_delta(self.pending[i], rect, d, self.matrix)
+        self.write(idx)
+        for i, _ in ready:
+            self.pending.pop(i, None)
+        self.stats.frames += len(idx)
+        self.stats.frames_with_faces += len(with_faces)
+        self.stats.faces += sum(len(faces[i]) for i in with_faces)
+        if self.progress and idx:
+            self.progress(len(idx))
+
+    def write(self, idx: list[int]) -> None:
+        with self.clock("encode"):
+            for i in idx:
+                self.writer.write(i, self.pending[i])
