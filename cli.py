@@ -240,7 +240,8 @@ def check_facemath_args(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.errors import InputError, ModelError, OutputError, OutputExists, output_error
     from pipeline.generate import write_grid
-    from pipeline.job import check_name_length, check_writable, pick_device
+    from pipeline.job import pick_device
+    from pipeline.paths import check_name_length, check_writable
 
     if not 1 <= args.count <= 1024:
         raise InputError(f"--count {args.count}: choose 1 to 1024 faces")

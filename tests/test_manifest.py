@@ -239,7 +239,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, capfd):
 
 def test_video_options_count_for_videos_only_and_records_stay_out_of_scans(tmp_path, capfd):
     from conftest import VIDEOS, cut
-    from pipeline.job import scan_folder
+    from pipeline.paths import scan_folder
 
     src = album(tmp_path, n=3)
     cut(VIDEOS / "no_face_cartoon.mp4", src / "clip.mp4", 1.0)
@@ -304,7 +304,8 @@ def test_chunk_api_two_workers_share_one_manifest(tmp_path):
     """What a queued chunk task calls per file: should_skip, then record, each worker process
     appending to a shard of its own; every worker reads all shards."""
     from pipeline import manifest
-    from pipeline.job import JobOptions, mirrored_output
+    from pipeline.job import JobOptions
+    from pipeline.paths import mirrored_output
 
     src = album(tmp_path)
     dst = tmp_path / "out"

@@ -268,7 +268,7 @@ def test_the_first_complete_part_wins_and_is_never_replaced(tmp_path, monkeypatc
     import errno
     import os
 
-    from worker.tasks import publish_part
+    from worker.segments import publish_part
 
     final = tmp_path / "seg00000.mp4"
     first, second = tmp_path / ".seg00000.aaa.mp4", tmp_path / ".seg00000.bbb.mp4"

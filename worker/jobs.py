@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.job import JobOptions, check_paths, resolve_output
+from pipeline.job import JobOptions
+from pipeline.paths import check_paths, resolve_output
 
 from .errors import BrokerUnavailable, WaitTimeout
 from .records import CANCELLED, DONE, TERMINAL, Job, JobStore

@@ -134,7 +134,7 @@ def remove_outputs(records: JobStore, job: Job) -> None:
     """A cancelled folder or image job: remove the files it wrote (recorded as processed; a
     skipped file's output was not written by it), the folders this leaves empty, and the
     job's work files."""
-    from pipeline.job import remove_written
+    from pipeline.folder import remove_written
 
     folder = chunks.job_dir(job.kind, job.output, job.id)
     written = [Path(r["output"]) for _, r in chunks.all_results(folder, len(job.parts))

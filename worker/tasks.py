@@ -5,25 +5,21 @@ Every task reads its job record first and does nothing once the job is terminal.
 idempotent: a segment whose part file is already complete only reports it, so a redelivered
 message (its worker died, or the visibility timeout passed) never corrupts the output. Attempts,
 progress and the cancel check are in ``parts``. The last part to finish (counted as distinct
-indices in a Redis set) sends the join.
+indices in a Redis set) sends the join. A segment's part file is checked and put in place by
+``segments``, a chunk's files are each run by ``files``, and ``report`` adds up the summary.
 """
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import av
-from celery.exceptions import SoftTimeLimitExceeded
-
 from pipeline import manifest, media
 from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
-from pipeline.job import (JobOptions, JobResult, check_paths, is_fresh, keeps_records, mirrored_output, process_file,
-                          remove_written, unexpected, walk_folder)
+from pipeline.folder import keeps_records, remove_written
+from pipeline.job import JobOptions
+from pipeline.paths import check_paths, is_fresh, mirrored_output, walk_folder
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
 from pipeline.video import process_range
@@ -31,10 +27,12 @@ from pipeline.video import process_range
 from . import chunks
 from .app import app
 from .engines import engine_for
+from .files import one_file
 from .parts import (Heartbeat, PartTask, Progress, begin_part, cleanup, fail, guarded, new_token, part_cancelled,
                     part_failed, stop_requested, stopped_by_cancel, store, superseded)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
-from .segments import part_path, parts_dir, split
+from .report import job_summary, report_samples, write_job_report
+from .segments import part_complete, part_path, parts_dir, publish_part, split
 from .storage import check_options, check_output, check_roots
 
 log = logging.getLogger(__name__)
@@ -144,7 +142,6 @@ def _send_parts(job: Job, indices) -> dict:
     return {"parts": len(job.parts), "sent": sent}
 
 
-
 def _part_finished(job: Job, index: int, worker: str, seconds: float, **counts) -> bool:
     """Record the part DONE (a chunk with its ``counts``); the part that completes the set
     sends the join (or summary). A copy of a part that had finished changes nothing and sends
@@ -160,45 +157,7 @@ def _part_finished(job: Job, index: int, worker: str, seconds: float, **counts) 
     return first
 
 
-def publish_part(work: Path, path: Path) -> bool:
-    """Put the complete part ``work`` (this run's own file) at ``path``, unless a part is there
-    already: the first complete one wins and is never rewritten. True when ``work`` won.
-    ``work`` is gone afterwards either way."""
-    try:
-        try:
-            os.link(work, path)  # atomic, and fails where a file is
-            return True
-        except FileExistsError:
-            return False
-        except OSError as e:  # a file system without hard links
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS,
-                               errno.EMLINK, errno.EACCES):
-                raise
-            if path.exists():
-                return False
-            os.replace(work, path)
-            return True
-    finally:
-        work.unlink(missing_ok=True)
-
-
 # ---- video --------------------------------------------------------------------------------
-
-def part_complete(path: Path, frames: int) -> bool:
-    """A part at its final path was renamed there complete; check its frame count anyway."""
-    if not path.exists():
-        return False
-    try:
-        with av.open(str(path)) as c:
-            n = sum(1 for p in c.demux(c.streams.video[0]) if p.size)
-    except (av.error.FFmpegError, IndexError):
-        n = -1
-    if n != frames:
-        log.warning("%s: has %d frames, expected %d; redoing it", path, n, frames)
-        path.unlink(missing_ok=True)
-        return False
-    return True
-
 
 @contextmanager
 def preview_sheet(opts: JobOptions, index: int):
@@ -367,7 +326,7 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
                         return _chunk_stopped(job, index, token, beat)
                     next_check = time.monotonic() + CANCEL_CHECK_SECONDS
                 if src not in seen:
-                    seen[src] = _one_file(Path(src), Path(out), opts, book)
+                    seen[src] = one_file(Path(src), Path(out), opts, book)
                     try:
                         chunks.add_result(folder, index, src, seen[src])
                     except OSError:
@@ -398,73 +357,10 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
     return {"files": len(pairs)}
 
 
-@contextmanager
-def report_samples(opts: JobOptions, index: int, folder: Path, book: dict | None):
-    """A job that keeps a report: the first chunks keep a few before/after crops for its page
-    (chunk 0 up to the report's number, the next ones one each)."""
-    from pipeline.report import SAMPLES
-
-    restorer = engine_for(opts, app.facemend_settings).restorer if book and index < SAMPLES else None
-    if restorer is None or restorer.identity:
-        yield
-        return
-    keep = SAMPLES if index == 0 else 1
-    own = restorer.preview is None  # else --preview's sink (chunk 0): its pairs serve both
-    sink = PreviewSink(limit=keep) if own else restorer.preview
-    restorer.preview = sink
-    try:
-        yield
-        try:
-            chunks.save_samples(folder, index, sink.pairs[:keep])
-        except OSError as e:
-            log.warning("%s: report samples not kept (%s)", folder, e.strerror or e)
-    finally:
-        if own:
-            restorer.preview = None
-
-
 def _chunk_stopped(job: Job, index: int, token: str, beat: Heartbeat) -> dict:
     if beat.superseded.is_set():  # another runner holds the chunk now: leave it its state
         return {"superseded": True}
     return part_cancelled(job, index)
-
-
-def _one_file(src: Path, out: Path, opts: JobOptions, book: dict | None = None) -> dict:
-    """Decide, process and record one file; its outcome (status processed / skipped / failed).
-    ``book``: the manifest's arguments (``manifest.should_skip`` / ``manifest.record``)."""
-    if opts.skip_existing:
-        if book is not None:
-            why = manifest.should_skip(book["src_root"], book["dst_root"], src, out, opts, shard=book["shard"])
-        else:
-            why = manifest.FRESH_REASON if is_fresh(src, out) else None
-        if why:
-            return {"status": "skipped", "output": str(out), "reason": why}
-    result = JobResult(str(src), str(out), "file", opts.task)
-    try:
-        st = os.stat(src)
-    except OSError:
-        st = None
-    t0 = time.perf_counter()
-    try:
-        check_roots(src, out, app.facemend_settings)  # a link in the folder may point elsewhere
-        process_file(src, out, opts, engine_for(opts, app.facemend_settings), result)
-    except (OutputUnwritable, SoftTimeLimitExceeded):  # the chunk's concern, not this file's
-        raise
-    except Exception as e:  # as the embedded run: an error no check foresaw fails this file only
-        if isinstance(e, FacemendError):
-            log.warning("%s", e)
-            error, code = str(e), e.exit_code
-        else:
-            log.warning("%s", src, exc_info=True)
-            error, code = unexpected(src, e), 1
-        if book is not None:
-            manifest.record(book["src_root"], book["dst_root"], src, out, opts, manifest.FAILED, error=error,
-                            stat=st, seconds=time.perf_counter() - t0, shard=book["shard"])
-        return {"status": "failed", "output": str(out), "error": error, "exit_code": code}
-    if book is not None:  # the output is in place (written under a temporary name, renamed)
-        manifest.record(book["src_root"], book["dst_root"], src, out, opts, manifest.DONE, faces=result.faces,
-                        stat=st, seconds=time.perf_counter() - t0, shard=book["shard"])
-    return {"status": "processed", "output": str(out), "faces": result.faces, "notes": result.notes}
 
 
 @app.task(name="facemend.summarise")
@@ -476,26 +372,9 @@ def summarise(job_id: str) -> dict:
     if job.terminal:
         return {"skipped": job.state}
     folder = chunks.job_dir(job.kind, job.output, job_id)
-    fields = store().part_fields(job_id)
-    counts = {k: sum(int(fields.get(f"{i}.{k}") or 0) for i in range(len(job.parts)))
-              for k in ("processed", "skipped", "failed", "faces")}
-    planned = json.loads(store().r.hget(store().key(job_id), "planned_skips") or "{}")  # by the plan
-    counts["skipped"] += sum(planned.values())
-    failures, notes, reasons = [], [], dict(planned)
-    for src, r in chunks.all_results(folder, len(job.parts)):
-        if r["status"] == "failed":
-            failures.append({"file": src, "error": r["error"], "exit_code": r.get("exit_code", 1)})
-        elif r["status"] == "skipped":
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        else:
-            notes += r.get("notes") or []
-    first = chunks.FIRST_FAILURES
-    summary = {**counts, "failures": [{"file": f["file"], "error": f["error"]} for f in failures[:first]],
-               "skip_reasons": reasons, "notes": notes[:first], "workers": _worker_figures(job, fields)}
-    if len(failures) > first:
-        summary["failures_left_out"] = len(failures) - first
+    summary, failures, notes = job_summary(job, folder)
     if job.kind == "folder":
-        report = _write_report(job, folder, summary, failures, notes)
+        report = write_job_report(job, folder, summary, failures, notes)
         if report:
             summary["report"] = report
             store().update(job_id, report=report)
@@ -505,40 +384,3 @@ def summarise(job_id: str) -> dict:
         store().set_state(job_id, DONE, summary=summary, done=job.total, exit_code=6 if failures else 0)
     chunks.remove(folder)
     return summary
-
-
-def _worker_figures(job: Job, fields: dict) -> dict:
-    """{worker: {"chunks", "files", "seconds", "files_per_second"}} from the chunks' records."""
-    out: dict[str, dict] = {}
-    for i in range(len(job.parts)):
-        w = out.setdefault(fields.get(f"{i}.worker") or "?", {"chunks": 0, "files": 0, "seconds": 0.0})
-        w["chunks"] += 1
-        w["files"] += int(fields.get(f"{i}.files") or 0)
-        w["seconds"] = round(w["seconds"] + float(fields.get(f"{i}.seconds") or 0), 2)
-    for w in out.values():
-        w["files_per_second"] = round(w["files"] / w["seconds"], 2) if w["seconds"] else None
-    return out
-
-
-def _write_report(job: Job, folder: Path, summary: dict, failures: list, notes: list) -> str | None:
-    """The morning report (``pipeline.report``) of a folder job that keeps records, from its
-    summary; every failure is in it. A report that cannot be written is a warning."""
-    from pipeline.report import SAMPLES, build_report, write_report
-
-    opts = JobOptions.from_dict(job.options)
-    if not keeps_records(Path(job.output), opts, job.records):
-        return None
-    h = store().r.hmget(store().key(job.id), "ignored", "ignored_count")
-    result = JobResult(job.input, job.output, "folder", job.task, faces=summary["faces"],
-                       files={k: summary[k] for k in ("processed", "skipped", "failed")},
-                       failures=[{"file": f["file"], "error": f["error"]} for f in failures], notes=notes,
-                       skipped=json.loads(h[0] or "[]"))
-    status = "partly failed" if failures else "done"
-    report = build_report(result, opts, status=status, started=job.started or job.created, ended=time.time(),
-                          workers=summary["workers"])
-    report["ignored"] = int(h[1] or 0)
-    try:
-        return str(write_report(Path(job.output), report, chunks.load_samples(folder, SAMPLES)))
-    except OSError as e:
-        log.warning("%s: the report cannot be written (%s)", manifest.manifest_dir(job.output), e.strerror or e)
-        return None

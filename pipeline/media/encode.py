@@ -59,6 +59,16 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{stem}{tail}")
 
 
+def count_frames(path: Path) -> int:
+    """The frames of a part file (``VideoEncoder``'s output): its video packets that hold data;
+    -1 when it cannot be read as a video."""
+    try:
+        with av.open(str(path)) as c:
+            return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+    except (av.error.FFmpegError, IndexError):
+        return -1
+
+
 class VideoEncoder:
     """Writes I420 frames with their source pts to a video-only file; renames when closed cleanly."""
 

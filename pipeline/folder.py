@@ -1,0 +1,168 @@
+"""A folder job in this process: each media file under the input into its mirrored place under
+the output, one bad file failing only itself; with records kept, the folder's manifest and
+morning report (``pipeline.manifest``, ``pipeline.report``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import manifest
+from .errors import Cancelled, FacemendError, OutputUnwritable
+from .job import Engine, Hooks, JobOptions, JobResult, process_file
+from .paths import is_fresh, mirrored_output, scan_folder
+from .restore import PreviewSink
+
+log = logging.getLogger(__name__)
+
+
+def keeps_records(dst: Path, opts: JobOptions, records: bool | None = None) -> bool:
+    """Whether a folder job into ``dst`` keeps ``dst/.facemend`` (manifest and report): when
+    asked (``records``, the CLI's ``--manifest``), with ``--skip-existing`` (the nightly rerun
+    the manifest is for), and always once ``dst`` has a manifest (a run that did not record
+    could leave a record that no longer matches the output)."""
+    return bool(records or opts.skip_existing or manifest.manifest_files(manifest.manifest_dir(dst)))
+
+
+def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+                        result: JobResult, *, records: bool | None = None) -> None:
+    """``run_folder``; where the folder keeps records (``keeps_records``) with its manifest,
+    then the morning report (``pipeline.report``) however the job ended: done, some files
+    failed, stopped by an error, interrupted, or cancelled (a cancelled job that made its
+    output folder leaves nothing, report included). A report that cannot be written is a
+    warning; it never hides the job's own outcome."""
+    if not keeps_records(dst, opts, records):
+        run_folder(src, dst, opts, engine, hooks, result)
+        return
+    from .report import SAMPLES, build_report, write_report
+
+    existed = dst.is_dir()
+    restorer = engine.restorer
+    sink, own_sink = restorer.preview, False
+    if sink is None and not getattr(restorer, "identity", False):  # identity skips the faces' work
+        sink = restorer.preview = PreviewSink(limit=SAMPLES)
+        own_sink = True
+    started = time.time()
+    status, error = "interrupted", None
+    try:
+        with manifest.Manifest(src, dst, opts, lock=True) as book:
+            run_folder(src, dst, opts, engine, hooks, result, book=book)
+        status = "partly failed" if result.failures else "done"
+    except (Cancelled, manifest.FolderBusy) as e:
+        status = "cancelled" if isinstance(e, Cancelled) else "busy"
+        raise
+    except FacemendError as e:
+        status, error = "stopped", str(e)
+        raise
+    except Exception as e:
+        status, error = "stopped", unexpected(src, e)
+        raise
+    finally:
+        if own_sink:
+            restorer.preview = None
+        if dst.is_dir() and status != "busy" and (existed or status != "cancelled"):
+            report = build_report(result, opts, status=status, started=started, ended=time.time(),
+                                  error=error)
+            try:
+                result.report = str(write_report(dst, report, sink.pairs if sink else []))
+            except OSError as e:
+                log.warning("%s: the report cannot be written (%s)", manifest.manifest_dir(dst),
+                            e.strerror or e)
+
+
+def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+               result: JobResult, *, book: manifest.Manifest | None = None) -> None:
+    """Each media file under ``src`` into its mirrored place under ``dst``. With a manifest
+    (``book``), each file's outcome is recorded as soon as it is known and ``skip_existing``
+    asks the manifest which files are already done; without one, a file is skipped when its
+    output is newer than it."""
+    files, skipped = scan_folder(src)
+    for item in skipped:
+        log.info("%s: skipped (%s)", item["file"], item["reason"])
+    result.skipped += skipped
+    hooks.total(len(files), "files")
+    existed = book is not None and book.existed
+    for p in files:
+        if hooks.cancelled():
+            written = [Path(item["output"]) for item in result.items]
+            if book is not None:
+                for item in result.items:
+                    book.record(Path(item["file"]), Path(item["output"]), manifest.REMOVED,
+                                error="the job was cancelled")
+                book.close()
+                if not existed:  # no records before this run: take them back with the files
+                    shutil.rmtree(manifest.manifest_dir(dst), ignore_errors=True)
+            remove_written(written, dst)
+            raise Cancelled(f"{src}: cancelled after {result.files['processed']} files "
+                            "(the files it wrote are removed)")
+        out = mirrored_output(p, src, dst)
+        if opts.skip_existing:
+            if book is not None:
+                skip, why = book.decide(p, out)
+            else:
+                skip, why = out.exists() and is_fresh(p, out), manifest.FRESH_REASON
+            if skip:
+                if book is not None and why == manifest.FRESH_REASON:  # no record yet: adopted
+                    book.record(p, out, manifest.DONE, adopted=True)
+                result.files["skipped"] += 1
+                result.skipped.append({"file": str(p), "reason": why})
+                log.debug("%s: skipped (%s)", p, why)
+                hooks.advance(1)
+                continue
+            log.debug("%s: processing (%s)", p, why)
+        try:
+            st = os.stat(p)
+        except OSError:
+            st = None
+        t0 = time.perf_counter()
+        try:
+            hooks.check_file(p, out)  # a link in the folder may point elsewhere
+            process_file(p, out, opts, engine, result)
+            result.files["processed"] += 1
+        except (OutputUnwritable, Cancelled):  # every file after it would fail the same way
+            raise
+        except Exception as e:  # one bad file: recorded, and the job goes on with the next
+            error = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
+            if not isinstance(e, FacemendError):
+                log.debug("%s", p, exc_info=True)
+            result.files["failed"] += 1
+            result.failures.append({"file": str(p), "error": error})
+            log.info("%s", error)
+            if book is not None:
+                book.record(p, out, manifest.FAILED, error=error, stat=st,
+                            seconds=time.perf_counter() - t0)
+        else:
+            if book is not None:
+                book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st,
+                            seconds=time.perf_counter() - t0)
+        hooks.advance(1)
+
+
+def remove_written(outputs: list[Path], top: Path | None) -> None:
+    """Remove the files a cancelled job wrote, then the folders under (and including) a folder
+    job's output folder ``top`` that this leaves empty; a folder still holding other files stays
+    (``top`` None: no folder is removed)."""
+    dirs = {top} if top is not None else set()
+    for out in outputs:
+        try:
+            out.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("%s: cannot remove (%s)", out, e.strerror or e)
+        d = out.parent
+        while top is not None and d != top and d.is_relative_to(top):
+            dirs.add(d)
+            d = d.parent
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
+
+
+def unexpected(p: Path, e: BaseException) -> str:
+    """One line for an error no check foresaw, naming the file it happened on."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{p}: cannot be processed ({type(e).__name__}{': ' + text if text else ''})"
