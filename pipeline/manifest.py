@@ -2,8 +2,8 @@
 
 One JSON line per input processed (appended, flushed and fsynced one record at a time, so a run
 killed at any moment leaves every finished file recorded; a torn last line is ignored on
-reading). A record says which input it was (path relative to the input folder, size, mtime_ns),
-how it was processed (the task, the options that change pixels: ``pixel_options``, and the
+reading: ``pipeline.jsonl``). A record says which input it was (path relative to the input
+folder, size, mtime_ns), how it was processed (the task, the options that change pixels: ``pixel_options``, and the
 sha256 of the weights the task loads: ``weights_digest``), where the result went (path relative
 to the output folder), the outcome (``done``, ``failed`` with its reason, ``removed`` when a
 cancelled job took its output back), which worker (host:pid) and when.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import socket
@@ -35,8 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import OutputError
-
-log = logging.getLogger(__name__)
+from .jsonl import open_append, read_lines
 
 DIR_NAME = ".facemend"  # under a folder job's output folder; never scanned as input
 MANIFEST = "manifest.jsonl"
@@ -161,34 +159,6 @@ def _rel(path: Path, root: Path) -> str:
         return Path(path).name
 
 
-def _read_lines(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """The whole records in ``path`` from byte ``offset`` on, and the offset after the last
-    complete line (a line still being written, or torn by a crash, is left for later: the next
-    writer ends it before appending, and it is then ignored as not JSON)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except OSError as e:
-        log.warning("%s: cannot be read (%s); its records are ignored", path, e.strerror or e)
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    records = []
-    for line in data[:end].split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            log.info("%s: a line that is not a whole record (a crash while it was written?) is ignored",
-                     path)
-            continue
-        if (isinstance(rec, dict) and isinstance(rec.get("input"), str)
-                and isinstance(rec.get("t", 0.0), (int, float))):
-            records.append(rec)
-    return records, offset + end
-
-
 def manifest_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("manifest*.jsonl"))
 
@@ -198,7 +168,7 @@ def read_records(folder: Path) -> list[dict]:
     shards), oldest first. A line that is not a JSON object (torn by a crash) is ignored."""
     records = []
     for path in manifest_files(folder):
-        records += _read_lines(path)[0]
+        records += read_lines(path)[0]
     return sorted(records, key=lambda r: r.get("t", 0.0))  # stable: file order within a time
 
 
@@ -233,7 +203,7 @@ class Manifest:
     def refresh(self) -> None:
         """Read what was appended since the last read (other writers' shards too)."""
         for path in manifest_files(self.dir):
-            records, self._seen[path] = _read_lines(path, self._seen.get(path, 0))
+            records, self._seen[path] = read_lines(path, self._seen.get(path, 0))
             for rec in records:
                 old = self.latest.get(rec["input"])
                 if old is None or rec.get("t", 0.0) >= old.get("t", 0.0):
@@ -320,16 +290,7 @@ class Manifest:
 
     def _open(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(self._fd).st_size
-        if size:  # a torn last line (a crash mid-write) must not swallow the next record
-            with open(self.path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    os.write(self._fd, b"\n")
-        if new:
-            _fsync_dir(self.dir)
+        self._fd = open_append(self.path)
 
     def _take_lock(self) -> None:
         import fcntl
@@ -376,19 +337,6 @@ def _is_fresh(st: os.stat_result, out: Path) -> bool:
         return os.stat(out).st_mtime >= st.st_mtime
     except OSError:
         return False
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- for a queued chunk task: two calls per file -------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import manifest
+from pipeline.jsonl import read_lines
 
 FIRST_FAILURES = 50  # failures, notes and ignored files a job record keeps (the report has all)
 
@@ -71,7 +72,7 @@ def results(folder: Path, index: int, *, repair: bool = False) -> dict[str, dict
     if repair and data and not data.endswith(b"\n"):
         with open(path, "ab") as f:
             f.write(b"\n")
-    records, _ = manifest._read_lines(path)
+    records, _ = read_lines(path)
     return {r["input"]: r for r in records}
 
 
