@@ -3,10 +3,11 @@
 One JSON line per input processed (appended, flushed and fsynced one record at a time, so a run
 killed at any moment leaves every finished file recorded; a torn last line is ignored on
 reading: ``pipeline.jsonl``). A record says which input it was (path relative to the input
-folder, size, mtime_ns), how it was processed (the task, the options that change pixels: ``pixel_options``, and the
-sha256 of the weights the task loads: ``weights_digest``), where the result went (path relative
-to the output folder), the outcome (``done``, ``failed`` with its reason, ``removed`` when a
-cancelled job took its output back), which worker (host:pid) and when.
+folder, size, mtime_ns), how it was processed (the task, the options that change pixels:
+``pixel_options``, and the sha256 of the weights the task loads: ``weights_digest``), where the
+result went (path relative to the output folder), the outcome (``done``, ``failed`` with its
+reason, ``removed`` when a cancelled job took its output back), which worker (host:pid) and
+when.
 
 ``--skip-existing`` skips an input only when its latest record says it was done from the same
 size and mtime, with the same pixel options and weights, into the same output path, and that
