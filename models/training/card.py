@@ -11,7 +11,11 @@ its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unma
 unmask, ``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
 ``evaluation_readme_polygon`` (the dataset's reference mask: a flat lower-face polygon) and ``unmasked_faces`` (clean validation crops in, output against input: what the
 network does to a face that wears no mask). ``--write`` merges them into the card beside the
-weights and into the card embedded in the safetensors header; the weights are unchanged.
+weights and into the card embedded in the safetensors header; the tensors are unchanged.
+
+The card file beside the weights also holds ``FILE_FIELDS``: the sha256 of the .safetensors
+file as it is, and the weights' ``history`` (``write_card_file``; the training loop appends
+one entry per exported run). The header's card is the same less those two.
 """
 from __future__ import annotations
 
