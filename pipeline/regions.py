@@ -13,6 +13,13 @@ sides grown to a multiple of the network's stride where the frame allows (and in
 ``quantum`` so that the crops of one face in consecutive frames share a shape and batch together).
 ``feather(h, w, ...)`` is the blending weight: 1 inside, falling smoothly to 0 at the sides that
 lie inside the frame.
+
+A face's region changes size from frame to frame, so the network is not given the region itself
+but a window of the frame around it whose sides are rounded up to a multiple of ``BUCKET``
+(``bucket``, ``window``): regions of nearby sizes then share one shape, run in one batch, and an
+inference engine sees a handful of input shapes over a whole clip instead of one per region
+(every new shape costs it a new plan and memory). Only the region's own pixels of the result
+are used: the window just gives the network more of the frame around the head.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ Rect = tuple[int, int, int, int]
 # brows to the chin and between the cheeks
 HEAD_SIDES, HEAD_TOP, HEAD_BOTTOM = 0.22, 0.45, 0.12
 FEATHER = 0.08  # the blending ramp, a fraction of the head's shorter side (at least 4 px)
+BUCKET = 32  # the network's input sides are multiples of this (``bucket``)
 
 
 def head_rect(box, shape: tuple[int, ...]) -> tuple[float, float, float, float]:
@@ -124,3 +132,34 @@ def _ramp(n: int, r: int, lo: bool, hi: bool) -> np.ndarray:
             w[n - r:] = up[::-1]
     w.setflags(write=False)
     return w
+
+
+def bucket(n: int, step: int = BUCKET, multiple: int = 1) -> int:
+    """``n`` rounded up to a multiple of ``step`` (itself rounded up to one of ``multiple``)."""
+    step = step if step % multiple == 0 else int(np.lcm(step, multiple))
+    return -(-n // step) * step
+
+
+def window(rect: Rect, shape: tuple[int, ...], size: tuple[int, int], phase: int = 1) -> Rect:
+    """The frame's window of ``size`` (h, w) that holds ``rect``: centred on it, shifted to stay
+    inside the frame, and where the frame allows placed so that the region's offset in it is a
+    multiple of ``phase`` (the network's stride: the region then sees the network's grid as it
+    would cut alone). A side longer than the frame's is the frame's (the caller pads it)."""
+    H, W = shape[:2]
+    x0, y0, x1, y1 = rect
+    wx0, wx1 = _place(x0, x1, size[1], W, phase)
+    wy0, wy1 = _place(y0, y1, size[0], H, phase)
+    return wx0, wy0, wx1, wy1
+
+
+def _place(a: int, b: int, n: int, limit: int, phase: int) -> tuple[int, int]:
+    """[s, s + n) holding [a, b) inside [0, limit), as centred on it as it can be."""
+    if n >= limit:
+        return 0, limit
+    lo, hi = max(0, b - n), min(a, limit - n)  # starts that hold [a, b) inside the frame
+    if lo > hi:  # [a, b) is longer than n: cannot happen for a bucketed size
+        raise ValueError(f"a window of {n} cannot hold [{a}, {b})")
+    centred = min(max(a - (n - (b - a)) // 2, lo), hi)
+    down = centred - (centred - a) % phase  # the nearest starts whose offset is a multiple of phase
+    best = min((s for s in (down, down + phase) if lo <= s <= hi), key=lambda s: abs(s - centred), default=centred)
+    return best, best + n

@@ -7,8 +7,9 @@ video, 8/16-bit images, grayscale), so pixels outside faces are never converted 
 
 Geometry: a task whose network is local (``spec.native``, e.g. denoise: noise and compression
 artefacts live on the frame's pixel grid) runs on each head cut straight out of the frame, at its
-own resolution and integer offsets, and its result is feathered back in the same grid
-(``pipeline.regions``): nothing is resampled. Other tasks see the face aligned to the network's
+own resolution and integer offsets (with the frame around it up to a bucketed size, so that heads
+of nearby sizes run in one batch of one shape), and the result's pixels of the head are feathered
+back in the same grid (``pipeline.regions``): nothing is resampled. Other tasks see the face aligned to the network's
 template crop and their result is warped back onto the face. Either way the face keeps every
 detail the model did not change.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -26,6 +28,45 @@ from .faces import Face
 log = logging.getLogger(__name__)
 
 Rect = tuple[int, int, int, int]
+
+
+class AlignedCrop(NamedTuple):
+    """One view of a face aligned to the network's template (tasks that are not local)."""
+
+    image: int  # index of the image (frame) in the call
+    face: Face
+    size: int  # the crop's width, the template square's side
+    matrix: np.ndarray  # frame -> crop similarity (2 x 3)
+    crop: np.ndarray  # the aligned crop, uint8 (size + rows below, size, 3)
+
+
+class LocalCrop(NamedTuple):
+    """A head region of a frame and the network's input for it (local tasks)."""
+
+    image: int  # index of the image (frame) in the call
+    rect: Rect  # the region (x0, y0, x1, y1): the frame's pixels the result is written to
+    window: Rect  # the frame's pixels given to the network around it (``regions.window``)
+    crop: np.ndarray  # the network's input: the window, padded by reflection to the bucket's shape
+    track: int  # the track of a face in the region, -1 for none
+
+    @property
+    def height(self) -> int:
+        return self.rect[3] - self.rect[1]
+
+    @property
+    def width(self) -> int:
+        return self.rect[2] - self.rect[0]
+
+    @property
+    def inner(self) -> tuple[slice, slice]:
+        """The region's rows and columns in ``crop``."""
+        dy, dx = self.rect[1] - self.window[1], self.rect[0] - self.window[0]
+        return slice(dy, dy + self.height), slice(dx, dx + self.width)
+
+    @property
+    def given(self) -> np.ndarray:
+        """The region's own pixels as the network was given them (uint8)."""
+        return self.crop[self.inner]
 
 
 @dataclass
@@ -75,6 +116,8 @@ class FaceRestorer:
         self.ensemble = ensemble
         self.identity = getattr(model, "net", None) is None
         self.faces_restored = 0
+        # local tasks: the network's input sides are multiples of this (``regions.bucket``)
+        self.bucket = regions.BUCKET
         # (frame index, [(rect, output)]) of the last video frame restored and of this one
         self._last = self._now = None
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
@@ -95,13 +138,14 @@ class FaceRestorer:
 
     CPU_BATCH_PIXELS = 16 * 128 * 128
 
-    def batch_for(self, size: int) -> int:
-        """Faces per network call. On CPU, large crops run fastest a few at a time (cache-bound:
-        384 px crops take 0.125 s/face one by one, 0.16 in batches of 16), so the batch is capped
-        at 16 crops' worth of 128 px pixels; on CUDA it is ``batch_size``."""
+    def batch_for(self, size: int, width: int | None = None) -> int:
+        """Faces per network call for crops of ``size`` rows and ``width`` (default: ``size``)
+        columns. On CPU, large crops run fastest a few at a time (cache-bound: 384 px crops take
+        0.125 s/face one by one, 0.16 in batches of 16), so the batch is capped at 16 crops'
+        worth of 128 px pixels; on CUDA it is ``batch_size``."""
         if self.device.type == "cuda":
             return self.batch_size
-        return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * size)))
+        return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * (width or size))))
 
     def crop_size(self, face: Face) -> int:
         """The aligned crop's width (and the side of its template square): the network's own."""
@@ -118,7 +162,7 @@ class FaceRestorer:
         the images' frame indices when they are frames of one video, in order (a local network's
         output is then steadied over time)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
-        jobs = []  # (image index, face, size, matrix, crop), one per face and zoom
+        jobs: list[AlignedCrop] = []  # one per face and zoom
         views = self.zooms
         if self.local:
             self.faces_restored += sum(len(fs) for fs in faces)
@@ -130,25 +174,26 @@ class FaceRestorer:
                 size = self.crop_size(f)
                 for z in views:
                     m = align.estimate_transform(align.zoomed(f.landmarks, z), size)
-                    jobs.append((i, f, size, m, align.warp_face(img, m, size, size + self.below)))
+                    jobs.append(AlignedCrop(i, f, size, m, align.warp_face(img, m, size, size + self.below)))
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
-        given = [job[4] for job in jobs]  # what the network is given for each crop
+        given = [job.crop for job in jobs]  # what the network is given for each crop
         nv = len(views)
         start = 0
         while start < len(jobs):  # whole faces, about two network batches at a time (memory)
-            end = min(len(jobs), start + max(1, 2 * self.batch_for(jobs[start][2]) // nv) * nv)
+            end = min(len(jobs), start + max(1, 2 * self.batch_for(jobs[start].size) // nv) * nv)
             restored = self._restore_jobs(jobs, given, range(start, end))
             if self.replaces:  # crops reaching past the frame: a second pass (``_refill``)
                 again = self._refill(jobs, given, restored, images, range(start, end, nv), nv)
                 restored.update(self._restore_jobs(jobs, given, again))
             for first in range(start, end, nv):  # each face: its views, zoom 1 first
-                i, f, _size, m, crop = jobs[first]
+                job = jobs[first]
+                i, crop = job.image, job.crop
                 rest = self._merged(jobs, restored, first, nv)
                 if self.preview is not None:
-                    self.preview.offer(f.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                placed = self._place(rest, given[first], m, images[i])
+                    self.preview.offer(job.face.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
+                placed = self._place(rest, given[first], job.matrix, images[i])
                 if placed is not None:
                     out[i].append(placed)
             start = end
@@ -156,38 +201,37 @@ class FaceRestorer:
 
     def _local_deltas(self, images: list[np.ndarray], faces: list[list[Face]],
                       frames: list[int] | None = None) -> list[list[tuple[Rect, np.ndarray]]]:
-        """``deltas`` for a local network: each frame's head regions (``regions.regions``) cut
-        straight from the frame, restored in batches of one shape, and their change feathered
-        in the same pixel grid. A region smaller than the network's stride allows at the frame's
-        edge is padded by reflection, and the padding dropped. With ``frames`` (the frames'
-        indices in a video) the result is steadied over time (``_steady``)."""
+        """``deltas`` for a local network: each frame's head regions (``regions.regions``),
+        restored from a window of the frame around each at a bucketed size (``LocalCrop``;
+        ``regions.bucket``, ``regions.window``), in batches of one shape, and the change the
+        network made to the region's own pixels feathered back in the same pixel grid. Where the
+        frame is smaller than the bucket the window is padded by reflection, and the padding
+        dropped. With ``frames`` (the frames' indices in a video) the result is steadied over
+        time (``_steady``)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         m = getattr(self.model, "multiple", 1)
-        jobs = []  # (image index, rect, crop as given to the network, a track in it or -1)
+        jobs: list[LocalCrop] = []
         for i, (img, fs) in enumerate(zip(images, faces)):
             for rect in regions.regions([f.box for f in fs], img.shape, multiple=m):
                 x0, y0, x1, y1 = rect
                 inside = [f.track for f in fs if x0 <= (f.box[0] + f.box[2]) / 2 < x1 and y0 <= (f.box[1] + f.box[3]) / 2 < y1]
-                crop = img[y0:y1, x0:x1, :3]
-                ph, pw = (-crop.shape[0]) % m, (-crop.shape[1]) % m
-                if ph or pw:
-                    crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(crop.shape[:2]) > 1 else "edge")
-                jobs.append((i, rect, np.ascontiguousarray(crop), min(inside, default=-1)))
+                jobs.append(self._local_crop(i, img, rect, min(inside, default=-1), m))
         by_shape: dict[tuple[int, int], list[int]] = {}
-        for j, (_i, _r, crop, _t) in enumerate(jobs):
-            by_shape.setdefault(crop.shape[:2], []).append(j)
+        for j, job in enumerate(jobs):
+            by_shape.setdefault(job.crop.shape[:2], []).append(j)
         restored: dict[int, np.ndarray] = {}
         for (h, w), idxs in by_shape.items():
-            step = self.batch_for(max(h, w))
+            step = self.batch_for(h, w)
             for k in range(0, len(idxs), step):
                 chunk = idxs[k : k + step]
-                restored.update(zip(chunk, self._run([jobs[j][2] for j in chunk])))
-        for j, (i, rect, crop, track) in enumerate(jobs):  # in frame order
-            x0, y0, x1, y1 = rect
-            rh, rw = y1 - y0, x1 - x0
+                restored.update(zip(chunk, self._run([jobs[j].crop for j in chunk])))
+        for j, job in enumerate(jobs):  # in frame order
+            i, rect = job.image, job.rect
+            rh, rw = job.height, job.width
             weight = regions.feather(rh, rw, rect, images[i].shape)
-            given = crop[:rh, :rw].astype(np.float32)
-            rest = restored.pop(j)[:rh, :rw]
+            given_u8 = job.given
+            given = given_u8.astype(np.float32)
+            rest = restored.pop(j)[job.inner]
             if self.colour_match:
                 rest = align.match_colour(rest, given, weight)
             if frames is not None:
@@ -195,12 +239,25 @@ class FaceRestorer:
             if self.preview is not None:  # a square about the head's centre, as other tasks' tiles
                 side = min(rh, rw)
                 sy, sx = (rh - side) // 2, (rw - side) // 2
-                self.preview.offer(track, crop[sy : sy + side, sx : sx + side],
+                self.preview.offer(job.track, given_u8[sy : sy + side, sx : sx + side],
                                    np.clip(np.rint(rest[sy : sy + side, sx : sx + side]), 0, 255).astype(np.uint8))
             delta = (rest - given) * weight[..., None]
             if np.any(delta):
                 out[i].append((rect, delta))
         return out
+
+    def _local_crop(self, image: int, img: np.ndarray, rect: Rect, track: int, multiple: int) -> "LocalCrop":
+        """The network's input for one head region: the frame's window of the region's bucketed
+        size around it (``regions.window``), padded by reflection where the frame is smaller."""
+        x0, y0, x1, y1 = rect
+        size = (regions.bucket(y1 - y0, self.bucket, multiple), regions.bucket(x1 - x0, self.bucket, multiple))
+        win = regions.window(rect, img.shape, size, phase=multiple)
+        wx0, wy0, wx1, wy1 = win
+        crop = img[wy0:wy1, wx0:wx1, :3]
+        ph, pw = size[0] - crop.shape[0], size[1] - crop.shape[1]
+        if ph or pw:  # the frame is smaller than the bucket
+            crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(crop.shape[:2]) > 1 else "edge")
+        return LocalCrop(image, rect, win, np.ascontiguousarray(crop), track)
 
     # temporal steadying of a local network's output (video): see ``_steady``
     STEADY = 0.6  # how much of the previous frame's output a still pixel keeps
@@ -233,30 +290,31 @@ class FaceRestorer:
         self._now[1].append((rect, rest))
         return rest
 
-    def _restore_jobs(self, jobs: list, given: list[np.ndarray], which) -> dict[int, np.ndarray]:
+    def _restore_jobs(self, jobs: list[AlignedCrop], given: list[np.ndarray], which) -> dict[int, np.ndarray]:
         """The network's (colour-matched) output for ``given[j]``, j in ``which``, in batches of
         one crop size."""
         restored: dict[int, np.ndarray] = {}
         by_size: dict[int, list[int]] = {}
         for j in which:
-            by_size.setdefault(jobs[j][2], []).append(j)
+            by_size.setdefault(jobs[j].size, []).append(j)
         for size, idxs in by_size.items():
             step = self.batch_for(size)
             for k in range(0, len(idxs), step):
                 chunk = idxs[k : k + step]
-                keys = [jobs[j][1].track if jobs[j][1].track >= 0 else -1 for j in chunk] if self.uses_tracks else None
+                keys = [max(jobs[j].face.track, -1) for j in chunk] if self.uses_tracks else None
                 for j, rest in zip(chunk, self._run([given[j] for j in chunk], keys)):
                     restored[j] = self._matched(rest, given[j])
         return restored
 
     @staticmethod
-    def _merged(jobs: list, restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
+    def _merged(jobs: list[AlignedCrop], restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
         """A face's restoration: its first view's, with the other views' resampled into it and
         averaged (``align.merge_views``)."""
         rest = restored[first]
         if count == 1:
             return rest
-        return align.merge_views(jobs[first][3], rest, [(jobs[j][3], restored[j]) for j in range(first + 1, first + count)])
+        return align.merge_views(jobs[first].matrix, rest,
+                                 [(jobs[j].matrix, restored[j]) for j in range(first + 1, first + count)])
 
     @property
     def zooms(self) -> list[float]:
@@ -285,7 +343,7 @@ class FaceRestorer:
             return None
         return align.warp_delta(delta, m, crop.shape[1], image.shape[:2])
 
-    def _refill(self, jobs: list, given: list[np.ndarray], restored: dict[int, np.ndarray],
+    def _refill(self, jobs: list[AlignedCrop], given: list[np.ndarray], restored: dict[int, np.ndarray],
                 images: list[np.ndarray], firsts, views: int) -> list[int]:
         """A second pass for replacing tasks' crops that reach past the frame (a face at a
         photo's bottom edge: unmask's crop runs 32 rows under the chin). ``warp_face`` fills
@@ -299,22 +357,22 @@ class FaceRestorer:
         first job of each face to look at; views: jobs per face."""
         again = []
         for first in firsts:
-            i, _f, size, m, crop = jobs[first]
+            i, size, crop = jobs[first].image, jobs[first].size, jobs[first].crop
             leaving = []
             for j in range(first, first + views):
-                outside = align.outside_frame(jobs[j][3], size, crop.shape[0], images[i].shape[:2])
+                outside = align.outside_frame(jobs[j].matrix, size, crop.shape[0], images[i].shape[:2])
                 if outside.any():
                     leaving.append((j, outside))
             if not leaving:
                 continue
-            placed = self._place(self._merged(jobs, restored, first, views), crop, m, images[i])
+            placed = self._place(self._merged(jobs, restored, first, views), crop, jobs[first].matrix, images[i])
             if placed is None:
                 continue
             pasted = images[i].copy()
             align.add_delta(pasted, placed[0], placed[1])
             for j, outside in leaving:
-                refilled = align.warp_face(pasted, jobs[j][3], size, crop.shape[0])
-                given[j] = np.where(outside[..., None], refilled, jobs[j][4])
+                refilled = align.warp_face(pasted, jobs[j].matrix, size, crop.shape[0])
+                given[j] = np.where(outside[..., None], refilled, jobs[j].crop)
                 again.append(j)
         return again
 
