@@ -46,7 +46,7 @@ class LocalCrop(NamedTuple):
     image: int  # index of the image (frame) in the call
     rect: Rect  # the region (x0, y0, x1, y1): the frame's pixels the result is written to
     window: Rect  # the frame's pixels given to the network around it (``regions.window``)
-    crop: np.ndarray  # the network's input: the window, padded by reflection to the bucket's shape
+    crop: np.ndarray  # the network's input: the window (padded by reflection to the stride)
     track: int  # the track of a face in the region, -1 for none
 
     @property
@@ -205,8 +205,8 @@ class FaceRestorer:
         restored from a window of the frame around each at a bucketed size (``LocalCrop``;
         ``regions.bucket``, ``regions.window``), in batches of one shape, and the change the
         network made to the region's own pixels feathered back in the same pixel grid. Where the
-        frame is smaller than the bucket the window is padded by reflection, and the padding
-        dropped. With ``frames`` (the frames' indices in a video) the result is steadied over
+        frame is smaller than the bucket, the window is the frame's side, padded by reflection to
+        the network's stride, and the padding dropped. With ``frames`` (the frames' indices in a video) the result is steadied over
         time (``_steady``)."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         m = getattr(self.model, "multiple", 1)
@@ -248,9 +248,13 @@ class FaceRestorer:
 
     def _local_crop(self, image: int, img: np.ndarray, rect: Rect, track: int, multiple: int) -> "LocalCrop":
         """The network's input for one head region: the frame's window of the region's bucketed
-        size around it (``regions.window``), padded by reflection where the frame is smaller."""
+        size around it (``regions.window``). A frame smaller than the bucket gives its whole side,
+        padded by reflection to the network's stride (as a region cut alone is): reflected
+        pixels at the frame's edge, where the feather keeps the result whole, would change it."""
         x0, y0, x1, y1 = rect
-        size = (regions.bucket(y1 - y0, self.bucket, multiple), regions.bucket(x1 - x0, self.bucket, multiple))
+        H, W = img.shape[:2]
+        size = (min(regions.bucket(y1 - y0, self.bucket, multiple), regions.bucket(H, 1, multiple)),
+                min(regions.bucket(x1 - x0, self.bucket, multiple), regions.bucket(W, 1, multiple)))
         win = regions.window(rect, img.shape, size, phase=multiple)
         wx0, wy0, wx1, wy1 = win
         crop = img[wy0:wy1, wx0:wx1, :3]

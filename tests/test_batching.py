@@ -99,18 +99,19 @@ def test_bucketed_windows_give_the_regions_own_result(steady):
         assert np.array_equal(out[~inside], img[~inside])
 
 
-def test_a_frame_smaller_than_the_bucket_is_padded_and_the_padding_dropped():
-    """A head filling a frame smaller than its bucket: the window is the whole frame, padded by
-    reflection to the bucket's shape; the region's result is the unbucketed one."""
+def test_a_frame_smaller_than_the_bucket_gives_its_side_padded_to_the_stride():
+    """A head filling a frame smaller than its bucket: the window is the frame's whole side,
+    padded by reflection to the network's stride only (no reflected rows where the feather keeps
+    the result whole); the region's result is the unbucketed one."""
     rng = np.random.default_rng(1)
-    frame = rng.integers(30, 220, (120, 100, 3), dtype=np.uint8)
+    frame = rng.integers(30, 220, (118, 100, 3), dtype=np.uint8)
     face = _face(50, 70, 55, -1)
     r, net = _restorer()
     got = r.deltas([frame], [[face]])[0]
     want = _restorer(bucket=1)[0].deltas([frame], [[face]])[0]
-    assert net.shapes and all(s[2] % regions.BUCKET == 0 and s[3] % regions.BUCKET == 0 for s in net.shapes)
-    assert net.shapes[0][2] > frame.shape[0] or net.shapes[0][3] > frame.shape[1]
+    assert net.shapes == [(1, 3, 120, 96)]  # 118 rows padded to 120; 96 columns: the bucket
     assert [rect for rect, _ in got] == [rect for rect, _ in want]
+    assert got[0][0][3] == 118  # the region reaches the frame's bottom
     assert np.abs(got[0][1] - want[0][1]).max() < 1e-3
 
 
