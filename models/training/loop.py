@@ -151,10 +151,11 @@ def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
         best = job.load(out / "best.safetensors")
         card = job.card(best, state)
         path = export_dir / f"{job.name}.safetensors"
+        export_dir.mkdir(parents=True, exist_ok=True)
         job.save(best, path, {"card": card})
         change, score = job.describe(state)
         write_card_file(path, card, state["card_history"], change, score)
-        log.info("exported %s (validation %s %s)", path, job.metric, state["best"])
+        log.info("exported %s (validation %s %.4g)", path, job.metric, state["best"])
 
     def evaluate_now() -> None:
         scores = job.evaluate(ema)
@@ -222,6 +223,6 @@ def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
     save_ckpt()
     if cfg.export:
         export()
-    log.info("done: %d steps, %.0f s, best validation %s %s", state["step"], state["elapsed"],
+    log.info("done: %d steps, %.0f s, best validation %s %.4g", state["step"], state["elapsed"],
              job.metric, state["best"])
     return state
