@@ -214,11 +214,12 @@ def process_range(
 
 
 class RangeRun:
-    """One ``process_range``. Frames move through four holders, in order: decoded and
-    ``waiting`` (their faces are not known before the next detected frame), handed to the
-    ``tracker`` and ``pending`` (the tracker settles their faces once it has seen enough frames
-    after them), then restored and written. ``found`` holds the detections of waiting frames,
-    ``prev`` the last detected frame and its faces."""
+    """One ``process_range``; ``loop`` reads as the steps each batch of frames takes. Frames move
+    on in order: decoded into ``waiting`` (their faces are not known before the next detected
+    frame), handed to the ``tracker`` with their pixels kept in ``pending`` (the tracker settles
+    their faces once it has seen enough frames after them), then restored and written.
+    ``found`` holds the detections of waiting frames, ``prev`` the last detected frame and its
+    faces."""
 
     def __init__(self, vplan: VideoPlan, part: Path, *, detector: FaceDetector, restorer: FaceRestorer,
                  settings: EncoderSettings, start: int = 0, stop: int | None = None,
