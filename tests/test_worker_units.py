@@ -315,3 +315,36 @@ def test_join_into_matroska_moves_every_frame_by_the_audio_lead_only(tmp_path):
     shift = got[0] - want[0]
     assert Fraction(5, 1000) < shift < Fraction(30, 1000)  # the MP3's lead (11 ms)
     assert all(abs(g - w - shift) <= Fraction(1, 2000) for g, w in zip(got, want))
+
+
+def test_status_of_a_long_folder_job_counts_its_chunks_and_lists_what_is_not_done(monkeypatch, capsys):
+    """A queued folder job of 500 chunks: plain ``status`` prints counts by state and the chunks
+    not done (at most 20 lines of them), not 500 lines; ``--json`` keeps every chunk."""
+    import argparse
+    import json
+
+    from worker import commands
+    from worker.records import Job
+
+    parts = [{"index": i, "state": "DONE" if i < 470 else ("FAILED" if i < 475 else "QUEUED"), "start": i * 16,
+              "stop": i * 16 + 16, "done": 16 if i < 470 else 0, "worker": "w1@h" if i < 475 else "",
+              "attempts": 1 if i < 475 else 0, "error": "bad file" if 470 <= i < 475 else None}
+             for i in range(500)]
+    job = Job(id="j1", kind="folder", task="denoise", input="/in", output="/out", state="DONE",
+              unit="files", done=7520, total=8000, parts=parts)
+
+    class Store:
+        def get(self, job_id):
+            return job
+
+    monkeypatch.setattr(commands, "job_store", lambda args: (None, Store()))
+    args = argparse.Namespace(id="j1", json=False)
+    assert commands.cmd_status(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "500 chunks: 470 DONE, 5 FAILED, 25 QUEUED" in lines[1]
+    listed = [line for line in lines if line.strip().startswith("chunk ")]
+    assert len(listed) == commands.PARTS_LISTED and all("DONE" not in line for line in listed)
+    assert listed[0].split()[1] == "470:" and "bad file" in listed[0]
+    assert lines[-1].strip() == "... and 10 more not done (status --json lists every chunk)"
+    assert commands.cmd_status(argparse.Namespace(id="j1", json=True)) == 0
+    assert len(json.loads(capsys.readouterr().out)["parts"]) == 500
