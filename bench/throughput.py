@@ -2,7 +2,7 @@
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
         [--engine auto|torch|onnxruntime|openvino|all|E1,E2] [--detect-every K] [--io-queue N]
-        [--threads N] [--skip naive,fast,restore,networks,crop]
+        [--threads N] [--skip transcode,naive,fast,restore,networks,crop] [--repeat N]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
@@ -21,6 +21,10 @@ Runs, in this one process, on the same clip and the same encoder settings:
   calls interleaved so that a busy machine slows each alike (median of the rounds);
 - crop: ``pipeline.align.warp_face`` alone, ms per face on a frame of the clip's size, for faces
   of 96 to 512 px cropped to the task's crop, with the anti-aliasing shrink and without it.
+- repeat (``--repeat N``): peak RSS against the clip's length: the pipeline alone on the clip and
+  on the clip N times back to back (``bench.memory.repeat_clip``), each in a fresh child process
+  (this command with every other mode skipped), so neither run's peak holds the other's memory;
+  with ``--frames F`` the clip is its first F frames (re-encoded with the run's settings).
 Prints fps, the ratios pipeline/transcode and pipeline/naive (per engine), peak RSS and
 per-stage times. The naive loop always runs in torch fp32, as the anchors do.
 """
@@ -127,6 +131,7 @@ def run_naive(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     # the anchors run their networks in PyTorch eager, default layout (NCHW), fp32
     model = models.load(opts.task, engine.device, amount=opts.amount, sharpen=opts.sharpen, engine="torch")
     rest = FaceRestorer(model, device=engine.device, batch_size=1, half=False, channels_last=False)
+    rest.bucket = 1  # a local task's head cut alone at its own size, as the anchors cut each face
     stages = dict.fromkeys(("decode", "detect", "restore", "encode"), 0.0)
     faces = 0
     t0 = time.perf_counter()
@@ -265,6 +270,47 @@ def run_crop(frame_size: tuple[int, int], size: int, height: int, repeats: int =
     return out
 
 
+def argv_for_child(args, engine: str) -> list[str]:
+    """This command's pipeline settings, for a child that runs the pipeline alone with ``engine``."""
+    out = ["--task", args.task, "--device", args.device, "--engine", engine, "--codec", args.codec,
+           "--preset", args.preset, "--crf", str(args.crf), "--skip", "transcode,naive,fast,restore,networks,crop",
+           "--json"]
+    for flag, v in (("--detect-every", args.detect_every), ("--io-queue", args.io_queue),
+                    ("--threads", args.threads)):
+        if v is not None:
+            out += [flag, str(v)]
+    return out
+
+
+def run_repeat(args, child: list[str], vplan, settings) -> dict:
+    """Peak RSS (MB, whole child process) and fps of the pipeline alone on the clip (with
+    ``--frames F``: its first F frames, re-encoded) and on that clip ``args.repeat`` times, each
+    in a fresh child process."""
+    import subprocess
+
+    from bench.memory import repeat_clip
+
+    n = args.repeat
+    out: dict = {"n": n, "peak_rss_mb": {}, "fps": {}, "frames": {}}
+    with tempfile.TemporaryDirectory(prefix="facemend-repeat-") as tmp:
+        tmp = Path(tmp)
+        clip = args.input
+        if args.frames and args.frames < vplan.frames:
+            run_transcode(vplan, settings, tmp, args.frames)
+            clip = tmp / "transcode.part.mp4"
+        long = tmp / f"x{n}{clip.suffix}"
+        repeat_clip(clip, long, n)
+        for key, path in (("x1", clip), (f"x{n}", long)):
+            cmd = [sys.executable, "-m", "bench.throughput", "--input", str(path), *child]
+            got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                            cwd=Path(__file__).resolve().parents[1]).stdout.strip().splitlines()[-1])
+            out["peak_rss_mb"][key] = got["peak_rss_mb_process"]
+            out["fps"][key] = got["fps"].get("pipeline")
+            out["frames"][key] = got["frames"]
+    out["ratio"] = round(out["peak_rss_mb"][f"x{n}"] / out["peak_rss_mb"]["x1"], 3)
+    return out
+
+
 def engines_asked(value: str) -> list[str]:
     """``--engine``: one engine, a comma list, or ``all`` (torch and the installed others)."""
     from models.export import ENGINES, installed, requested
@@ -290,7 +336,10 @@ def main(argv=None) -> int:
     ap.add_argument("--io-queue", type=int, default=None,
                     help="frames queued to the decode and encode threads (0: none; default: the pipeline's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--skip", default="", help="comma list of modes to skip (naive,fast,restore,networks,crop)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of modes to skip (transcode,naive,fast,restore,networks,crop)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="also the pipeline's peak RSS on the clip and on the clip N times, each in a child process")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -336,9 +385,10 @@ def main(argv=None) -> int:
     rss = {}
     with tempfile.TemporaryDirectory(prefix="facemend-bench-") as tmp:
         tmp = Path(tmp)
-        with RssPeak() as peak:
-            runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
-        rss["transcode"] = (peak.peak, peak.growth)
+        if "transcode" not in skip:
+            with RssPeak() as peak:
+                runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
+            rss["transcode"] = (peak.peak, peak.growth)
         for k, e in enumerate(engines):
             name = "pipeline" if len(engines) == 1 else f"pipeline[{e}]"
             en = built[e][0]
@@ -361,7 +411,8 @@ def main(argv=None) -> int:
     ratios = res["ratios"] = {}
     for name in [k for k in fps if k.startswith("pipeline")]:
         tag = name[len("pipeline"):]
-        ratios[f"pipeline{tag}_over_transcode"] = round(fps[name] / fps["transcode"], 3)
+        if "transcode" in fps:
+            ratios[f"pipeline{tag}_over_transcode"] = round(fps[name] / fps["transcode"], 3)
         if f"fast{tag}" in fps:
             ratios[f"fast{tag}_over_pipeline{tag}"] = round(fps[f"fast{tag}"] / fps[name], 3)
         if "naive" in fps:
@@ -382,6 +433,8 @@ def main(argv=None) -> int:
         spec = engine.model.spec
         res["crop_ms_per_face"] = run_crop((vplan.width, vplan.height), spec.size,
                                            spec.size + spec.rows_below)
+    if args.repeat:
+        res["repeat"] = run_repeat(args, argv_for_child(args, engines[0]), vplan, opts.encoder())
     if args.json:
         print(json.dumps(res))
     else:

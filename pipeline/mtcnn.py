@@ -8,6 +8,13 @@ the same pyramid, but the candidate crops of a whole batch are cut and resized i
 facenet-pytorch (its helpers are reused), so the faces found are the same up to resampling.
 The three networks run in the inference engine asked for (``models.export``: torch, ONNX
 Runtime or OpenVINO; ``auto`` by default).
+
+The second and third stages see as many candidates as the pyramid found: a different number on
+every call. An inference engine keeps memory for its largest input and plans anew for every new
+shape, so its memory grew with the clip's length. They run instead in calls of at most
+``STAGE_CHUNK`` candidates, the last one padded to a multiple of ``STAGE_STEP``: a handful of
+shapes over a whole clip, and memory bounded by the chunk. Each candidate's result depends on
+its own crop alone, so the faces found are the same.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ from torchvision.ops.boxes import batched_nms
 
 class FastMTCNN(torch.nn.Module):
     """``detect(batch)`` -> per image (boxes (N, 4), probs (N,), points (N, 5, 2)) numpy arrays."""
+
+    STAGE_CHUNK = 512  # R- and O-Net candidates per call
+    STAGE_STEP = 64  # a shorter call is padded to a multiple of this many candidates
 
     def __init__(self, *, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
                  device: str | torch.device = "cpu", engine: str | None = None) -> None:
@@ -60,6 +70,20 @@ class FastMTCNN(torch.nn.Module):
                             device=imgs.device)
         out = roi_align(imgs, rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
         return ((out - 127.5) * 0.0078125).contiguous(memory_format=self.memory_format)
+
+    def _stage(self, k: int, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Network ``k`` (1: R-Net, 2: O-Net) on the candidates' crops, in calls of at most
+        ``STAGE_CHUNK``, each padded with blank crops to a multiple of ``STAGE_STEP``."""
+        outs = []
+        for s in range(0, len(crops), self.STAGE_CHUNK):
+            part = crops[s : s + self.STAGE_CHUNK]
+            n = len(part)
+            want = min(self.STAGE_CHUNK, -(-n // self.STAGE_STEP) * self.STAGE_STEP)
+            if want > n:
+                part = torch.cat([part, part.new_zeros((want - n, *part.shape[1:]))])
+            ys = self.runs[k](part.contiguous(memory_format=self.memory_format))
+            outs.append([y[:n] for y in ys])
+        return tuple(torch.cat(ys) for ys in zip(*outs))
 
     @torch.inference_mode()
     def detect(self, batch: np.ndarray):
@@ -99,7 +123,7 @@ class FastMTCNN(torch.nn.Module):
         boxes = rerec(boxes)
 
         if len(boxes):
-            reg, prob = self.runs[1](self._crops(imgs, boxes, image_inds, 24))
+            reg, prob = self._stage(1, self._crops(imgs, boxes, image_inds, 24))
             score = prob[:, 1]
             ok = score > self.thresholds[1]
             boxes = torch.cat((boxes[ok, :4], score[ok].unsqueeze(1)), dim=1)
@@ -110,7 +134,7 @@ class FastMTCNN(torch.nn.Module):
 
         points = torch.zeros(0, 5, 2, device=self.device)
         if len(boxes):
-            reg, lm, prob = self.runs[2](self._crops(imgs, boxes, image_inds, 48))
+            reg, lm, prob = self._stage(2, self._crops(imgs, boxes, image_inds, 48))
             score = prob[:, 1]
             ok = score > self.thresholds[2]
             lm, mv = lm[ok], reg[ok]

@@ -128,3 +128,33 @@ def test_window_holds_the_region_centred_inside_the_frame_on_the_networks_grid()
     # a side longer than the frame's is the frame's
     assert regions.window((0, 0, 96, 112), (100, 96), (128, 96)) == (0, 0, 96, 100)
     assert regions.bucket(100) == 128 and regions.bucket(128) == 128 and regions.bucket(20, 32, 24) == 96
+
+
+def test_mtcnn_later_stages_run_in_chunks_of_few_shapes_with_the_same_results():
+    """R- and O-Net get as many candidates as the pyramid found; they run in calls of at most
+    STAGE_CHUNK candidates, a shorter call padded to a multiple of STAGE_STEP, and each
+    candidate's result is the one a single call gives."""
+    import torch
+
+    from pipeline.mtcnn import FastMTCNN
+
+    d = FastMTCNN(device="cpu", engine="torch")
+    d.STAGE_CHUNK, d.STAGE_STEP = 64, 16
+    seen = []
+    for k, size in ((1, 24), (2, 48)):
+        net = d.runs[k]
+
+        def counted(x, net=net):
+            seen.append(len(x))
+            return net(x)
+
+        d.runs = tuple(counted if j == k else r for j, r in enumerate(d.runs))
+        x = (torch.rand(150, 3, size, size, generator=torch.Generator().manual_seed(k)) * 2 - 1)
+        x = x.contiguous(memory_format=d.memory_format)
+        with torch.inference_mode():
+            got = d._stage(k, x)
+            want = net(x)
+        assert seen == [64, 64, 32]  # 150 = 64 + 64 + 22, padded to 32
+        assert len(got) == len(want) and all(g.shape == w.shape for g, w in zip(got, want))
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+        seen.clear()
