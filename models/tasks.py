@@ -26,6 +26,10 @@ class TaskSpec:
     painted over instead of being left as a band under the chin. The network is fully
     convolutional and is trained on both shapes (``models.training.train --square``). ``rows_below`` is
     what the pipeline adds.
+    steady: a native task's output in a video is steadied over time (``FaceRestorer._steady``):
+    for networks that remove damage drawn anew in every frame (noise), whose leftovers would
+    otherwise shimmer. A network whose input does not flicker (blur, low resolution) gains
+    nothing from it and loses detail where the face moves, so it is off there.
     mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
     (a flip self-ensemble: the aligned template is left-right symmetric). For unmask, whose
     network guesses what the mask hides, this gains 0.2 dB on the data README's polygon at twice
@@ -51,6 +55,7 @@ class TaskSpec:
     latent: bool = False  # a FaceMath edit of the VAE's code (models.facemath), not a restoration
     default_amount: float = 0.0  # latent edits: the --amount used when none is given
     replaces: bool = False
+    steady: bool = False
     below: int = 0
     mirror: bool = False
     zooms: tuple[float, ...] = (1.0,)
@@ -65,11 +70,12 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "identity": TaskSpec("identity", "restores nothing (a test vehicle: output equals input)", True),
     "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise and JPEG artefacts", True,
-                        weights="denoise.safetensors"),
+                        weights="denoise.safetensors", steady=True),
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", True,
                         weights="enhance.safetensors"),
     "restore": TaskSpec("restore", "repairs old footage: codec blocks and ringing, noise, softness"
-                        " and upscaling blur, together (blind)", True, weights="restore.safetensors"),
+                        " and upscaling blur, together (blind)", True, weights="restore.safetensors",
+                        steady=True),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
                        weights="unmask.safetensors", replaces=True, below=32, mirror=True,
                        zooms=(1.0, 0.9, 1.1)),

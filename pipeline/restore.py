@@ -107,6 +107,8 @@ class FaceRestorer:
         self.replaces = getattr(self.spec, "replaces", False)
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
+        # a native task's output steadied over a video's frames (``_steady``) where its spec asks
+        self.steadies = getattr(self.spec, "steady", True)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
         if zooms is not None and (not zooms or min(zooms) <= 0):
@@ -234,7 +236,7 @@ class FaceRestorer:
             rest = restored.pop(j)[job.inner]
             if self.colour_match:
                 rest = align.match_colour(rest, given, weight)
-            if frames is not None:
+            if frames is not None and self.steadies:
                 rest = self._steady(frames[i], rect, rest)
             if self.preview is not None:  # a square about the head's centre, as other tasks' tiles
                 side = min(rh, rw)
