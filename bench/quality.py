@@ -242,8 +242,33 @@ def run(quick: bool = False, tasks: list[str] | None = None, sources: list[str] 
             for case in cases:
                 rows.append(run_case(src, case, *loaded, work, crf, sheets))
                 logging.getLogger(__name__).info("%s", rows[-1])
-    return {"rows": rows, "quick": quick, "crf": crf, "seconds": round(time.perf_counter() - t0, 1),
-            "threads": torch.get_num_threads()}
+    return {"rows": rows, "pooled": pooled(rows), "quick": quick, "crf": crf,
+            "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """One row per task and degradation over every source: each column's face PSNR averaged over
+    all the faces it scored (the per-face mean, as within a source), flicker over the clips."""
+    out: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        p = out.setdefault((r["task"], r["degradation"]), {"task": r["task"], "degradation": r["degradation"],
+                                                            "sources": [], "_sum": {}})
+        p["sources"].append(r["source"])
+        for col in ("input", "classical", "facemend", "ceiling"):
+            c = r.get(col) or {}
+            for key in ("psnr", "flicker"):
+                n = c.get("faces") or r["facemend"]["faces"] or 0
+                if c.get(key) is not None and n:
+                    s, k = p["_sum"].get((col, key), (0.0, 0))
+                    p["_sum"][(col, key)] = (s + c[key] * n, k + n)
+        p["classical_filter"] = r["classical"]["name"]
+    for p in out.values():
+        sums = p.pop("_sum")
+        for col in ("input", "classical", "facemend", "ceiling"):
+            p[col] = {key: round(sums[(col, key)][0] / sums[(col, key)][1], 2 if key == "psnr" else 3)
+                      for key in ("psnr", "flicker") if (col, key) in sums}
+        p["faces"] = sums.get(("facemend", "psnr"), (0, 0))[1]
+    return list(out.values())
 
 
 def table(result: dict) -> str:
@@ -262,6 +287,13 @@ def table(result: dict) -> str:
         if "mask_psnr" in r:
             m = r["mask_psnr"]
             lines[-1] += f"  [inside the mask: input {m['input']}, Telea {m['classical']}, facemend {m['facemend']}]"
+    for p in result.get("pooled", []):
+        if len(p["sources"]) > 1:
+            f, fl = p["facemend"], p["facemend"].get("flicker")
+            lines.append(" | ".join(str(x) for x in (
+                "all", p["task"], p["degradation"], p["faces"], p["input"].get("psnr"),
+                p["classical"].get("psnr", "-"), f.get("psnr"), p["ceiling"].get("psnr", "-"), "", "",
+                f"{fl} (input {p['input'].get('flicker')})" if fl is not None else "-")))
     return "\n".join(lines)
 
 
