@@ -75,6 +75,18 @@ def test_the_product_does_not_import_the_training_tools():
     assert offending(product, ("models.training",)) == {}
 
 
+def test_the_worker_opens_no_media_itself():
+    """Media (PyAV) is the pipeline's: the worker asks ``pipeline`` to probe, count or join."""
+    assert offending(sorted((ROOT / "worker").rglob("*.py")), ("av",)) == {}
+
+
+def test_no_product_module_is_over_400_lines():
+    """A newcomer reads a module in one sitting: the product's modules stay at most 410 lines."""
+    product = [ROOT / "cli.py", *(ROOT / "pipeline").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]
+    long = {str(p.relative_to(ROOT)): n for p in product if (n := len(p.read_text().splitlines())) > MAX_LINES + 10}
+    assert long == {}
+
+
 def test_no_models_module_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "models").rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
