@@ -69,7 +69,7 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {
     "identity": TaskSpec("identity", "restores nothing (a test vehicle: output equals input)", True),
-    "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise and JPEG artefacts", True,
+    "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise, JPEG and video codec artefacts", True,
                         weights="denoise.safetensors", steady=True),
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", True,
                         weights="enhance.safetensors"),

@@ -228,10 +228,30 @@ def test_restore_training_chains_degradations_in_the_order_they_happen(train_cro
     assert calls == ["down_up", "gaussian_noise", "video_codec"]
 
 
-def test_denoise_eval_is_sigma_25(train_crops):
-    crop = np.full((128, 128, 3), 128, np.uint8)
-    noisy = degrade_eval("denoise", crop, np.random.default_rng(0)).image.astype(float)
-    assert abs(noisy.std() - 25) < 0.5
+def test_denoise_eval_is_noise_jpeg_and_h264_in_equal_shares(train_crops):
+    """denoise's fixed evaluation: per crop, Gaussian sigma 25, JPEG q20 or a real libx264 encode
+    at CRF 40, about a third each, the same for the same seed."""
+    from models.training.degrade import jpeg, video_codec
+
+    flat = np.full((128, 128, 3), 128, np.uint8)
+    kinds = []
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        kind = rng.random()
+        img = train_crops[seed % len(train_crops)]
+        out = degrade_eval("denoise", img, np.random.default_rng(seed)).image
+        assert np.array_equal(out, degrade_eval("denoise", img, np.random.default_rng(seed)).image)
+        if kind < 1 / 3:
+            noisy = degrade_eval("denoise", flat, np.random.default_rng(seed)).image.astype(float)
+            assert abs(noisy.std() - 25) < 0.5
+            kinds.append("noise")
+        elif kind < 2 / 3:
+            assert np.array_equal(out, jpeg(img, 20))
+            kinds.append("jpeg")
+        else:
+            assert np.array_equal(out, video_codec(img, rng, codec="libx264", quality=40.0))  # rng: after the draw
+            kinds.append("h264")
+    assert all(12 <= kinds.count(k) <= 28 for k in ("noise", "jpeg", "h264")), kinds
 
 
 def test_masks_cover_nose_and_mouth(train_crops):

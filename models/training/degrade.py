@@ -24,8 +24,9 @@ Tasks:
   (``draw_occluder``: flat-coloured polygons over mouth and chin, their top anywhere from the
   nose tip to the lips).
 
-Fixed evaluation degradations (``degrade_eval``): denoise = Gaussian sigma 25/255 only (noise
-added in float, clipped to [0, 255], rounded to uint8); enhance = x4 INTER_AREA down then bicubic
+Fixed evaluation degradations (``degrade_eval``): denoise = one of Gaussian sigma 25/255 (noise
+added in float, clipped to [0, 255], rounded to uint8), JPEG q20 or libx264 at CRF 40, drawn in
+equal shares per crop (the damage it is trained to remove); enhance = x4 INTER_AREA down then bicubic
 up; restore = x2 down-up, Gaussian sigma 10, then libx264 at CRF 32 (``MIX``); unmask = the
 training mask generator, seeded per image.
 """
@@ -262,8 +263,13 @@ def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
 def degrade_eval(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
     """The fixed evaluation degradation of ``task`` (see the module docstring)."""
     task = canonical(task)
-    if task == "denoise":
-        return Degraded(gaussian_noise(img, 25.0, rng))
+    if task == "denoise":  # sensor noise, JPEG and H.264 in equal shares
+        kind = rng.random()
+        if kind < 1 / 3:
+            return Degraded(gaussian_noise(img, 25.0, rng))
+        if kind < 2 / 3:
+            return Degraded(jpeg(img, 20))
+        return Degraded(video_codec(img, rng, codec="libx264", quality=40.0))
     if task == "enhance":
         return Degraded(down_up(img, 4.0))
     if task == "restore":

@@ -167,7 +167,8 @@ DEGRADATION_NOTES = {
               " (and lower-face occluders when 'occluders' says so)",
 }
 EVAL_NOTES = {
-    "denoise": "Gaussian sigma 25/255, clipped and rounded to uint8",
+    "denoise": "one per crop in equal shares: Gaussian sigma 25/255 (clipped, rounded to uint8),"
+               " JPEG q20, libx264 CRF 40 (one frame)",
     "enhance": "x4 INTER_AREA down, bicubic up",
     "restore": "x2 INTER_AREA down, bicubic up; Gaussian sigma 10/255; libx264 CRF 32, one frame",
     "unmask": "mask generator, seed 0 per image",
