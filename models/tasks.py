@@ -32,19 +32,15 @@ class TaskSpec:
     nothing from it and loses detail where the face moves, so it is off there.
     mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
     (a flip self-ensemble: the aligned template is left-right symmetric). For unmask, whose
-    network guesses what the mask hides, this gains 0.2 dB on the data README's polygon at twice
-    the network's cost; a guessed mouth also comes out symmetric.
+    network guesses what the mask hides, this is worth its twice the network's cost; a guessed
+    mouth also comes out symmetric.
     zooms: the scales at which the pipeline crops and restores each face (a scale self-ensemble):
     1 is the aligned crop, 1.1 a crop showing the face 1/1.1 times as large about the same
     centre. The other crops' restorations are resampled into the first crop and averaged there
-    (``pipeline.align.merge_views``), so a face is pasted once. For unmask, (1, 0.9, 1.1) took
-    the data README's polygon from 27.45 to 27.65 dB on all 1,034 faces with the session-11
-    weights, at three times the network's cost (first 300 faces: 27.39 -> 27.60; zooms 0.88/1.12
-    or 0.92/1.08: 27.60; refilling a face at the photo's edge from each view's own first pass
-    instead of the merged one: 27.59; resampling bilinearly: 27.58). One zoom alone is no better
-    (0.95: 27.37, 1.05: 27.27): the gain is the mean of different guesses. The mirror and the
-    zooms together are six network passes per face; ``FaceRestorer(ensemble=False)`` (the CLI's
-    ``--fast``) runs one. Shipped session-17 weights: 28.054 dB, 27.64 with one pass.
+    (``pipeline.align.merge_views``), so a face is pasted once. One zoom alone is no better than
+    the aligned crop: the gain is the mean of different guesses. The mirror and the zooms
+    together are six network passes per face; ``FaceRestorer(ensemble=False)`` (the CLI's
+    ``--fast``) runs one (``docs/models.md`` has the figures).
     """
 
     name: str

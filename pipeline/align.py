@@ -295,11 +295,9 @@ def replace_weight(restored: np.ndarray, crop: np.ndarray, threshold: float = 8.
     the input by well over ``threshold`` levels, grown a little past the changed area and
     feathered, 0 where the network left the crop as it was. float32, the crop's (height, width).
 
-    Grown and feathered by 2 % of the crop each (1 px at 128, 5 px at 512): session 16 measured
-    a wider paste (4 % and 5 %, before) losing 0.016 dB on the README polygon (1,034 faces) and
-    0.07 dB around 8 big video and photo faces with soft-edged generator masks, as it lays the
-    network's output over pixels the mask never covered; without growing or feathering, a thin
-    rim of a soft-edged mask stays visible."""
+    Grown and feathered by 2 % of the crop each (1 px at 128, 5 px at 512): a wider paste lays
+    the network's output over pixels the mask never covered and scores lower around big faces;
+    without growing or feathering, a thin rim of a soft-edged mask stays visible."""
     height, size = crop.shape[:2]
     change = np.abs(restored - crop).max(axis=-1)
     w = np.clip((change - threshold) / (2 * threshold), 0, 1).astype(np.float32)

@@ -110,12 +110,10 @@ class FaceDetector:
         """Faces in one still image. Where none is found, the image is searched again inside a
         grey border (``RETRY_BORDERS``, widths in turn until a face is found): MTCNN misses a
         face cut by the picture's edge, as in a close-up portrait whose chin or forehead runs
-        off it. On the data README's whole UTKFace photos with its polygon over the mouth, one
-        look misses 12 of the 1,034 validation photos; a 0.25 border finds 9 of them (the
-        first 300: unmask 26.94 -> 27.05 dB), the 0.1 and 0.4 borders the other 3 (faces
-        filling the photo; unmask on all 1,034 27.72 -> 27.77 dB). Where the best face found
-        scores under ``RECHECK_BELOW``, a look inside the first border may find the face around
-        it (``_enclosing_first``; 27.77 -> 27.80). A found face can lie partly outside the
+        off it. On whole portrait photos with a mask over the mouth one look misses about one
+        face in a hundred; a 0.25 border finds most of them, the 0.1 and 0.4 borders the faces
+        that fill the photo. Where the best face found scores under ``RECHECK_BELOW``, a look
+        inside the first border may find the face around it (``_enclosing_first``). A found face can lie partly outside the
         image. Video frames get one look (another on every frame without a face would multiply
         the detection cost of footage without faces)."""
         faces = self.detect([image])[0]
@@ -146,8 +144,7 @@ def _enclosing_first(faces: list[Face], again: list[Face]) -> list[Face]:
     """``faces`` with each face of ``again`` (a second look) that holds most of the box of one
     or more of them, 1.3 times wider, in their place. MTCNN with the lenient thresholds of
     ``FaceDetector.MASKED`` can take an eye and brow for a face, score it under 0.95 and miss
-    the face around it, which a look inside a grey border finds (2 of the 1,034 masked
-    validation photos of the data README's unmask framing; 6 score under 0.95)."""
+    the face around it, which a look inside a grey border finds (masked close-up portraits)."""
     for g in again:
         held = [f for f in faces if g.width > 1.3 * f.width and _inside(f.box, g.box) > 0.5]
         if held:

@@ -357,8 +357,7 @@ class FaceRestorer:
         network saw the mask again, mirrored, under the edge, and painted the chin worse for it.
         Those pixels are filled again from the frame with the face's first pass (all its views,
         merged) pasted in, whose reflection is a face without a mask, and the network runs on
-        that. The pixels inside the frame are the same in both passes. Data README's whole
-        photos with its polygon (300 faces): 26.70 -> 26.94 dB. ``given`` (the crops the network
+        that. The pixels inside the frame are the same in both passes. ``given`` (the crops the network
         is given, per job) is updated in place; returns the jobs to run again. firsts: the
         first job of each face to look at; views: jobs per face."""
         again = []

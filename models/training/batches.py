@@ -85,8 +85,8 @@ def photo_edge(
     random row under the mouth and ``warp_face`` fills the crop below it by reflection
     (BORDER_REFLECT101). The mask is on the photo, so it is reflected too: under the chin the
     network sees the mask again, mirrored, where training crops (masked after cropping) never
-    showed it. Close-cropped portraits and ID photos are like this, and so are the data README's
-    whole UTKFace photos: the photo's last row falls at crop rows 123-141 of 160 for 90 % of them.
+    showed it. Close-cropped portraits and ID photos are like this, and so are whole UTKFace
+    photos: the photo's last row falls at crop rows 123-141 of 160 for most of them.
     The rows from ``r`` down are OpenCV's reflection of those above, in the clean crop, the
     masked crop and the mask alike."""
     height, size = clean.shape[:2]

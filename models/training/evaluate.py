@@ -2,9 +2,9 @@
 
     python -m models.training.evaluate --task denoise                 # validation split of the crop cache
     python -m models.training.evaluate --task unmask --data DIR --limit 100 --json
-    python -m models.training.evaluate --task enhance --whole    # README framing: whole photo at 128
+    python -m models.training.evaluate --task enhance --whole    # the dataset's framing: whole photo at 128
     python -m models.training.evaluate --task unmask --whole     # masks on whole photos, full pipeline
-    python -m models.training.evaluate --task unmask --whole --mask readme   # the README's polygon
+    python -m models.training.evaluate --task unmask --whole --mask readme   # the dataset's reference polygon
 
 Faces are aligned to 128x128 crops exactly as at inference (FaceDetector + pipeline.align), then
 degraded by the task's fixed evaluation degradation (``models.training.degrade.degrade_eval``, seed 0 per
@@ -266,7 +266,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="a .safetensors file instead of the shipped weights")
     p.add_argument("--whole", action="store_true",
                    help="resize whole photos to 128x128 instead of detecting and aligning faces"
-                        " (the framing of the data README's reference figures)")
+                        " (the framing of the dataset's reference figures)")
     p.add_argument("--mask", choices=("generator", "readme"), default="generator",
                    help="unmask --whole: the training generator's masks (default) or the data"
                         " README's flat lower-face polygon, reconstructed")
