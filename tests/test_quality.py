@@ -130,7 +130,7 @@ def test_a_local_network_sees_and_changes_the_frames_own_pixels():
 
     rng = np.random.default_rng(0)
     frame = rng.integers(60, 200, (400, 600, 3), dtype=np.uint8)
-    face = _face(200, 120, 330, 280)
+    face = _face(203, 117, 331, 283)  # a region whose sides are not multiples of the window's
     r = FaceRestorer(Restorer(resolve("denoise"), Checker()).eval(), colour_match=False)
     assert r.local
     out = frame.copy()
@@ -138,13 +138,18 @@ def test_a_local_network_sees_and_changes_the_frames_own_pixels():
     assert len(placed) == 1
     (x0, y0, x1, y1), delta = placed[0]
     given = (seen[0][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    assert np.array_equal(given[: y1 - y0, : x1 - x0], frame[y0:y1, x0:x1])  # unresampled
+    h, w = y1 - y0, x1 - x0  # the region lies somewhere in the window the network saw: find it
+    at = [(oy, ox) for oy in range(given.shape[0] - h + 1) for ox in range(given.shape[1] - w + 1)
+          if np.array_equal(given[oy : oy + h, ox : ox + w], frame[y0:y1, x0:x1])]
+    assert at, "the region is not in the network's input unresampled"
+    wy0, wx0 = y0 - at[0][0], x0 - at[0][1]  # the window's corner in the frame
+    assert np.array_equal(given, frame[wy0 : wy0 + given.shape[0], wx0 : wx0 + given.shape[1]])  # the frame itself
     align.add_delta(out, (x0, y0, x1, y1), delta)
     change = out.astype(int) - frame
     cy, cx = int(face.box[1] + face.box[3]) // 2, int(face.box[0] + face.box[2]) // 2
     patch = change[cy - 10 : cy + 10, cx - 10 : cx + 10, 0]
     yy, xx = np.mgrid[cy - 10 : cy + 10, cx - 10 : cx + 10]
-    assert np.array_equal(patch, ((yy - y0 + xx - x0) % 2) * 20)  # the network's change, as it made it
+    assert np.array_equal(patch, ((yy - wy0 + xx - wx0) % 2) * 20)  # the network's change, as it made it
     outside = np.ones(frame.shape[:2], bool)
     outside[y0:y1, x0:x1] = False
     assert not change[outside].any()
