@@ -348,3 +348,34 @@ def test_status_of_a_long_folder_job_counts_its_chunks_and_lists_what_is_not_don
     assert lines[-1].strip() == "... and 10 more not done (status --json lists every chunk)"
     assert commands.cmd_status(argparse.Namespace(id="j1", json=True)) == 0
     assert len(json.loads(capsys.readouterr().out)["parts"]) == 500
+
+
+def test_a_worker_loads_weights_updated_under_it(monkeypatch, tmp_path):
+    """Weights replaced while a worker runs (a deploy): its next task loads the new file, so a
+    folder manifest's weights sha256 is that of the weights that restored the file; unchanged
+    weights keep the loaded engine."""
+    import os
+
+    from models import registry
+    from pipeline.job import JobOptions
+    from worker import engines
+
+    weights = tmp_path / "denoise.safetensors"
+    weights.write_bytes((registry.WEIGHTS_DIR / "denoise.safetensors").read_bytes())
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    loaded = []
+
+    class Loaded:
+        def __init__(self, opts):
+            loaded.append(weights.read_bytes()[-64:])
+
+    monkeypatch.setattr(engines, "Engine", Loaded)
+    monkeypatch.setattr(engines, "_engines", {})
+    settings = Settings.from_env({})
+    first = engines.engine_for(JobOptions(task="denoise"), settings)
+    assert engines.engine_for(JobOptions(task="denoise"), settings) is first and len(loaded) == 1
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # new weights, same size
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    second = engines.engine_for(JobOptions(task="denoise"), settings)
+    assert second is not first and len(loaded) == 2 and loaded[1] == bytes(64)
+    assert engines.engine_for(JobOptions(task="denoise"), settings) is second
