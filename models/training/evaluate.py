@@ -217,7 +217,7 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     base = baseline("unmask", bad_a, masks_a)
     return {
         "task": "unmask", "n": len(clean), "size": size, "seed": seed, "framing": "whole",
-        "mask": "readme polygon" if mask == "readme" else "generator",
+        "mask": "reference polygon" if mask == "readme" else "generator",
         "detected_masked": found,
         "input": scores(bad_a, clean_a),
         "baseline": {"name": BASELINES["unmask"], **scores(base, clean_a)},

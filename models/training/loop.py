@@ -82,8 +82,8 @@ def hardware(device: str, threads: int) -> str:
 class Job:
     """What a trainer hands the loop.
 
-    ``loss(net, batch, step)`` returns the loss to minimise and figures to show (floats; the bar
-    shows their running means, through ``show`` when given). ``evaluate(net)`` scores the
+    ``loss(net, batch, step)`` returns the loss to minimise and figures to show (floats; the
+    progress bar shows their running means, through ``show`` when given). ``evaluate(net)`` scores the
     weights on the trainer's validation data (a dict holding ``metric``). ``save(net, path,
     metadata)`` writes weights with header metadata (the exported ones get ``card``);
     ``load(path)`` reads them back. ``card(net, state)`` is the model card of the best weights;
@@ -103,7 +103,7 @@ class Job:
     metric: str = "psnr"
     lower_is_better: bool = False
     log_line: Callable[[dict], str] | None = None  # a validation's log line
-    show: Callable[[dict], dict] | None = None  # running means -> the bar's figures
+    show: Callable[[dict], dict] | None = None  # running means -> the progress bar's figures
     amp: bool = False  # scale the loss for fp16 autocast (the trainer autocasts its forward)
     clip: float | None = 1.0  # gradient norm clipping
     weight_decay: float = 0.0
