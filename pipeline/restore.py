@@ -9,8 +9,8 @@ Geometry: a task whose network is local (``spec.native``, e.g. denoise: noise an
 artefacts live on the frame's pixel grid) runs on each head cut straight out of the frame, at its
 own resolution and integer offsets (with the frame around it up to a bucketed size, so that heads
 of nearby sizes run in one batch of one shape), and the result's pixels of the head are feathered
-back in the same grid (``pipeline.regions``): nothing is resampled. Other tasks see the face aligned to the network's
-template crop and their result is warped back onto the face. Either way the face keeps every
+back in the same grid (``pipeline.regions``): nothing is resampled. Other tasks see the face
+aligned to the network's template crop and their result is warped back onto the face. Either way the face keeps every
 detail the model did not change.
 """
 from __future__ import annotations
@@ -208,8 +208,8 @@ class FaceRestorer:
         ``regions.bucket``, ``regions.window``), in batches of one shape, and the change the
         network made to the region's own pixels feathered back in the same pixel grid. Where the
         frame is smaller than the bucket, the window is the frame's side, padded by reflection to
-        the network's stride, and the padding dropped. With ``frames`` (the frames' indices in a video) the result is steadied over
-        time (``_steady``)."""
+        the network's stride, and the padding dropped. With ``frames`` (the frames' indices in a
+        video) the result is steadied over time (``_steady``) where the task asks for it."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         m = getattr(self.model, "multiple", 1)
         jobs: list[LocalCrop] = []
@@ -357,9 +357,9 @@ class FaceRestorer:
         network saw the mask again, mirrored, under the edge, and painted the chin worse for it.
         Those pixels are filled again from the frame with the face's first pass (all its views,
         merged) pasted in, whose reflection is a face without a mask, and the network runs on
-        that. The pixels inside the frame are the same in both passes. ``given`` (the crops the network
-        is given, per job) is updated in place; returns the jobs to run again. firsts: the
-        first job of each face to look at; views: jobs per face."""
+        that. The pixels inside the frame are the same in both passes. ``given`` (the crops the
+        network is given, per job) is updated in place; returns the jobs to run again. firsts:
+        the first job of each face to look at; views: jobs per face."""
         again = []
         for first in firsts:
             i, size, crop = jobs[first].image, jobs[first].size, jobs[first].crop
