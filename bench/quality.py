@@ -39,9 +39,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .quality_inputs import (ceiling, classical, degrade, read_clip, read_photo, read_rgb_clip, write_clip,
+from .quality_inputs import (STRAP, ceiling, classical, degrade, read_clip, read_photo, read_rgb_clip, write_clip,
                              write_photo)
-from .quality_score import head_box, mask_psnr, score, write_areas
+from .quality_score import head_box, mask_psnr, score, sharpness_ratio, write_areas
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -93,7 +93,8 @@ CASES = (
     Case("identity", "noise20", "none"),
 )
 QUICK = {("closeup", "denoise", "noise20"), ("closeup", "enhance", "down4"), ("closeup", "unmask", "mask"),
-         ("closeup", "identity", "noise20"), ("closeup", "restore", "mix"), ("closeup", "denoise", "mix")}
+         ("closeup", "identity", "noise20"), ("closeup", "restore", "mix"), ("closeup", "denoise", "mix"),
+         ("scenes", "unmask", "mask")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +188,11 @@ def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work:
     if case.task == "identity":
         row["identity_exact"] = all(np.array_equal(a, b) for a, b in zip(out, given))
     if masks is not None:
-        row["mask_psnr"] = {k: mask_psnr(v, clean, masks) for k, v in
-                            (("input", given), ("classical", classical("telea", "", given, heads, masks)),
-                             ("facemend", out))}
+        telea = classical("telea", "", given, heads, masks)
+        versions = (("input", given), ("classical", telea), ("facemend", out))
+        row["mask_psnr"] = {k: mask_psnr(v, clean, masks) for k, v in versions}
+        row["strap_psnr"] = {k: mask_psnr(v, clean, masks, STRAP) for k, v in versions}
+        row["sharpness"] = {k: sharpness_ratio(v, clean, masks) for k, v in versions}
     if sheets is not None:
         write_sheet(sheets / f"{tag}.png", clean, given, out, heads)
     return row
@@ -261,9 +264,20 @@ def pooled(rows: list[dict]) -> list[dict]:
                 if c.get(key) is not None and n:
                     s, k = p["_sum"].get((col, key), (0.0, 0))
                     p["_sum"][(col, key)] = (s + c[key] * n, k + n)
+        n = r["facemend"]["faces"] or 0
+        for key in ("mask_psnr", "strap_psnr", "sharpness"):  # unmask: face-weighted like the rest
+            for col, v in (r.get(key) or {}).items():
+                if v == v and n:  # not NaN
+                    s, k = p["_sum"].get((key, col), (0.0, 0))
+                    p["_sum"][(key, col)] = (s + v * n, k + n)
         p["classical_filter"] = r["classical"]["name"]
     for p in out.values():
         sums = p.pop("_sum")
+        for key in ("mask_psnr", "strap_psnr", "sharpness"):
+            got = {col: round(s / k, 3 if key == "sharpness" else 2) for (name, col), (s, k) in sums.items()
+                   if name == key}
+            if got:
+                p[key] = got
         for col in ("input", "classical", "facemend", "ceiling"):
             p[col] = {key: round(sums[(col, key)][0] / sums[(col, key)][1], 2 if key == "psnr" else 3)
                       for key in ("psnr", "flicker") if (col, key) in sums}
@@ -287,6 +301,10 @@ def table(result: dict) -> str:
         if "mask_psnr" in r:
             m = r["mask_psnr"]
             lines[-1] += f"  [inside the mask: input {m['input']}, Telea {m['classical']}, facemend {m['facemend']}]"
+            for key, what in (("strap_psnr", "on the straps"), ("sharpness", "sharpness ratio")):
+                v = r.get(key)
+                if v:
+                    lines[-1] += f" [{what}: input {v['input']}, Telea {v['classical']}, facemend {v['facemend']}]"
     for p in result.get("pooled", []):
         if len(p["sources"]) > 1:
             f, fl = p["facemend"], p["facemend"].get("flicker")
@@ -294,6 +312,11 @@ def table(result: dict) -> str:
                 "all", p["task"], p["degradation"], p["faces"], p["input"].get("psnr"),
                 p["classical"].get("psnr", "-"), f.get("psnr"), p["ceiling"].get("psnr", "-"), "", "",
                 f"{fl} (input {p['input'].get('flicker')})" if fl is not None else "-")))
+            for key, what in (("mask_psnr", "inside the mask"), ("strap_psnr", "on the straps"),
+                              ("sharpness", "sharpness ratio")):
+                if key in p:
+                    v = p[key]
+                    lines[-1] += f" [{what}: input {v.get('input')}, Telea {v.get('classical')}, facemend {v.get('facemend')}]"
     return "\n".join(lines)
 
 

@@ -68,8 +68,24 @@ def write_photo(path: Path, rgb: np.ndarray) -> None:
 # degradations (seeded; the same frames give the same degraded frames)
 
 
+STRAP = 128  # a mask's value under an ear strap (``degrade``)
+
+
+def straps(mask: np.ndarray, landmarks) -> np.ndarray:
+    """The ear straps of one face's drawn mask (bool (H, W)): what an opening with a disc a
+    quarter of the eye distance across leaves out (a strap is at most 6 % of it thick), grown by
+    a pixel so the body's anti-aliased rim is not counted as strap."""
+    pts = np.asarray(landmarks, np.float64).reshape(5, 2)
+    k = max(3, int(0.25 * np.linalg.norm(pts[1] - pts[0])) | 1)
+    m = mask.astype(np.uint8)
+    body = cv2.morphologyEx(m, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
+    body = cv2.dilate(body, np.ones((3, 3), np.uint8))
+    return (m > 0) & (body == 0)
+
+
 def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: int = SEED):
-    """The degraded frames and, for ``mask``, each frame's mask (uint8 0/255) else None."""
+    """The degraded frames and, for ``mask``, each frame's mask else None: uint8, 255 under a
+    face mask's body, ``STRAP`` under its ear straps, 0 elsewhere."""
     from models.training import degrade as D
 
     out, masks = [], None
@@ -96,9 +112,9 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
             for k, face in enumerate(sorted(fs, key=lambda x: x.box[0])):
                 # the same mask on a face in every frame: seeded by its place, not the frame
                 img, a = mask_photo(img, face.landmarks, np.random.default_rng((rng_seed, k)))
-                m = np.maximum(m, a)
+                m = np.maximum(m, np.where(straps(a > 0.05, face.landmarks), STRAP, (a > 0.05) * 255.0))
             out.append(img)
-            masks.append(((m > 0.05) * 255).astype(np.uint8))
+            masks.append(m.astype(np.uint8))
     else:
         raise ValueError(f"unknown degradation {name!r}")
     return out, masks
@@ -152,6 +168,9 @@ def classical(name: str, degradation: str, frames: list[np.ndarray], heads: list
     heads come out as a whole-frame run would give them)."""
     if name == "none":
         return [f.copy() for f in frames]
+    if name == "telea":  # given the whole mask, straps included, wherever they run
+        return [cv2.inpaint(np.ascontiguousarray(f), np.ascontiguousarray(m), 3, cv2.INPAINT_TELEA)
+                for f, m in zip(frames, masks)]
     out = []
     for i, (f, hs) in enumerate(zip(frames, heads)):
         g = f.copy()
@@ -167,9 +186,6 @@ def classical(name: str, degradation: str, frames: list[np.ndarray], heads: list
                 s = UNSHARP_SIGMA.get(degradation, 1.5)
                 blur = cv2.GaussianBlur(region.astype(np.float32), (0, 0), s)
                 r = np.clip(np.rint(region + 1.0 * (region - blur)), 0, 255).astype(np.uint8)
-            elif name == "telea":
-                r = cv2.inpaint(np.ascontiguousarray(region), np.ascontiguousarray(masks[i][Y0:Y1, X0:X1]),
-                                3, cv2.INPAINT_TELEA)
             else:
                 raise ValueError(name)
             g[y0:y1, x0:x1] = r[y0 - Y0 : y1 - Y0, x0 - X0 : x1 - X0]

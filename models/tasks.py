@@ -22,10 +22,16 @@ class TaskSpec:
     so the pipeline also finds them with ``FaceDetector.MASKED`` (MTCNN scores covered faces low).
     below: rows of context added under the square template crop (a multiple of the network's
     stride; non-native tasks). The 128 px template ends at the chin, and a face mask reaches
-    under it: unmask runs on a 128 x 160 crop, so the mask's lower edge is inside the crop and
+    under it: unmask runs on a crop 160 rows tall, so the mask's lower edge is inside the crop and
     painted over instead of being left as a band under the chin. The network is fully
     convolutional and is trained on both shapes (``models.training.train --square``). ``rows_below`` is
     what the pipeline adds.
+    aside: columns added on each side of the square template crop (non-native tasks; with the
+    width a multiple of the network's stride). The 128 px template ends at the cheeks, and a
+    mask's ear straps run past it to the ears: unmask runs on a 160 x 160 crop, so the straps lie
+    inside it, where the network paints them over, and not under the crop's feathered border.
+    The network is fully convolutional; the square template sits in the middle of the crop.
+    ``cols_aside`` is what the pipeline adds.
     steady: a native task's output in a video is steadied over time (``FaceRestorer._steady``):
     for networks that remove damage drawn anew in every frame (noise), whose leftovers would
     otherwise shimmer. A network whose input does not flicker (blur, low resolution) gains
@@ -53,8 +59,15 @@ class TaskSpec:
     replaces: bool = False
     steady: bool = False
     below: int = 0
+    aside: int = 0
     mirror: bool = False
     zooms: tuple[float, ...] = (1.0,)
+
+    @property
+    def cols_aside(self) -> int:
+        """Columns the pipeline adds on each side of the square crop: ``aside`` for replacing
+        tasks that run at the network's size, 0 otherwise."""
+        return self.aside if self.replaces and not self.native else 0
 
     @property
     def rows_below(self) -> int:
@@ -73,7 +86,7 @@ TASKS: dict[str, TaskSpec] = {
                         " and upscaling blur, together (blind)", True, weights="restore.safetensors",
                         steady=True),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
-                       weights="unmask.safetensors", replaces=True, below=32, mirror=True,
+                       weights="unmask.safetensors", replaces=True, below=32, aside=16, mirror=True,
                        zooms=(1.0, 0.9, 1.1)),
     "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
                     weights="facemath.safetensors", latent=True, default_amount=30.0),

@@ -192,17 +192,29 @@ def feather_mask(size: int) -> np.ndarray:
     return mask
 
 
+def aside(matrix: np.ndarray, columns: int) -> np.ndarray:
+    """``matrix`` (image -> a template crop) moved ``columns`` to the right: the crop it makes
+    ``2 * columns`` wider shows the same template square with that many columns beside it on
+    each side (unmask: the cheeks out to the ears, where a mask's straps run)."""
+    if not columns:
+        return matrix
+    out = np.array(matrix, np.float64)
+    out[0, 2] += columns
+    return out
+
+
 @functools.lru_cache(maxsize=16)
-def colour_region(size: int, height: int | None = None) -> np.ndarray:
+def colour_region(size: int, height: int | None = None, aside: int = 0) -> np.ndarray:
     """Weights for colour matching: the feathered face above the nose tip.
 
     The upper face is what no task is meant to change (a mask covers nose and mouth), so its
-    mean colour is a fair reference for every task, unmask included. (height, size) float32;
-    rows below the square crop (``warp_face``'s ``height``) weigh 0.
+    mean colour is a fair reference for every task, unmask included. (height, size + 2 * aside)
+    float32; rows below the square crop (``warp_face``'s ``height``) and the ``aside`` columns
+    beside it weigh 0.
     """
     t = template(size)
-    region = np.zeros((height or size, size), np.float32)
-    region[:size] = feather_mask(size)
+    region = np.zeros((height or size, size + 2 * aside), np.float32)
+    region[:size, aside : aside + size] = feather_mask(size)
     region[int(round(t[2, 1])) :] = 0
     region.setflags(write=False)
     return region

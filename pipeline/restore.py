@@ -107,6 +107,7 @@ class FaceRestorer:
         self.replaces = getattr(self.spec, "replaces", False)
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
+        self.aside = getattr(self.spec, "cols_aside", 0)
         # a native task's output steadied over a video's frames (``_steady``) where its spec asks
         self.steadies = getattr(self.spec, "steady", True)
         self.half = half and self.device.type == "cuda"
@@ -174,9 +175,10 @@ class FaceRestorer:
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
                 size = self.crop_size(f)
+                width = size + 2 * self.aside
                 for z in views:
-                    m = align.estimate_transform(align.zoomed(f.landmarks, z), size)
-                    jobs.append(AlignedCrop(i, f, size, m, align.warp_face(img, m, size, size + self.below)))
+                    m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size), self.aside)
+                    jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + self.below)))
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
@@ -336,7 +338,8 @@ class FaceRestorer:
         if not self.colour_match:
             return rest
         match = align.match_colour_robust if self.replaces else align.match_colour
-        return match(rest, crop.astype(np.float32), align.colour_region(crop.shape[1], crop.shape[0]))
+        region = align.colour_region(crop.shape[1] - 2 * self.aside, crop.shape[0], self.aside)
+        return match(rest, crop.astype(np.float32), region)
 
     def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray):
         """The (rect, delta) that puts a restored crop into its frame; None when nothing changes."""

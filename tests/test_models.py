@@ -572,9 +572,10 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
         faces = detector.detect_image(masked)
         if not faces:
             continue
-        m = align.estimate_transform(faces[0].landmarks, 128)
-        outside = align.outside_frame(m, 128, 128 + rest.below, masked.shape)
-        assert outside[-1].all() and not outside[40:100, 32:96].any()  # under the chin, not the face
+        a = rest.aside  # the crop: the 128 px template square, ``a`` columns each side, rows below
+        m = align.aside(align.estimate_transform(faces[0].landmarks, 128), a)
+        outside = align.outside_frame(m, 128 + 2 * a, 128 + rest.below, masked.shape)
+        assert outside[-1].all() and not outside[40:100, a + 32 : a + 96].any()  # under the chin, not the face
         calls.clear()
         assert rest.deltas([masked], [faces[:1]])[0]
         assert len(calls) == 2
