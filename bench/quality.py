@@ -194,33 +194,39 @@ def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work:
         row["strap_psnr"] = {k: mask_psnr(v, clean, masks, STRAP) for k, v in versions}
         row["sharpness"] = {k: sharpness_ratio(v, clean, masks) for k, v in versions}
     if sheets is not None:
-        write_sheet(sheets / f"{tag}.png", clean, given, out, heads)
+        write_sheet(sheets / f"{tag}.png", clean, given, out, heads, video=video)
     return row
 
 
-def write_sheet(path: Path, clean, given, out, heads, limit: int = 4, size: int = 256) -> None:
-    """Rows of (clean, degraded, facemend) head crops at ``size`` px high: the last frame's
-    heads (a clip's output there has been through every frame before it), largest first."""
+def write_sheet(path: Path, clean, given, out, heads, video: bool = True, size: int = 256) -> None:
+    """Rows of (clean, degraded, facemend) head crops at ``size`` px high, each head with as much
+    again around it so the feathered edge of the paste is in view. A clip: its last frame's
+    heads (its output there has been through every frame before it), four at most, largest
+    first. Photos: every photo's heads, 16 at most, two to a row at half the size."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k in reversed(range(len(clean))):
-        for x0, y0, x1, y1 in sorted(heads[k], key=lambda b: -(b[2] - b[0]))[:limit]:
-            # the head and as much again around it: the feathered edge of the paste is in view
+    triplets = []
+    for k in (reversed(range(len(clean))) if video else range(len(clean))):
+        for x0, y0, x1, y1 in sorted(heads[k], key=lambda b: -(b[2] - b[0])):
             H, W = clean[k].shape[:2]
             mx, my = (x1 - x0) // 4, (y1 - y0) // 4
             x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(W, x1 + mx), min(H, y1 + my)
             tiles = []
+            h = size if video else size // 2
             for im in (clean[k], given[k], out[k]):
                 crop = im[y0:y1, x0:x1]
-                w = max(1, round(crop.shape[1] * size / crop.shape[0]))
-                tiles.append(cv2.resize(crop, (w, size), interpolation=cv2.INTER_NEAREST if crop.shape[0] < size else cv2.INTER_AREA))
-            rows.append(np.hstack(tiles))
-        if rows:
+                w = max(1, round(crop.shape[1] * h / crop.shape[0]))
+                tiles.append(cv2.resize(crop, (w, h), interpolation=cv2.INTER_NEAREST if crop.shape[0] < h else cv2.INTER_AREA))
+            triplets.append(cv2.copyMakeBorder(np.hstack(tiles), 0, 4, 0, 8, cv2.BORDER_CONSTANT))
+        if video and triplets:
             break
-    if rows:
-        width = max(r.shape[1] for r in rows)
-        sheet = np.vstack([cv2.copyMakeBorder(r, 0, 4, 0, width - r.shape[1], cv2.BORDER_CONSTANT) for r in rows])
-        write_photo(path, sheet)
+    triplets = triplets[: 4 if video else 16]
+    if not triplets:
+        return
+    per = 1 if video else 2
+    width = max(t.shape[1] for t in triplets)
+    pad = [cv2.copyMakeBorder(t, 0, 0, 0, width - t.shape[1], cv2.BORDER_CONSTANT) for t in triplets]
+    pad += [np.zeros_like(pad[0])] * (-len(pad) % per)
+    write_photo(path, np.vstack([np.hstack(pad[i : i + per]) for i in range(0, len(pad), per)]))
 
 
 def run(quick: bool = False, tasks: list[str] | None = None, sources: list[str] | None = None,
