@@ -175,9 +175,15 @@ def quality_rows(task: str, bench: dict) -> dict:
                      "input": r["input"]["psnr"], "classical": r["classical"]["psnr"],
                      "classical_filter": r["classical"]["name"], "facemend": r["facemend"]["psnr"],
                      "facemend_ssim": r["facemend"]["ssim"], "flicker": r["facemend"].get("flicker"),
-                     "ceiling": (r.get("ceiling") or {}).get("psnr")})
-    return {"command": bench.get("command", "python -m bench.quality --json"), "metric": "face PSNR (dB)",
-            "rows": rows}
+                     "ceiling": (r.get("ceiling") or {}).get("psnr"),
+                     # unmask: inside the mask, on its straps (PSNR) and the painted area's sharpness
+                     **{k: r[k] for k in ("mask_psnr", "strap_psnr", "sharpness") if k in r}})
+    out = {"command": bench.get("command", "python -m bench.quality --json"), "metric": "face PSNR (dB)",
+           "rows": rows}
+    pooled = [p for p in bench.get("pooled", []) if p.get("task") == task and len(p.get("sources", [])) > 1]
+    if pooled:  # every source together, face-weighted: the README's rows
+        out["pooled"] = pooled
+    return out
 
 
 def unmasked_faces(model, crops: np.ndarray, tall: np.ndarray | None) -> dict:
