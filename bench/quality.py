@@ -192,7 +192,9 @@ def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work:
         versions = (("input", given), ("classical", telea), ("facemend", out))
         row["mask_psnr"] = {k: mask_psnr(v, clean, masks) for k, v in versions}
         row["strap_psnr"] = {k: mask_psnr(v, clean, masks, STRAP) for k, v in versions}
-        row["sharpness"] = {k: sharpness_ratio(v, clean, masks) for k, v in versions}
+        # the input's own: the mask's texture; the others': what they painted
+        row["sharpness"] = {k: sharpness_ratio(v, clean, masks, None if k == "input" else given)
+                            for k, v in versions}
     if sheets is not None:
         write_sheet(sheets / f"{tag}.png", clean, given, out, heads, video=video)
     return row

@@ -105,19 +105,29 @@ def mask_psnr(frames, clean, masks, value: int | None = None) -> float:
     return round(float(10 * np.log10(255.0**2 / max(err / max(n, 1), 1e-10))), 2)
 
 
-def sharpness_ratio(frames, clean, masks) -> float:
+def sharpness_ratio(frames, clean, masks, given=None) -> float:
     """The median, over the masks' bodies (255; each face's in each frame), of the painted
     area's high-frequency energy over the clean face's in the same place: the variance of the
     Laplacian of luma, inside the body shrunk by 2 px (its rim is an edge in either). A blur
-    scores near 0, a texture as rich as the face's near 1, a noisier one above 1."""
+    scores near 0, a texture as rich as the face's near 1, a noisier one above 1. With
+    ``given`` (the degraded frames) only the pixels the output changed by over 8 levels count,
+    and a face where under half the body changed is left out: a mask left in place is not
+    texture."""
     ratios = []
-    for f, c, m in zip(frames, clean, masks):
+    for i, (f, c, m) in enumerate(zip(frames, clean, masks)):
         body = (m == 255).astype(np.uint8)
         count, labels = cv2.connectedComponents(body)
         lf, lc = (cv2.Laplacian(cv2.cvtColor(np.ascontiguousarray(x[..., :3]), cv2.COLOR_RGB2GRAY).astype(np.float32),
                                 cv2.CV_32F) for x in (f, c))
+        changed = None
+        if given is not None:
+            changed = np.abs(f[..., :3].astype(np.int16) - given[i][..., :3]).max(axis=-1) > 8
         for k in range(1, count):
             part = cv2.erode((labels == k).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+            if changed is not None:
+                if changed[part].mean() < 0.5:
+                    continue
+                part &= changed
             if part.sum() < 64:
                 continue
             ratios.append(float(lf[part].var()) / max(float(lc[part].var()), 1e-6))
