@@ -159,10 +159,16 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.device = device
         self.n_out = len(self.session.get_outputs())
+        # The pipeline runs each network at many shapes (P-Net's pyramid, bucketed head windows,
+        # batches padded to 64), and the CPU arena keeps the largest allocations of each: shrinking
+        # it after every run took walking_1080p's peak RSS from 2.57 to 2.07 GB at the same speed
+        # (turning the arena off: 1.73 GB, detection 20 % slower)
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def __call__(self, x: torch.Tensor):
         dtype = x.dtype
-        ys = self.session.run(None, {"x": _numpy(x)})
+        ys = self.session.run(None, {"x": _numpy(x)}, self.run_options)
         ys = [torch.from_numpy(y).to(self.device, dtype) for y in ys]
         return ys[0] if self.n_out == 1 else tuple(ys)
 
