@@ -217,7 +217,8 @@ def write_sheet(path: Path, clean, given, out, heads, video: bool = True, size: 
             for im in (clean[k], given[k], out[k]):
                 crop = im[y0:y1, x0:x1]
                 w = max(1, round(crop.shape[1] * h / crop.shape[0]))
-                tiles.append(cv2.resize(crop, (w, h), interpolation=cv2.INTER_NEAREST if crop.shape[0] < h else cv2.INTER_AREA))
+                flag = cv2.INTER_NEAREST if crop.shape[0] < h else cv2.INTER_AREA
+                tiles.append(cv2.resize(crop, (w, h), interpolation=flag))
             triplets.append(cv2.copyMakeBorder(np.hstack(tiles), 0, 4, 0, 8, cv2.BORDER_CONSTANT))
         if video and triplets:
             break
@@ -324,7 +325,8 @@ def table(result: dict) -> str:
                               ("sharpness", "sharpness ratio")):
                 if key in p:
                     v = p[key]
-                    lines[-1] += f" [{what}: input {v.get('input')}, Telea {v.get('classical')}, facemend {v.get('facemend')}]"
+                    lines[-1] += (f" [{what}: input {v.get('input')}, Telea {v.get('classical')},"
+                                  f" facemend {v.get('facemend')}]")
     return "\n".join(lines)
 
 

@@ -35,9 +35,9 @@ class AlignedCrop(NamedTuple):
 
     image: int  # index of the image (frame) in the call
     face: Face
-    size: int  # the crop's width, the template square's side
+    size: int  # the crop's width: the template square's side and the columns aside
     matrix: np.ndarray  # frame -> crop similarity (2 x 3)
-    crop: np.ndarray  # the aligned crop, uint8 (size + rows below, size, 3)
+    crop: np.ndarray  # the aligned crop, uint8 (template side + rows below, size, 3)
 
 
 class LocalCrop(NamedTuple):
@@ -151,7 +151,8 @@ class FaceRestorer:
         return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * (width or size))))
 
     def crop_size(self, face: Face) -> int:
-        """The aligned crop's width (and the side of its template square): the network's own."""
+        """The side of the aligned crop's template square: the network's own (the crop adds
+        ``aside`` columns on each side and ``below`` rows under it)."""
         return self.spec.size
 
     @property

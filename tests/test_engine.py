@@ -130,7 +130,8 @@ def test_restorations_match_torch_on_real_face_crops(engine):
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
 def test_unmask_self_ensembles_through_an_engine(engine):
     """The product's unmask path (mirror and three zooms, 160 x 160 crops about the 128 px
-    template, colour match, paste deltas) gives the same deltas through the engine as in torch, on a real photo's faces."""
+    template, colour match, paste deltas) gives the same deltas through the engine as in torch,
+    on a real photo's faces."""
     import cv2
 
     from pipeline.faces import FaceDetector
