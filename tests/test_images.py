@@ -140,16 +140,16 @@ def test_unmask_finds_masked_faces_and_paints_over_the_masks(tmp_path):
     assert min(gains) > 2.5 and np.mean(gains) > 4.0, gains
 
 
-def _readme_masked(name: str):
+def _reference_masked(name: str):
     """A UTKFace validation photo in the data README's unmask framing (resized to 128 px, its
     flat polygon over the mouth): (masked photo, the masked detector, a function giving how far
     a face's eyes lie from those found on the clean photo, in eye distances)."""
     from models.training.data import read_rgb
-    from models.training.evaluate import readme_mask_photo
+    from models.training.evaluate import reference_mask_photo
     from pipeline.faces import FaceDetector
 
     photo = cv2.resize(read_rgb(UTKFACE / f"{name}.jpg.chip.jpg"), (128, 128), interpolation=cv2.INTER_AREA)
-    masked, _ = readme_mask_photo(photo)
+    masked, _ = reference_mask_photo(photo)
     truth = FaceDetector(min_face=24).detect([photo])[0][0].landmarks
     eyes = np.linalg.norm(truth[1] - truth[0])
 
@@ -166,7 +166,7 @@ def test_a_masked_face_filling_the_photo_is_found_at_a_later_border():
     photo (found on the clean photo too, its eyes within 0.3 of their distance, as for the
     close-up above)."""
     for name in ("26_1_3_20170119180502866", "3_1_3_20161219230106056", "52_0_3_20170119205733615"):
-        masked, det, eyes_off = _readme_masked(name)
+        masked, det, eyes_off = _reference_masked(name)
         assert det.detect([masked])[0] == [] and det.detect([masked], border=0.25)[0] == [], name
         found = det.detect_image(masked)
         assert len(found) == 1, name
@@ -178,7 +178,7 @@ def test_a_masked_face_is_not_taken_for_the_eye_found_inside_it():
     for a face (score under 0.95) and miss the face around it. The still image gets a look
     inside the grey border, and the face found there, which holds the first box, replaces it."""
     for name in ("54_0_3_20170119210214520", "7_0_0_20170110215603860"):
-        masked, det, eyes_off = _readme_masked(name)
+        masked, det, eyes_off = _reference_masked(name)
         first = det.detect([masked])[0]
         assert len(first) == 1 and first[0].score < 0.95 and first[0].width < 60, name
         found = det.detect_image(masked)

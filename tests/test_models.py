@@ -535,7 +535,7 @@ def test_unmask_averages_its_network_over_the_crop_and_its_mirror(val_crops):
     assert psnr(y) > psnr(single), (psnr(y), psnr(single))
 
 
-@pytest.mark.parametrize("mask", ["generator", "readme"])
+@pytest.mark.parametrize("mask", ["generator", "reference"])
 def test_unmask_on_whole_photos_runs_the_product_path(tmp_path, mask):
     """--whole for unmask: masks warped onto whole photos (or the README's flat polygon), then
     detection on the masked photo, alignment, the shipped network and paste-back, scored
@@ -555,7 +555,7 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
     a second time with those rows refilled from the photo with the first pass pasted in: the
     network no longer sees the mask under the edge, the pixels inside the photo are the ones it
     was given the first time, and a face whose crop lies inside the photo gets one pass."""
-    from models.training.evaluate import README_COLOUR, readme_mask_photo
+    from models.training.evaluate import REFERENCE_COLOUR, reference_mask_photo
     from pipeline import align
     from pipeline.faces import FaceDetector
     from pipeline.restore import FaceRestorer
@@ -568,7 +568,7 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
     checked = 0
     for p in _photos(True, 6):
         photo = cv2.resize(D.read_rgb(p), (128, 128), interpolation=cv2.INTER_AREA)
-        masked, _ = readme_mask_photo(photo)
+        masked, _ = reference_mask_photo(photo)
         faces = detector.detect_image(masked)
         if not faces:
             continue
@@ -581,7 +581,7 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
         assert len(calls) == 2
         first, second = calls[0][0], calls[1][0]
         assert np.array_equal(first[~outside], second[~outside])
-        flat = lambda c: int((np.abs(c[outside].astype(int) - README_COLOUR).max(-1) <= 6).sum())
+        flat = lambda c: int((np.abs(c[outside].astype(int) - REFERENCE_COLOUR).max(-1) <= 6).sum())
         assert flat(first) > 300 and flat(second) < flat(first) / 50, (flat(first), flat(second))
         # the same face in a larger picture (the photo reflected around it before the mask), with
         # room for the crops of all unmask's zooms (TaskSpec.zooms)
@@ -614,13 +614,13 @@ def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_pa
     shutil.copy(WEIGHTS_DIR / "unmask.safetensors", weights)
     model = Restorer(resolve("unmask"), load_net(weights)).eval()
     r = card_scores("unmask", model, data=photos)
-    assert {"evaluation", "evaluation_readme_framing", "evaluation_readme_polygon",
+    assert {"evaluation", "evaluation_reference_framing", "evaluation_reference_polygon",
             "unmasked_faces"} <= set(r)
-    for key in ("evaluation", "evaluation_readme_polygon"):
+    for key in ("evaluation", "evaluation_reference_polygon"):
         assert r[key]["n"] >= 6 and r[key]["model"]["psnr"] > r[key]["baseline"]["psnr"], r[key]
     assert r["unmasked_faces"]["psnr"] > 35  # a face without a mask is left nearly as it was
     card = json.loads(write_card(weights, r).read_text())
-    assert card["evaluation_readme_polygon"] == r["evaluation_readme_polygon"]
+    assert card["evaluation_reference_polygon"] == r["evaluation_reference_polygon"]
     assert card["training"] == json.loads((WEIGHTS_DIR / "unmask.json").read_text())["training"]
     assert json.loads(read_metadata(weights)["card"]) == header_card(card)
     assert card["weights_sha256"] == sha256_file(weights)  # the rewritten header's file

@@ -8,8 +8,8 @@ Every figure comes from ``models.training.evaluate`` with the network run as the
 its mirror self-ensemble; the whole-photo rows run the pipeline, which adds unmask's zooms,
 ``TaskSpec.zooms``): ``evaluation`` on the pipeline's aligned validation crops,
 ``evaluation_whole`` on whole photos resized to 128 (the dataset's reference framing) and, for
-unmask, ``evaluation_readme_framing`` (our masks on whole photos, the product path end to end),
-``evaluation_readme_polygon`` (the dataset's reference mask: a flat lower-face polygon) and ``unmasked_faces`` (clean validation crops in, output against input: what the
+unmask, ``evaluation_reference_framing`` (our masks on whole photos, the product path end to end),
+``evaluation_reference_polygon`` (the dataset's reference mask: a flat lower-face polygon) and ``unmasked_faces`` (clean validation crops in, output against input: what the
 network does to a face that wears no mask). ``--write`` merges them into the card beside the
 weights and into the card embedded in the safetensors header; the tensors are unchanged.
 
@@ -41,8 +41,8 @@ from .degrade import canonical
 CARD_FIELDS = ("task", "weights", "weights_sha256", "format", "architecture", "config", "params",
                "multiple", "data", "training", "validation", "exported", "speed_cpu", "evaluation",
                "history")
-CARD_OPTIONAL = ("evaluation_whole", "evaluation_readme_framing", "evaluation_readme_polygon",
-                 "evaluation_readme_polygon_fast", "evaluated_as", "unmasked_faces", "quality")
+CARD_OPTIONAL = ("evaluation_whole", "evaluation_reference_framing", "evaluation_reference_polygon",
+                 "evaluation_reference_polygon_fast", "evaluated_as", "unmasked_faces", "quality")
 TRAINING_FIELDS = ("steps", "total_steps", "batch", "patch", "train_time_s", "lr", "loss", "ema",
                    "seed", "augment", "degradation", "hardware", "torch", "init")
 DATA_FIELDS = ("source", "train_crops", "split", "license")
@@ -205,8 +205,8 @@ def card_scores(task: str, model, limit: int | None = None, clean: int = 200,
     crops, source = E.crops_from(data, limit)
     r = {"evaluation": {**E.evaluate(task, crops, model=model), "data": source}}
     if task == "unmask":
-        r["evaluation_readme_framing"] = E.whole_unmask(data, limit, model=model)
-        r["evaluation_readme_polygon"] = E.whole_unmask(data, limit, model=model, mask="readme")
+        r["evaluation_reference_framing"] = E.whole_unmask(data, limit, model=model)
+        r["evaluation_reference_polygon"] = E.whole_unmask(data, limit, model=model, mask="reference")
         from ..tasks import resolve
 
         spec = resolve(task)

@@ -4,7 +4,7 @@
     python -m models.training.evaluate --task unmask --data DIR --limit 100 --json
     python -m models.training.evaluate --task enhance --whole    # the dataset's framing: whole photo at 128
     python -m models.training.evaluate --task unmask --whole     # masks on whole photos, full pipeline
-    python -m models.training.evaluate --task unmask --whole --mask readme   # the dataset's reference polygon
+    python -m models.training.evaluate --task unmask --whole --mask reference   # the dataset's reference polygon
 
 Faces are aligned to 128x128 crops exactly as at inference (FaceDetector + pipeline.align), then
 degraded by the task's fixed evaluation degradation (``models.training.degrade.degrade_eval``, seed 0 per
@@ -18,8 +18,8 @@ directly. Unmask's network needs an aligned face, so there each mask is drawn in
 crop of the face found on the clean photo and warped onto the photo, and the product's own path
 runs on the masked photo: detection (``FaceDetector.MASKED``, on the masked face), alignment,
 the network, and the blended paste-back of a replacing task. A face the detector misses counts
-with its masked input. ``--mask readme`` instead covers each photo with the dataset reference's
-"lower-face polygon filled with a flat colour", reconstructed (``README_POLYGON``): a fixed
+with its masked input. ``--mask reference`` instead covers each photo with the dataset reference's
+"lower-face polygon filled with a flat colour", reconstructed (``REFERENCE_POLYGON``): a fixed
 polygon over mouth and chin, 20 % of the photo, filled with RGB (150, 170, 190). On the first 300
 validation faces it gives 17.6 dB for the filled photo and 22.9 for Telea, where the README says
 17.5 and 23.0.
@@ -151,28 +151,28 @@ def mask_photo(photo: np.ndarray, landmarks: np.ndarray, rng: np.random.Generato
 
 # The dataset's unmask reference (../shared/data/README.md), reconstructed: its figures (flat fill 17.5 dB, Telea 23.0)
 # are reproduced within 0.1 dB by this polygon and colour on UTKFace photos resized to 128x128.
-README_POLYGON = np.array([[24, 80], [104, 80], [108, 100], [84, 124], [44, 124], [20, 100]])
-README_COLOUR = (150, 170, 190)
+REFERENCE_POLYGON = np.array([[24, 80], [104, 80], [108, 100], [84, 124], [44, 124], [20, 100]])
+REFERENCE_COLOUR = (150, 170, 190)
 
 
-def readme_mask_photo(photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``photo`` (a whole photo resized to 128x128) covered by ``README_POLYGON`` in
-    ``README_COLOUR``. Returns (masked photo, alpha (H, W) float32 0/1)."""
+def reference_mask_photo(photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``photo`` (a whole photo resized to 128x128) covered by ``REFERENCE_POLYGON`` in
+    ``REFERENCE_COLOUR``. Returns (masked photo, alpha (H, W) float32 0/1)."""
     h, w = photo.shape[:2]
     scale = np.array([w, h]) / D.CROP_SIZE
     m = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(m, [np.round(README_POLYGON * scale).astype(np.int32)], 255)
+    cv2.fillPoly(m, [np.round(REFERENCE_POLYGON * scale).astype(np.int32)], 255)
     masked = photo.copy()
-    masked[m > 0] = README_COLOUR
+    masked[m > 0] = REFERENCE_COLOUR
     return masked, (m > 0).astype(np.float32)
 
 
 def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module | None = None,
                  device: str = "cpu", seed: int = SEED, mask: str = "generator") -> dict:
     """Unmask scored on whole photos at 128x128 (see the module docstring). mask: "generator"
-    (the training generator's masks, seeded per photo) or "readme" (``readme_mask_photo``)."""
-    if mask not in ("generator", "readme"):
-        raise ValueError(f"mask must be 'generator' or 'readme', not {mask!r}")
+    (the training generator's masks, seeded per photo) or "reference" (``reference_mask_photo``)."""
+    if mask not in ("generator", "reference"):
+        raise ValueError(f"mask must be 'generator' or 'reference', not {mask!r}")
     from pipeline import align
     from pipeline.faces import FaceDetector
     from pipeline.restore import FaceRestorer
@@ -198,8 +198,8 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
         faces = detector.detect([img])[0]  # one look: the set of photos stays the same
         if not faces:  # as for aligned crops: a photo without a detectable face is skipped
             continue
-        if mask == "readme":
-            masked, alpha = readme_mask_photo(img)
+        if mask == "reference":
+            masked, alpha = reference_mask_photo(img)
         else:
             masked, alpha = mask_photo(img, faces[0].landmarks, np.random.default_rng([seed, i]))
         out = masked.copy()
@@ -217,7 +217,7 @@ def whole_unmask(data: Path | None, limit: int | None, *, model: torch.nn.Module
     base = baseline("unmask", bad_a, masks_a)
     return {
         "task": "unmask", "n": len(clean), "size": size, "seed": seed, "framing": "whole",
-        "mask": "reference polygon" if mask == "readme" else "generator",
+        "mask": "reference polygon" if mask == "reference" else "generator",
         "detected_masked": found,
         "input": scores(bad_a, clean_a),
         "baseline": {"name": BASELINES["unmask"], **scores(base, clean_a)},
@@ -267,9 +267,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole", action="store_true",
                    help="resize whole photos to 128x128 instead of detecting and aligning faces"
                         " (the framing of the dataset's reference figures)")
-    p.add_argument("--mask", choices=("generator", "readme"), default="generator",
-                   help="unmask --whole: the training generator's masks (default) or the data"
-                        " README's flat lower-face polygon, reconstructed")
+    p.add_argument("--mask", choices=("generator", "reference"), default="generator",
+                   help="unmask --whole: the training generator's masks (default) or the dataset"
+                        " reference's flat lower-face polygon, reconstructed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.data is not None and not a.data.is_dir():
         raise SystemExit(f"{a.data}: no such folder of face photos")
     if a.mask != "generator" and not (a.whole and canonical(a.task) == "unmask"):
-        raise SystemExit("--mask readme goes with --task unmask --whole")
+        raise SystemExit("--mask reference goes with --task unmask --whole")
     if a.whole and canonical(a.task) == "unmask":
         r = whole_unmask(a.data, a.limit, model=model, device=a.device, mask=a.mask)
         source = r["data"]
