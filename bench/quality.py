@@ -258,38 +258,42 @@ def run(quick: bool = False, tasks: list[str] | None = None, sources: list[str] 
             "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
 
 
+UNMASK_FIGURES = ("mask_psnr", "strap_psnr", "sharpness")  # run_case's {column: value} figures
+
+
 def pooled(rows: list[dict]) -> list[dict]:
     """One row per task and degradation over every source: each column's face PSNR averaged over
-    all the faces it scored (the per-face mean, as within a source), flicker over the clips."""
+    all the faces it scored (the per-face mean, as within a source), flicker over the clips, and
+    unmask's figures (``UNMASK_FIGURES``) weighted by the faces alike."""
     out: dict[tuple[str, str], dict] = {}
     for r in rows:
         p = out.setdefault((r["task"], r["degradation"]), {"task": r["task"], "degradation": r["degradation"],
                                                             "sources": [], "_sum": {}})
         p["sources"].append(r["source"])
+
+        def add(where: tuple[str, str], value, n: int) -> None:
+            if value is not None and value == value and n:  # NaN: nothing to pool
+                s, k = p["_sum"].get(where, (0.0, 0))
+                p["_sum"][where] = (s + value * n, k + n)
+
         for col in ("input", "classical", "facemend", "ceiling"):
             c = r.get(col) or {}
             for key in ("psnr", "flicker"):
-                n = c.get("faces") or r["facemend"]["faces"] or 0
-                if c.get(key) is not None and n:
-                    s, k = p["_sum"].get((col, key), (0.0, 0))
-                    p["_sum"][(col, key)] = (s + c[key] * n, k + n)
-        n = r["facemend"]["faces"] or 0
-        for key in ("mask_psnr", "strap_psnr", "sharpness"):  # unmask: face-weighted like the rest
+                add((col, key), c.get(key), c.get("faces") or r["facemend"]["faces"] or 0)
+        for key in UNMASK_FIGURES:
             for col, v in (r.get(key) or {}).items():
-                if v == v and n:  # not NaN
-                    s, k = p["_sum"].get((key, col), (0.0, 0))
-                    p["_sum"][(key, col)] = (s + v * n, k + n)
+                add((key, col), v, r["facemend"]["faces"] or 0)
         p["classical_filter"] = r["classical"]["name"]
     for p in out.values():
         sums = p.pop("_sum")
-        for key in ("mask_psnr", "strap_psnr", "sharpness"):
-            got = {col: round(s / k, 3 if key == "sharpness" else 2) for (name, col), (s, k) in sums.items()
-                   if name == key}
+        means = {where: round(s / k, 3 if "flicker" in where or "sharpness" in where else 2)
+                 for where, (s, k) in sums.items()}
+        for col in ("input", "classical", "facemend", "ceiling"):
+            p[col] = {key: means[(col, key)] for key in ("psnr", "flicker") if (col, key) in means}
+        for key in UNMASK_FIGURES:
+            got = {col: v for (name, col), v in means.items() if name == key}
             if got:
                 p[key] = got
-        for col in ("input", "classical", "facemend", "ceiling"):
-            p[col] = {key: round(sums[(col, key)][0] / sums[(col, key)][1], 2 if key == "psnr" else 3)
-                      for key in ("psnr", "flicker") if (col, key) in sums}
         p["faces"] = sums.get(("facemend", "psnr"), (0, 0))[1]
     return list(out.values())
 
@@ -321,8 +325,7 @@ def table(result: dict) -> str:
                 "all", p["task"], p["degradation"], p["faces"], p["input"].get("psnr"),
                 p["classical"].get("psnr", "-"), f.get("psnr"), p["ceiling"].get("psnr", "-"), "", "",
                 f"{fl} (input {p['input'].get('flicker')})" if fl is not None else "-")))
-            for key, what in (("mask_psnr", "inside the mask"), ("strap_psnr", "on the straps"),
-                              ("sharpness", "sharpness ratio")):
+            for key, what in zip(UNMASK_FIGURES, ("inside the mask", "on the straps", "sharpness ratio")):
                 if key in p:
                     v = p[key]
                     lines[-1] += (f" [{what}: input {v.get('input')}, Telea {v.get('classical')},"

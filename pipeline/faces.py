@@ -113,9 +113,9 @@ class FaceDetector:
         off it. On whole portrait photos with a mask over the mouth one look misses about one
         face in a hundred; a 0.25 border finds most of them, the 0.1 and 0.4 borders the faces
         that fill the photo. Where the best face found scores under ``RECHECK_BELOW``, a look
-        inside the first border may find the face around it (``_enclosing_first``). A found face can lie partly outside the
-        image. Video frames get one look (another on every frame without a face would multiply
-        the detection cost of footage without faces)."""
+        inside the first border may find the face around it (``_enclosing_first``). A found face
+        can lie partly outside the image. Video frames get one look (another on every frame
+        without a face would multiply the detection cost of footage without faces)."""
         faces = self.detect([image])[0]
         if faces and max(f.score for f in faces) < self.RECHECK_BELOW:
             faces = _enclosing_first(faces, self.detect([image], border=self.RETRY_BORDERS[0])[0])
