@@ -470,6 +470,44 @@ def test_two_training_steps_export_loadable_weights(task, train_crops, tmp_path)
         assert len(card["history"]) == 1 and card["history"][0]["change"] == "trained 3 steps"
 
 
+def test_adversarial_term_sees_only_the_painted_area():
+    from models.training.adversarial import PatchDiscriminator, d_loss, g_loss
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator()
+    real, fake = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64, requires_grad=True)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 32:, 16:48] = 1  # the lower face
+    adv, fm = g_loss(disc, real, fake, mask)
+    (adv + fm).backward()
+    g = fake.grad.abs().sum(1)
+    assert g[:, 32:, 16:48].sum() > 0  # the painted area is pushed
+    assert g[:, :12].sum() == 0  # rows farther than the receptive field above it are not
+    none = torch.zeros_like(mask)  # a face left unmasked teaches neither side
+    assert float(d_loss(disc, real, fake, none)) == 0.0 and float(g_loss(disc, real, fake, none)[1]) == 0.0
+
+
+def test_unmask_trains_with_a_discriminator_and_resumes_it(train_crops, tmp_path):
+    cfg = TrainConfig(task="unmask", steps=2, out=str(tmp_path / "run"), export=True,
+                      export_dir=str(tmp_path / "w"), val_count=4, threads=2, adv_weight=0.02,
+                      fm_weight=1.0, snapshots=True)
+    assert train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])["step"] == 2
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    disc = saved["extra"]["disc"]
+    assert saved["extra"]["opt_d"]["state"]  # the discriminator was stepped
+    card = json.loads((tmp_path / "w" / "unmask.json").read_text())
+    assert "hinge adversarial" in card["training"]["loss"]
+    assert 0 < card["validation"]["sharpness"] < 5
+    assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step2.safetensors"]
+    cfg.steps = 3
+    assert train(cfg, train_crops=train_crops[4:], val_crops=train_crops[:4])["step"] == 3
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["extra"]["disc"]
+    assert any(not torch.equal(disc[k], resumed[k]) for k in disc)  # and it went on learning
+    with pytest.raises(SystemExit, match="unmask only"):
+        train(TrainConfig(task="denoise", steps=1, out=str(tmp_path / "d"), adv_weight=0.1),
+              train_crops=train_crops[4:], val_crops=train_crops[:4])
+
+
 # ----------------------------------------------------------------------------------- evaluation
 
 

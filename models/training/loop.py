@@ -29,7 +29,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,6 +109,7 @@ class Job:
     weight_decay: float = 0.0
     warmup: int = 200  # lr_at's warm-up steps
     lr_floor: float = 0.02  # lr_at's floor, a fraction of the peak
+    extra: dict[str, Any] = field(default_factory=dict)  # more state to checkpoint (state_dict())
 
 
 def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
@@ -136,6 +137,8 @@ def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         job.rng.bit_generator.state = saved["rng"]
+        for k, v in job.extra.items():
+            v.load_state_dict(saved["extra"][k])
         log.info("resumed %s at step %d (%.0f s trained)", ckpt, state["step"], state["elapsed"])
     if cfg.export and "card_history" not in state:  # the history of the weights this run replaces
         state["card_history"] = read_card_history(export_dir / f"{job.name}.json")
@@ -144,6 +147,7 @@ def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
         tmp = ckpt.with_name("last.partial.pt")
         torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "state": state, "rng": job.rng.bit_generator.state,
+                    "extra": {k: v.state_dict() for k, v in job.extra.items()},
                     "config": asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))}, tmp)
         tmp.replace(ckpt)
 
@@ -161,6 +165,8 @@ def fit(cfg, job: Job, out: Path, export_dir: Path) -> dict:
         scores = job.evaluate(ema)
         scores.update(step=state["step"], elapsed=round(state["elapsed"], 1))
         state["history"].append(scores)
+        if getattr(cfg, "snapshots", False):
+            job.save(ema, out / "snapshots" / f"step{state['step']}.safetensors", {"step": state["step"]})
         log.info("step %d  %s", state["step"], job.log_line(scores) if job.log_line
                  else f"validation {job.metric} {scores[job.metric]:.4g}")
         value = scores[job.metric]

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
 from pytorch_msssim import ssim
@@ -70,18 +71,39 @@ def run_net(net: torch.nn.Module, images: np.ndarray, device: str, batch: int = 
     return np.concatenate(outs) if outs else images.copy()
 
 
-def validate(net: torch.nn.Module, val: tuple[np.ndarray, np.ndarray], device: str) -> dict:
-    """PSNR/SSIM of the net on the fixed validation pairs (clean, degraded)."""
-    clean, bad = val
+def validate(net: torch.nn.Module, val: tuple, device: str) -> dict:
+    """PSNR/SSIM of the net on the fixed validation pairs (clean, degraded[, masks]); with masks
+    also the median sharpness ratio of the painted area (``sharpness``)."""
+    clean, bad = val[:2]
     net.eval()
     out = run_net(net, bad, device)
     c, o, b = D.to_tensor(clean), D.to_tensor(out), D.to_tensor(bad)
-    return {
+    scores = {
         "psnr": float(psnr(o, c).mean()),
         "ssim": float(ssim(o * 255, c * 255, data_range=255)),
         "psnr_input": float(psnr(b, c).mean()),
         "ssim_input": float(ssim(b * 255, c * 255, data_range=255)),
     }
+    if len(val) > 2 and val[2] is not None:
+        ratios = [r for r in map(sharpness_ratio, out, clean, val[2]) if r is not None]
+        if ratios:
+            scores["sharpness"] = float(np.median(ratios))
+    return scores
+
+
+def sharpness_ratio(out: np.ndarray, clean: np.ndarray, mask: np.ndarray, min_px: int = 200) -> float | None:
+    """Laplacian variance of ``out`` over that of ``clean`` on the mask's pixels (eroded by 2 px,
+    away from its edge): a blur scores near 0, a faithful texture near 1. None when under
+    ``min_px`` pixels are masked."""
+    inside = cv2.erode((mask > 127).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if inside.sum() < min_px:
+        return None
+
+    def var(img: np.ndarray) -> float:
+        g = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        return float(cv2.Laplacian(g, cv2.CV_32F)[inside].var())
+
+    return var(out) / max(var(clean), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +148,10 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
             "loss": f"L1{' (x' + str(1 + cfg.mask_weight) + ' inside the mask)' if t == 'unmask' else ''}"
                     f" + {cfg.ssim_weight} * (1 - SSIM)"
                     + (f" + {cfg.l2_weight} * squared error (weighted alike)" if cfg.l2_weight else "")
-                    + (f" - {cfg.psnr_weight} * per-image PSNR (dB, up to 40)" if cfg.psnr_weight else ""),
+                    + (f" - {cfg.psnr_weight} * per-image PSNR (dB, up to 40)" if cfg.psnr_weight else "")
+                    + (f" + {cfg.adv_weight} * hinge adversarial + {cfg.fm_weight} * feature matching"
+                       " (patch discriminator over the painted area, models.training.adversarial;"
+                       f" its lr {cfg.d_lr})" if cfg.adv_weight or cfg.fm_weight else ""),
             "ema": cfg.ema,
             "seed": cfg.seed,
             "augment": "horizontal flip, colour jitter, scale jitter 0.95-1.05"

@@ -26,6 +26,7 @@ import torch
 
 from ..nets import NetConfig, ResUNet, grow_net, load_net, save_net
 from . import data as D
+from .adversarial import PatchDiscriminator, d_loss, g_loss
 from .batches import Batches, Subset
 from .degrade import canonical, degrade_batch
 from .loop import Job, fit
@@ -83,6 +84,10 @@ class TrainConfig:
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
     psnr_weight: float = 0.0  # - psnr_weight * each image's PSNR (dB), batch mean: the metric itself
     edge: float = 0.0  # unmask: share of samples whose photo ends inside the crop (photo_edge)
+    adv_weight: float = 0.0  # unmask: + adv_weight * the hinge adversarial term (adversarial.py)
+    fm_weight: float = 0.0  # unmask: + fm_weight * discriminator feature matching
+    d_lr: float = 2e-4  # the discriminator's learning rate
+    snapshots: bool = False  # keep the EMA weights of every validation (<out>/snapshots/)
 
 
 def train(
@@ -116,8 +121,8 @@ def train(
         val_crops = all_crops[[val_idx[k] for k in pick]]
     val_crops = np.ascontiguousarray(val_crops[: cfg.val_count])
     cfg.val_count = len(val_crops)
-    val_bad, _ = degrade_batch(task, val_crops, seed=0, evaluation=True)
-    val = (val_crops, val_bad)
+    val_bad, val_masks = degrade_batch(task, val_crops, seed=0, evaluation=True)
+    val = (val_crops, val_bad, val_masks)
 
     if cfg.init:  # fine-tune from shipped weights: their config wins (--net may only add blocks)
         net = (grow_net(cfg.init, cfg.net) if cfg.net else load_net(cfg.init)).to(device).train()
@@ -144,12 +149,31 @@ def train(
             bad = bad.contiguous(memory_format=torch.channels_last)
         return clean, bad, mask
 
+    disc = opt_d = None
+    if cfg.adv_weight or cfg.fm_weight:
+        if task != "unmask":
+            raise SystemExit("--adv and --fm weigh the painted area: unmask only")
+        disc = PatchDiscriminator().to(device)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.99), weight_decay=0.0)
+
     def loss(net: torch.nn.Module, b: tuple, step: int) -> tuple[torch.Tensor, dict]:
         clean, bad, mask = b
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             pred = net(bad)
-        value = loss_fn(pred.float(), clean, mask, cfg)
-        return value, {"loss": value.detach()}
+        pred = pred.float()
+        value = loss_fn(pred, clean, mask, cfg)
+        figures = {"loss": value.detach()}
+        if disc is not None:
+            disc.requires_grad_(True)
+            ld = d_loss(disc, clean, pred.clamp(0, 1), mask)
+            opt_d.zero_grad(set_to_none=True)
+            ld.backward()
+            opt_d.step()
+            disc.requires_grad_(False)
+            adv, fm = g_loss(disc, clean, pred.clamp(0, 1), mask)
+            value = value + cfg.adv_weight * adv + cfg.fm_weight * fm
+            figures.update(d=ld.detach(), adv=adv.detach(), fm=fm.detach())
+        return value, figures
 
     def card(best: torch.nn.Module, state: dict) -> dict:
         return make_card(cfg, best, state, len(train_crops), state["best_scores"], tuple(train_crops.shape[1:3]))
@@ -162,6 +186,7 @@ def train(
     job = Job(
         name=task, net=net.to(memory_format=torch.channels_last) if cuda else net, batch=batch, loss=loss,
         evaluate=lambda ema: validate(ema, val, device),
+        extra={"disc": disc, "opt_d": opt_d} if disc is not None else {},
         save=lambda n, path, meta: save_net(n, path, metadata={"task": task, **meta}),
         load=load_net, card=card, describe=describe, rng=batches.rng, metric="psnr", amp=cuda,
         log_line=lambda s: f"val PSNR {s['psnr']:.2f} dB (input {s['psnr_input']:.2f})  SSIM {s['ssim']:.4f}",
@@ -213,6 +238,15 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--psnr", type=float, default=0.0,
                    help="subtract this weight times each image's PSNR in dB from the loss (e.g. 0.02)")
+    p.add_argument("--adv", type=float, default=0.0,
+                   help="unmask: add this weight times a patch discriminator's hinge adversarial"
+                        " term over the painted area, for texture instead of a blur (e.g. 0.01)")
+    p.add_argument("--fm", type=float, default=0.0,
+                   help="unmask: add this weight times the discriminator's feature matching (e.g. 1)")
+    p.add_argument("--d-lr", type=float, default=2e-4, help="the discriminator's learning rate")
+    p.add_argument("--snapshots", action="store_true",
+                   help="keep the EMA weights of every validation in <out>/snapshots/ (with --adv,"
+                        " PSNR alone does not pick the best)")
     p.add_argument("--net", default="{}", help='NetConfig overrides as JSON, e.g. \'{"widths": [32, 64, 128]}\'; with --init only more blocks, e.g. \'{"enc_blocks": [2, 2, 2, 6]}\' (the new ones start as the identity)')
     return p
 
@@ -238,8 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
-        psnr_weight=a.psnr,
-        edge=a.edge,
+        psnr_weight=a.psnr, edge=a.edge, adv_weight=a.adv, fm_weight=a.fm, d_lr=a.d_lr,
+        snapshots=a.snapshots,
     )
     try:
         train(cfg)
