@@ -13,7 +13,11 @@ rest, the same way for all of them:
 - validation every ``val_every_min`` training minutes and at the end, keeping the best weights
   by ``Job.metric`` in ``<out>/best.safetensors``;
 - a checkpoint ``<out>/last.pt`` (network, EMA, optimiser, loop state, the batch generator's
-  state, the config) every ``ckpt_every_min`` and at the end, resumed automatically;
+  state, the config, and ``Job.extra``'s state: a discriminator and its optimiser) every
+  ``ckpt_every_min`` and at the end, resumed automatically;
+- with ``snapshots``: every validation's EMA weights in ``<out>/snapshots/step<N>.safetensors``,
+  for runs whose best weights one figure cannot pick (an adversarial term trades PSNR for
+  texture);
 - with ``export``: the best weights and their model card as ``<export_dir>/<name>.safetensors``
   and ``<name>.json``, periodically and at the end, so a killed run still leaves its best
   weights. The card file adds the weights' sha256 and one ``history`` entry for the run
