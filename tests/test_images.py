@@ -190,7 +190,7 @@ def test_a_masked_face_is_not_taken_for_the_eye_found_inside_it():
 def test_unmask_fast_paints_the_mask_in_one_pass(tmp_path):
     """--fast: one network pass per face instead of unmask's six (its mirror and three zooms):
     the mask is still painted over, and the picture differs from the default's, which averages
-    six guesses (on the data README's polygon: 27.2 dB against 27.6)."""
+    six guesses (on the bench's 88 heads: 23.79 dB against 24.14)."""
     from models.training.evaluate import mask_photo
     from pipeline.faces import FaceDetector
 
@@ -206,7 +206,7 @@ def test_unmask_fast_paints_the_mask_in_one_pass(tmp_path):
         r = run_json("submit", src, "--task", "unmask", "--output", dst, *(["--fast"] if mode == "fast" else []))
         assert r["faces"] == 1
         outs[mode] = cv2.cvtColor(cv2.imread(str(dst)), cv2.COLOR_BGR2RGB)
-        assert psnr(outs[mode][inside], clean[inside]) - psnr(masked[inside], clean[inside]) > 2.5
+        assert psnr(outs[mode][inside], clean[inside]) - psnr(masked[inside], clean[inside]) > 2.0
     assert psnr(outs["fast"][inside], outs["default"][inside]) < 45  # not the same picture
 
 
