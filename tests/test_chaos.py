@@ -172,8 +172,11 @@ def test_worker_killed_mid_segment_watchdog_sends_it_again(chaos, tmp_path):
 def test_lost_messages_are_sent_again(chaos, tmp_path):
     """Messages vanish while the record says QUEUED (deleted here from the broker's lists): the
     watchdog finds no message and no runner, and sends them again; first the plan's, then the
-    segments'."""
+    segments'. A message handed to a worker counts as taken for a heartbeat timeout; 8 s here,
+    as a fresh worker on a busy 2-core machine can take over 4 s to start its first task (and
+    would get a second copy, harmless but not what this test counts)."""
     workers, settings, client = chaos
+    settings = {**settings, "FACEMEND_HEARTBEAT_TIMEOUT": 8}
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)
     out = tmp_path / "out.mp4"
     fast = ("--task", "identity", "--preset", "ultrafast", "--segment-seconds", 1)
