@@ -484,7 +484,7 @@ def test_adversarial_term_sees_only_the_painted_area():
     assert g[:, 32:, 16:48].sum() > 0  # the painted area is pushed
     assert g[:, :12].sum() == 0  # rows farther than the receptive field above it are not
     none = torch.zeros_like(mask)  # a face left unmasked teaches neither side
-    assert float(d_loss(disc, real, fake, none)) == 0.0 and float(g_loss(disc, real, fake, none)[1]) == 0.0
+    assert d_loss(disc, real, fake, none).item() == 0.0 and g_loss(disc, real, fake, none)[1].item() == 0.0
 
 
 def test_unmask_trains_with_a_discriminator_and_resumes_it(train_crops, tmp_path):

@@ -99,6 +99,8 @@ def train(
     summary. Crops default to the UTKFace cache (train split / first ``val_count`` of the val
     split)."""
     task = canonical(cfg.task)
+    if (cfg.adv_weight or cfg.fm_weight) and task != "unmask":
+        raise SystemExit("--adv and --fm weigh the painted area: unmask only")
     preset = PRESETS[task]
     cfg.batch = cfg.batch or preset["batch"]
     cfg.patch = cfg.patch or preset["patch"]
@@ -151,8 +153,6 @@ def train(
 
     disc = opt_d = None
     if cfg.adv_weight or cfg.fm_weight:
-        if task != "unmask":
-            raise SystemExit("--adv and --fm weigh the painted area: unmask only")
         disc = PatchDiscriminator().to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.d_lr, betas=(0.5, 0.99), weight_decay=0.0)
 
@@ -164,13 +164,14 @@ def train(
         value = loss_fn(pred, clean, mask, cfg)
         figures = {"loss": value.detach()}
         if disc is not None:
+            shown = pred.clamp(0, 1)
             disc.requires_grad_(True)
-            ld = d_loss(disc, clean, pred.clamp(0, 1), mask)
+            ld = d_loss(disc, clean, shown, mask)
             opt_d.zero_grad(set_to_none=True)
             ld.backward()
             opt_d.step()
             disc.requires_grad_(False)
-            adv, fm = g_loss(disc, clean, pred.clamp(0, 1), mask)
+            adv, fm = g_loss(disc, clean, shown, mask)
             value = value + cfg.adv_weight * adv + cfg.fm_weight * fm
             figures.update(d=ld.detach(), adv=adv.detach(), fm=fm.detach())
         return value, figures
