@@ -366,6 +366,37 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
     assert got == [(i, i) for i in range(7, 19)]
 
 
+@pytest.mark.parametrize("codec, ext", [("mpeg4", "mp4"), ("mpeg4", "avi"), ("mpeg2video", "mpg"),
+                                        ("mpeg2video", "ts"), ("libx264", "mkv")])
+def test_a_segment_after_a_seek_gets_the_frames_a_single_pass_gets(tmp_path, codec, ext):
+    """B-frames and open GOPs (MPEG-4 ASP, MPEG-2) in containers that seek by decode time or by
+    byte position: a queued segment starting anywhere decodes exactly its frames."""
+    from pipeline.media import i420_to_rgb, iter_frames, plan
+
+    src = tmp_path / f"grey.{ext}"
+    with av.open(str(src), "w") as o:
+        v = o.add_stream(codec, rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.gop_size = 12
+        v.codec_context.max_b_frames = 2
+        v.bit_rate = 4_000_000  # grey levels 5 apart stay readable
+        for i in range(48):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")
+            for p in v.encode(frame):
+                o.mux(p)
+        for p in v.encode(None):
+            o.mux(p)
+    vplan = plan(src)
+    assert vplan.frames == 48 and len(vplan.keyframes) > 2
+    single = [y for _, y in iter_frames(vplan)]
+    levels = [float(i420_to_rgb(y).mean()) / 5 for y in single]
+    assert np.abs(np.array(levels) - np.arange(48)).max() < 0.5  # the single pass is in order
+    for start in (5, 11, 12, 23, 30, 35, 47):
+        got = list(iter_frames(vplan, start, start + 8))
+        assert [i for i, _ in got] == list(range(start, min(48, start + 8))), start
+        assert all(np.array_equal(y, single[i]) for i, y in got), start
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
 def test_join_stopped_halfway_leaves_nothing(tmp_path, capfd, monkeypatch, stop):
     import heapq

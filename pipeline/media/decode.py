@@ -19,46 +19,80 @@ log = logging.getLogger(__name__)
 def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Decode frames ``start <= index < stop`` as (index, I420 array) in presentation order.
 
-    Seeks to the keyframe at or before ``start`` and drops the frames before it. Raises
+    Seeks to a keyframe at or before ``start`` and drops the frames before it. Raises
     CorruptInput when the data cannot be decoded or frames are missing.
+
+    A seek is asked for by the keyframe's own timestamp, never the start frame's: containers
+    that index by decode time (MP4 with B-frames, MPEG-PS) would otherwise land on the keyframe
+    just after ``start``. A seek that still lands wrong (the first frame is past ``start``, or
+    its timestamp is not one the plan saw, as MPEG program streams can give after a seek) is
+    tried once from the keyframe before, then the range is decoded from the first frame, so
+    a queued segment gets exactly the frames a single pass would.
     """
     stop = vplan.frames if stop is None else min(stop, vplan.frames)
     if start >= stop:
         return
     path = Path(vplan.path)
+    seeks: list[int | None] | None = None
+    n = 0
+    while seeks is None or n < len(seeks):
+        with _open(path) as c:  # each try on a fresh demuxer: "from the first frame" is exact
+            v = c.streams.video[0]
+            v.thread_type = "AUTO"
+            # AVI stores no presentation times: its packets are numbered in decode order, and
+            # with B-frames the decoder hands those numbers out of order. Frames come out in
+            # presentation order all the same, so they are counted from the first one. After a
+            # seek that first one is a keyframe whose number is its place only in a closed GOP,
+            # which a stream with B-frames need not have (MPEG-4 ASP): such a file is decoded
+            # from its first frame.
+            counted = "avi" in c.format.name.split(",")
+            if seeks is None:
+                keys = [k for k in vplan.keyframes if 0 < k <= start][-2:]
+                if counted and v.codec_context.has_b_frames:
+                    keys = []
+                seeks = [vplan.pts[k] for k in reversed(keys)] + [None]
+            target = seeks[n]
+            n += 1
+            if target is not None:
+                c.seek(target, stream=v, backward=True, any_frame=False)
+            if (yield from _decode(c, v, vplan, path, start, stop, counted, strict=n == len(seeks))):
+                return
+        log.debug("%s: the seek for frame %d landed wrong; trying further back", path, start)
+
+
+def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: bool, *, strict: bool):
+    """Yield frames ``start..stop`` from where the container is; return True when done. A
+    non-strict call returns False, having yielded nothing, when the first frame it meets is
+    past ``start`` or has a timestamp the plan did not see, or no frame comes at all (the seek
+    landed wrong)."""
     index = {p: i for i, p in enumerate(vplan.pts)}
     expected = start
-    with _open(path) as c:
-        v = c.streams.video[0]
-        v.thread_type = "AUTO"
-        if start > 0:
-            c.seek(vplan.pts[start], stream=v, backward=True, any_frame=False)
-        # AVI stores no presentation times: its packets are numbered in decode order, and with
-        # B-frames the decoder hands those numbers out of order. Frames come out in presentation
-        # order all the same, so they are counted from the first one (a keyframe, whose number
-        # is its place, GOPs being closed).
-        counted = "avi" in c.format.name.split(",")
-        counter = None
-        try:
-            for frame in c.decode(v):
-                i = index.get(frame.pts) if counter is None else counter
-                if counted and i is not None:
-                    counter = i + 1
-                if i is None:
-                    log.warning("%s: frame with pts %s not seen in the plan; dropped", path, frame.pts)
-                    continue
-                if i < start:
-                    continue
-                if i >= stop:
-                    break
-                if i != expected:
-                    raise CorruptInput(f"{path}: frame {expected} is missing (decoder gave frame {i})")
-                expected += 1
-                yield i, to_i420(frame, vplan)
-        except av.error.FFmpegError as e:
-            raise CorruptInput(f"{path}: cannot decode frame {expected} ({e})") from None
+    counter = None
+    try:
+        for frame in c.decode(v):
+            i = index.get(frame.pts) if counter is None else counter
+            if counted and i is not None:
+                counter = i + 1
+            if not strict and expected == start and (i is None or i > start):
+                return False
+            if i is None:
+                log.warning("%s: frame with pts %s not seen in the plan; dropped", path, frame.pts)
+                continue
+            if i < start:
+                continue
+            if i >= stop:
+                break
+            if i != expected:
+                raise CorruptInput(f"{path}: frame {expected} is missing (decoder gave frame {i})")
+            expected += 1
+            yield i, to_i420(frame, vplan)
+    except av.error.FFmpegError as e:
+        raise CorruptInput(f"{path}: cannot decode frame {expected} ({e})") from None
+    if expected == start and not strict:  # the seek landed past every frame asked for
+        return False
     if expected != stop:
         raise CorruptInput(f"{path}: truncated: decoded {expected - start} of {stop - start} frames")
+    return True
 
 
 def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:
