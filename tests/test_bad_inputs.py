@@ -366,6 +366,50 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
     assert got == [(i, i) for i in range(7, 19)]
 
 
+@pytest.mark.parametrize("name, vcodec, acodec", [("clip.flv", "flv", "mp3"), ("clip.vob", "mpeg2video", "ac3"),
+                                                  ("clip.divx", "mpeg4", "mp3")])
+def test_old_archive_containers_keep_every_frame_and_audio_packet(tmp_path, capfd, name, vcodec, acodec):
+    """Flash video (its demuxer cannot seek back), a DVD's VOB and a DivX AVI with B-frames."""
+    src = tmp_path / name
+    with av.open(str(src), "w", format="avi" if name.endswith(".divx") else None) as o:
+        v = o.add_stream(vcodec, rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        v.bit_rate = 2_000_000  # grey levels 10 apart stay readable
+        if vcodec != "flv":
+            v.codec_context.max_b_frames = 2
+        a = o.add_stream(acodec, rate=48000)
+        a.layout = "stereo"
+        for i in range(20):
+            img = np.full((48, 64, 3), 10 * i, np.uint8)
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                o.mux(p)
+        for p in v.encode(None):
+            o.mux(p)
+        fs = a.codec_context.frame_size
+        for k in range(48000 * 20 // 25 // fs):
+            t = np.arange(k * fs, (k + 1) * fs) / 48000.0
+            s = (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            f = av.AudioFrame.from_ndarray(np.stack([s, s]), format="fltp", layout="stereo")
+            f.sample_rate, f.pts = 48000, k * fs
+            for p in a.encode(f):
+                o.mux(p)
+        for p in a.encode(None):
+            o.mux(p)
+
+    def packets(path):
+        with av.open(str(path)) as c:
+            kinds = [p.stream.type for p in c.demux() if p.size]
+        return kinds.count("video"), kinds.count("audio")
+
+    code, _, err = run(capfd, "submit", src, "--task", "identity")
+    assert code == 0, err
+    out = tmp_path / f"{src.stem}.identity.mp4"
+    assert packets(out) == packets(src) and packets(src)[1] > 0
+    with av.open(str(out)) as c:
+        levels = [round(float(f.to_ndarray(format="rgb24").mean()) / 10) for f in c.decode(video=0)]
+    assert levels == list(range(20))
+
+
 @pytest.mark.parametrize("codec, ext", [("mpeg4", "mp4"), ("mpeg4", "avi"), ("mpeg2video", "mpg"),
                                         ("mpeg2video", "ts"), ("libx264", "mkv")])
 def test_a_segment_after_a_seek_gets_the_frames_a_single_pass_gets(tmp_path, codec, ext):

@@ -54,7 +54,12 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
             target = seeks[n]
             n += 1
             if target is not None:
-                c.seek(target, stream=v, backward=True, any_frame=False)
+                try:
+                    c.seek(target, stream=v, backward=True, any_frame=False)
+                except av.error.FFmpegError:  # a demuxer that cannot seek (FLV without an index)
+                    log.debug("%s: cannot seek; decoding from the first frame", path)
+                    seeks[n:-1] = []
+                    continue
             if (yield from _decode(c, v, vplan, path, start, stop, counted, strict=n == len(seeks))):
                 return
         log.debug("%s: the seek for frame %d landed wrong; trying further back", path, start)

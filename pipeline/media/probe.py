@@ -12,7 +12,8 @@ from .colour import YuvMatrix, source_range, yuv_matrix
 
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
-                    ".mts", ".m2ts", ".wmv", ".flv", ".3gp"}
+                    ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".3g2", ".vob", ".divx", ".asf",
+                    ".ogv", ".dv", ".mxf", ".f4v"}
 
 
 @dataclass
@@ -121,15 +122,16 @@ def plan(path: str | Path) -> VideoPlan:
         if not last_dur and len(pts) > 1:
             last_dur = pts[-1] - pts[-2]
         duration = float((pts[-1] + last_dur - pts[0]) * tb)
-        rotation, color = _first_frame_info(c, v, path)
         others = len(c.streams) - 1 - len(c.streams.audio)
-        w, h = cc.width, cc.height
-        return VideoPlan(
-            path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
-            time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
-            pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
-            codec=cc.name, audio_streams=len(c.streams.audio), other_streams=others, color=color,
-        )
+        w, h, codec, audio = cc.width, cc.height, cc.name, len(c.streams.audio)
+    with _open(path) as c:  # anew: some demuxers (FLV without an index) cannot seek back
+        rotation, color = _first_frame_info(c, c.streams.video[0], path)
+    return VideoPlan(
+        path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
+        time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
+        pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
+        codec=codec, audio_streams=audio, other_streams=others, color=color,
+    )
 
 
 COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
@@ -137,7 +139,6 @@ COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
 
 def _first_frame_info(c, v, path: Path) -> tuple[int, dict]:
     """Display rotation (degrees) and colour description of the first decodable frame."""
-    c.seek(0, stream=v)
     try:
         for frame in c.decode(v):
             color = {k: int(getattr(frame, k)) for k in COLOR_TAGS}
