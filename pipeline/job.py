@@ -185,11 +185,19 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
     return result
 
 
+def interlaced_note(vplan: VideoPlan) -> str:
+    return f"{vplan.path}: interlaced; deinterlaced (yadif, frame rate kept), the output is progressive"
+
+
 def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
               result: JobResult) -> None:
     if (vplan.width, vplan.height) != (vplan.out_width, vplan.out_height):
         note = (f"{vplan.path}: odd frame size {vplan.width}x{vplan.height} padded to "
                 f"{vplan.out_width}x{vplan.out_height} for yuv420p")
+        log.warning(note)
+        result.notes.append(note)
+    if vplan.interlaced:
+        note = interlaced_note(vplan)
         log.warning(note)
         result.notes.append(note)
     if too_small_for_faces(engine.detector, vplan.width, vplan.height):

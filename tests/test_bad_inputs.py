@@ -410,6 +410,51 @@ def test_old_archive_containers_keep_every_frame_and_audio_packet(tmp_path, capf
     assert levels == list(range(20))
 
 
+def _comb(gray: np.ndarray) -> float:
+    """Interlace combing: how far each row is from the mean of the rows above and below it."""
+    y = gray.astype(np.float32)
+    return float(np.abs(y[1:-1] - 0.5 * (y[:-2] + y[2:])).mean())
+
+
+@pytest.mark.parametrize("codec, name", [("mpeg2video", "tape.mpg"), ("libx264", "tv.mp4")])
+def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, codec, name):
+    """A bar moving between the two fields of each frame (as a camera records them), encoded
+    as interlaced: the output has every frame, progressive, without combing, and a queued
+    segment starting on a keyframe gets the pixels a single pass gets."""
+    from pipeline.media import iter_frames, plan
+
+    src = tmp_path / name
+    h, w = 96, 128
+    with av.open(str(src), "w") as o:
+        v = o.add_stream(codec, rate=25)
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        v.bit_rate, v.gop_size = 4_000_000, 6
+        v.options = {"flags": "+ildct+ilme", "top": "1"} if codec == "mpeg2video" else {
+            "flags": "+ildct+ilme", "x264-params": "tff=1"}
+        for i in range(18):
+            img = np.full((h, w, 3), 60, np.uint8)
+            img[0::2, 6 * i:6 * i + 16] = 220  # top field
+            img[1::2, 6 * i + 3:6 * i + 19] = 220  # bottom field, half a frame later
+            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                o.mux(p)
+        for p in v.encode(None):
+            o.mux(p)
+    vplan = plan(src)
+    assert vplan.interlaced
+    with av.open(str(src)) as c:
+        combed = np.mean([_comb(f.to_ndarray(format="gray")) for f in c.decode(video=0)])
+    code, out, err = run(capfd, "submit", src, "--task", "identity", "--json")
+    assert code == 0, err
+    assert any("deinterlaced" in n for n in json.loads(out)["notes"])
+    with av.open(str(tmp_path / f"{src.stem}.identity.mp4")) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 18 and not any(f.interlaced_frame for f in frames)
+    assert np.mean([_comb(f.to_ndarray(format="gray")) for f in frames]) < combed / 4
+    single = [y for _, y in iter_frames(vplan)]
+    for start in vplan.keyframes[1:]:
+        assert all(np.array_equal(y, single[i]) for i, y in iter_frames(vplan, start, start + 4)), start
+
+
 @pytest.mark.parametrize("codec, ext", [("mpeg4", "mp4"), ("mpeg4", "avi"), ("mpeg2video", "mpg"),
                                         ("mpeg2video", "ts"), ("libx264", "mkv")])
 def test_a_segment_after_a_seek_gets_the_frames_a_single_pass_gets(tmp_path, codec, ext):

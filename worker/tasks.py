@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline import manifest, media
 from pipeline.errors import Cancelled, FacemendError, OutputError, OutputUnwritable
 from pipeline.folder import keeps_records, remove_written
-from pipeline.job import JobOptions
+from pipeline.job import JobOptions, interlaced_note
 from pipeline.paths import check_paths, is_fresh, mirrored_output, walk_folder
 from pipeline.preview import write_preview
 from pipeline.restore import PreviewSink
@@ -73,6 +73,8 @@ def _plan(job_id: str, job: Job) -> dict:
         if kind == "video":
             opts.encoder(joinable=True)
             vplan = media.plan(src)
+            if vplan.interlaced:
+                log.warning(interlaced_note(vplan))
             ranges = split(vplan, job.segment_seconds)
             store().save_plan(job_id, vplan.to_dict())
             parts = [{"start": a, "stop": b, "task_id": f"{job_id}-s{i}"} for i, (a, b) in enumerate(ranges)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -47,7 +48,8 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
             # from its first frame.
             counted = "avi" in c.format.name.split(",")
             if seeks is None:
-                keys = [k for k in vplan.keyframes if 0 < k <= start][-2:]
+                # a deinterlaced frame is made with its neighbours': start a frame earlier
+                keys = [k for k in vplan.keyframes if 0 < k <= start - vplan.interlaced][-2:]
                 if counted and v.codec_context.has_b_frames:
                     keys = []
                 seeks = [vplan.pts[k] for k in reversed(keys)] + [None]
@@ -74,7 +76,7 @@ def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: 
     expected = start
     counter = None
     try:
-        for frame in c.decode(v):
+        for frame in _frames(c, v, vplan):
             i = index.get(frame.pts) if counter is None else counter
             if counted and i is not None:
                 counter = i + 1
@@ -98,6 +100,47 @@ def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: 
     if expected != stop:
         raise CorruptInput(f"{path}: truncated: decoded {expected - start} of {stop - start} frames")
     return True
+
+
+# yadif, one frame out per frame in, only frames flagged interlaced, field order from each frame
+DEINTERLACE = ("yadif", "mode=send_frame:parity=auto:deint=interlaced")
+
+
+def _frames(c, v, vplan: VideoPlan) -> Iterator[av.VideoFrame]:
+    """The stream's frames in presentation order; an interlaced source's deinterlaced.
+
+    Each output frame is built from its own fields and its neighbours' (the filter hands a
+    frame on once the next one is in), so a segment, which decodes from a keyframe before its
+    context frames, gets the same pixels as a single pass."""
+    if not vplan.interlaced:
+        yield from c.decode(v)
+        return
+    graph = av.filter.Graph()
+    src = graph.add_buffer(template=v)
+    deint = graph.add(*DEINTERLACE)
+    sink = graph.add("buffersink")
+    src.link_to(deint)
+    deint.link_to(sink)
+    graph.configure()
+
+    pts: deque = deque()  # one frame out per frame in, in order: each keeps its source pts
+    # (the filter counts time in half frames)
+
+    def drain():
+        while True:
+            try:
+                out = sink.pull()
+            except (av.error.BlockingIOError, av.error.EOFError):
+                return
+            out.pts = pts.popleft()
+            yield out
+
+    for frame in c.decode(v):
+        pts.append(frame.pts)
+        src.push(frame)
+        yield from drain()
+    src.push(None)
+    yield from drain()
 
 
 def to_i420(frame: av.VideoFrame, vplan: VideoPlan) -> np.ndarray:

@@ -37,6 +37,7 @@ class VideoPlan:
     # the source's colour description (AVColorPrimaries/TRC/Space/Range codes), copied to the
     # output so players decode its YUV as they did the source's (0 or 2: unspecified)
     color: dict = field(default_factory=dict)
+    interlaced: bool = False  # the first frame is interlaced: frames are deinterlaced on decode
 
     @property
     def frames(self) -> int:
@@ -125,25 +126,26 @@ def plan(path: str | Path) -> VideoPlan:
         others = len(c.streams) - 1 - len(c.streams.audio)
         w, h, codec, audio = cc.width, cc.height, cc.name, len(c.streams.audio)
     with _open(path) as c:  # anew: some demuxers (FLV without an index) cannot seek back
-        rotation, color = _first_frame_info(c, c.streams.video[0], path)
+        rotation, color, interlaced = _first_frame_info(c, c.streams.video[0], path)
     return VideoPlan(
         path=str(path), width=w, height=h, out_width=w + w % 2, out_height=h + h % 2,
         time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
         pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
-        codec=codec, audio_streams=audio, other_streams=others, color=color,
+        codec=codec, audio_streams=audio, other_streams=others, color=color, interlaced=interlaced,
     )
 
 
 COLOR_TAGS = ("color_primaries", "color_trc", "colorspace", "color_range")
 
 
-def _first_frame_info(c, v, path: Path) -> tuple[int, dict]:
-    """Display rotation (degrees) and colour description of the first decodable frame."""
+def _first_frame_info(c, v, path: Path) -> tuple[int, dict, bool]:
+    """Display rotation (degrees), colour description and interlacing of the first decodable
+    frame."""
     try:
         for frame in c.decode(v):
             color = {k: int(getattr(frame, k)) for k in COLOR_TAGS}
             color["color_range"] = source_range(frame)  # to_i420 keeps the values in it
-            return int(round(frame.rotation or 0)) % 360, color
+            return int(round(frame.rotation or 0)) % 360, color, bool(frame.interlaced_frame)
     except av.error.FFmpegError as e:
         raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
     raise CorruptInput(f"{path}: no video frame could be decoded")
