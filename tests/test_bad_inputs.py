@@ -455,6 +455,30 @@ def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, code
         assert all(np.array_equal(y, single[i]) for i, y in iter_frames(vplan, start, start + 4)), start
 
 
+@pytest.mark.parametrize("out", ["clip.identity.mp4", "out.mkv", "out.mov"])
+def test_anamorphic_source_keeps_its_pixel_aspect(tmp_path, capfd, out):
+    """A 16:9 PAL DVD stores 720x576 pixels 64:45 wide: the output keeps the shape players show."""
+    src = tmp_path / "clip.mpg"
+    with av.open(str(src), "w") as o:
+        v = o.add_stream("mpeg2video", rate=25)
+        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
+        v.codec_context.sample_aspect_ratio = Fraction(64, 45)
+        for i in range(5):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.full((64, 96, 3), 40 * i, np.uint8), format="rgb24")):
+                o.mux(p)
+        for p in v.encode(None):
+            o.mux(p)
+    with av.open(str(src)) as c:
+        sar = c.streams.video[0].sample_aspect_ratio  # MPEG-2 codes the display shape: near 64:45
+    assert abs(sar - Fraction(64, 45)) < 0.1
+    args = [] if out.startswith("clip.") else ["-o", tmp_path / out]
+    code, _, err = run(capfd, "submit", src, "--task", "identity", *args)
+    assert code == 0, err
+    with av.open(str(tmp_path / out)) as c:
+        s = c.streams.video[0]
+        assert (s.sample_aspect_ratio, sum(1 for _ in c.decode(s))) == (sar, 5)
+
+
 @pytest.mark.parametrize("codec, ext", [("mpeg4", "mp4"), ("mpeg4", "avi"), ("mpeg2video", "mpg"),
                                         ("mpeg2video", "ts"), ("libx264", "mkv")])
 def test_a_segment_after_a_seek_gets_the_frames_a_single_pass_gets(tmp_path, codec, ext):

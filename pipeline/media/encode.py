@@ -88,6 +88,8 @@ class VideoEncoder:
                 s.set_display_rotation(vplan.rotation)
             for k, code in vplan.color.items():
                 setattr(s.codec_context, k, code)
+            if vplan.sar:  # players show the frame at the source's shape (a 16:9 DVD stays 16:9)
+                s.codec_context.sample_aspect_ratio = Fraction(vplan.sar)
         except Exception:
             _discard(self._out, self.tmp)
             raise

@@ -38,6 +38,7 @@ class VideoPlan:
     # output so players decode its YUV as they did the source's (0 or 2: unspecified)
     color: dict = field(default_factory=dict)
     interlaced: bool = False  # the first frame is interlaced: frames are deinterlaced on decode
+    sar: str = ""  # sample (pixel) aspect ratio "num/den" where not square (anamorphic DVD, DV)
 
     @property
     def frames(self) -> int:
@@ -125,6 +126,8 @@ def plan(path: str | Path) -> VideoPlan:
         duration = float((pts[-1] + last_dur - pts[0]) * tb)
         others = len(c.streams) - 1 - len(c.streams.audio)
         w, h, codec, audio = cc.width, cc.height, cc.name, len(c.streams.audio)
+        sar = v.sample_aspect_ratio or cc.sample_aspect_ratio
+        sar = f"{sar.numerator}/{sar.denominator}" if sar and sar > 0 and sar != 1 else ""
     with _open(path) as c:  # anew: some demuxers (FLV without an index) cannot seek back
         rotation, color, interlaced = _first_frame_info(c, c.streams.video[0], path)
     return VideoPlan(
@@ -132,6 +135,7 @@ def plan(path: str | Path) -> VideoPlan:
         time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
         pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
         codec=codec, audio_streams=audio, other_streams=others, color=color, interlaced=interlaced,
+        sar=sar,
     )
 
 
