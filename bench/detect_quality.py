@@ -5,9 +5,10 @@
 Decodes the first N frames, runs the detector on every frame once (batches of 8, as the
 pipeline does), then feeds the tracker as ``process_range`` does for each K: the detections of
 frames ``i % K == 0`` and of the last frame; the frames between two of them get ``None`` (their
-faces come from the tracker's interpolation) unless the faces of the two differ, when their own
-detections are used (``--no-refine``: always ``None``). Each K's final faces (gap-filled, landmarks smoothed) are matched
-per frame to the K = 1 faces (greedy by box IoU >= 0.5) and reported as:
+faces come from the tracker's interpolation) unless the faces of the two differ, when they are
+searched around the faces that changed, as the pipeline does (``--refine frames``: their
+whole-frame detections; ``none``: interpolated). Each K's final faces (gap-filled, landmarks
+smoothed) are matched per frame to the K = 1 faces (greedy by box IoU >= 0.5) and reported as:
 
 - faces, faces_per_frame; recall (reference faces matched) and precision (faces matched);
 - tracks_found: share of reference tracks (>= 3 frames) with >= 90 % of their frames matched;
@@ -27,8 +28,8 @@ import numpy as np
 
 
 def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: int = 960,
-               batch: int = 8) -> tuple[list, dict]:
-    """Per-frame detections of the first ``frames`` frames, and timing."""
+               batch: int = 8) -> tuple[list, dict, list, object]:
+    """Per-frame detections of the first ``frames`` frames, timing, the frames and the detector."""
     from pipeline.faces import FaceDetector
     from pipeline.media import i420_to_rgb, iter_frames, plan
 
@@ -36,29 +37,30 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
     n = min(frames or vplan.frames, vplan.frames)
     det = FaceDetector(min_face=min_face, max_side=max_side)
     found: list = []
-    chunk: list = []
+    rgbs: list = []
     t = 0.0
     for _, yuv in iter_frames(vplan, 0, n):
-        chunk.append(i420_to_rgb(yuv, vplan.yuv_matrix))  # as the product reads it
-        if len(chunk) == batch:
+        rgbs.append(i420_to_rgb(yuv, vplan.yuv_matrix))  # as the product reads it
+        if len(rgbs) % batch == 0:
             t0 = time.perf_counter()
-            found += det.detect(chunk)
+            found += det.detect(rgbs[-batch:])
             t += time.perf_counter() - t0
-            chunk = []
-    if chunk:
+    if len(found) < len(rgbs):
         t0 = time.perf_counter()
-        found += det.detect(chunk)
+        found += det.detect(rgbs[len(found):])
         t += time.perf_counter() - t0
     return found, {"frames": n, "size": f"{vplan.width}x{vplan.height}",
-                   "detect_s_per_frame": round(t / max(1, n), 4)}
+                   "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det
 
 
-def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set[int]]:
+def track(found: list, every: int, refine: str = "regions", search=None) -> tuple[list[list], set[int], dict]:
     """The tracker's final faces per frame when only every ``every``-th frame (and the last) is
-    detected, as ``process_range`` does: with ``refine``, the frames between two detected
-    frames whose faces differ (``track.same_faces``) are detected too. Returns the faces
-    and the set of frames detected."""
-    from pipeline.track import FaceTracker, same_faces
+    detected, as ``process_range`` does. Between two detected frames whose faces differ
+    (``track.changed_faces``) ``refine`` "regions" searches the frames in between around the
+    faces that appeared or vanished (``search(i, regions)``, as the pipeline), "frames" takes
+    their whole-frame detections, "none" interpolates. Returns the faces, the frames detected
+    whole or searched, and the search time."""
+    from pipeline.track import FaceTracker, changed_faces, search_regions
 
     tr = FaceTracker()
     n = len(found)
@@ -66,16 +68,32 @@ def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set
     detected: set[int] = set()
     out: list = []
     gap: list[int] = []
+    timing = {"searched": 0, "search_s": 0.0}
     for i in range(n):
         if not (i % every == 0 or i == n - 1):
             gap.append(i)
             continue
         faces = [_copy(f) for f in found[i]]
-        fill = bool(gap) and refine and (not same_faces(found[prev], found[i], i - prev) if prev is not None
-                                         else bool(faces))
+        fill: dict = {}
+        if gap and refine != "none":
+            if prev is not None:
+                vanished, appeared = changed_faces(found[prev], found[i], i - prev)
+                span = i - prev
+            else:
+                vanished, appeared, span = [], found[i], i - gap[0] + 1
+            if vanished or appeared:
+                if refine == "frames":
+                    fill = {g: found[g] for g in gap}
+                else:
+                    h, w = search.frame_size
+                    regions = search_regions(vanished + appeared, span, w, h)
+                    t0 = time.perf_counter()
+                    fill = {g: search(g, regions) for g in gap}
+                    timing["search_s"] += time.perf_counter() - t0
+                    timing["searched"] += len(gap)
         for g in gap:
-            tr.add(g, [_copy(f) for f in found[g]] if fill else None)
-            detected.update([g] if fill else [])
+            tr.add(g, [_copy(f) for f in fill[g]] if g in fill else None)
+            detected.update([g] if g in fill else [])
         tr.add(i, faces)
         detected.add(i)
         gap = []
@@ -83,7 +101,8 @@ def track(found: list, every: int, refine: bool = True) -> tuple[list[list], set
         out += tr.pop_ready()
     out += tr.pop_ready(final=True)
     assert [i for i, _ in out] == list(range(n))
-    return [fs for _, fs in out], detected
+    timing["search_s"] = round(timing["search_s"], 3)
+    return [fs for _, fs in out], detected, timing
 
 
 def _copy(f):
@@ -148,14 +167,19 @@ def compare(ref: list[list], got: list[list], detected: set[int]) -> dict:
     }
 
 
-def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: bool = True, **kw) -> dict:
-    found, info = detect_all(Path(clip), frames, **kw)
-    ref, _ = track(found, 1)
+def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: str = "regions", **kw) -> dict:
+    found, info, rgbs, det = detect_all(Path(clip), frames, **kw)
+
+    def search(i: int, regions) -> list:
+        return det.detect_regions(rgbs[i], regions)
+
+    search.frame_size = rgbs[0].shape[:2] if rgbs else (0, 0)
+    ref, _, _ = track(found, 1)
     res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
            "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
     for k in every:
-        got, detected = track(found, k, refine)
-        res["every"][str(k)] = {"detected_frames": len(detected), **compare(ref, got, detected)}
+        got, detected, timing = track(found, k, refine, search)
+        res["every"][str(k)] = {"detected_frames": len(detected), **timing, **compare(ref, got, detected)}
     return res
 
 
@@ -166,11 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--every", default="1,2,3", help="comma list of K")
     ap.add_argument("--min-face", type=int, default=40)
     ap.add_argument("--detect-side", type=int, default=960)
-    ap.add_argument("--no-refine", action="store_true",
-                    help="interpolate between detected frames even where the faces differ")
+    ap.add_argument("--refine", choices=("regions", "frames", "none"), default="regions",
+                    help="between detected frames whose faces differ: search around the faces "
+                         "that changed (the pipeline), detect the whole frames, or interpolate")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = quality(a.input, a.frames, [int(k) for k in a.every.split(",")], not a.no_refine,
+    res = quality(a.input, a.frames, [int(k) for k in a.every.split(",")], a.refine,
                   min_face=a.min_face, max_side=a.detect_side)
     if a.json:
         print(json.dumps(res))

@@ -111,7 +111,7 @@ def run_pipeline(vplan, opts, engine, out_dir: Path, stop: int, io_queue: int | 
     if stop == vplan.frames:
         join([part], vplan, out_dir / "pipeline.mp4")
     return {"seconds": time.perf_counter() - t0, "frames": stats.frames, "faces": stats.faces,
-            "detected_frames": stats.detected,
+            "detected_frames": stats.detected, "searched_frames": stats.searched,
             "stages": {k: round(v, 3) for k, v in stats.stages.items()}}
 
 
@@ -311,6 +311,7 @@ def main(argv=None) -> int:
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}
     res["faces"] = {k: v.get("faces") for k, v in runs.items() if "faces" in v}
     res["detected_frames"] = {k: v["detected_frames"] for k, v in runs.items() if "detected_frames" in v}
+    res["searched_frames"] = {k: v["searched_frames"] for k, v in runs.items() if "searched_frames" in v}
     # sampled during each run: the process's peak, and its growth over the run's start (the
     # engines' models stay loaded, so a later run's peak holds the earlier ones' memory too)
     res["peak_rss_mb"] = {k: v[0] for k, v in rss.items()}

@@ -106,6 +106,39 @@ class FaceDetector:
                 out.append(self._faces(b, p, pt, 1.0 / scale, pad))
         return out
 
+    REGION_STEP = 32  # detect_regions pads each region to a multiple of this (detector pixels)
+
+    def detect_regions(self, frame: np.ndarray, regions: list[tuple[int, int, int, int]]) -> list[Face]:
+        """Faces inside ``regions`` (x0, y0, x1, y1 in frame pixels) of one frame, searched at the
+        scale the whole frame is (``max_side``), in frame coordinates; where regions overlap and
+        find one face twice, the better-scored copy is kept."""
+        h, w = frame.shape[:2]
+        scale = min(1.0, self.max_side / max(h, w))
+        net = self._mtcnn(max(12, int(round(self.min_face * scale))))
+        found: list[Face] = []
+        for x0, y0, x1, y1 in regions:
+            crop = _rgb(frame[y0:y1, x0:x1])
+            if scale < 1.0:
+                size = (max(1, int(round((x1 - x0) * scale))), max(1, int(round((y1 - y0) * scale))))
+                crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+            if min(crop.shape[:2]) < 12:
+                continue
+            # grey to a multiple of 32 px on the right and below: a few shapes for the engines
+            ph, pw = -crop.shape[0] % self.REGION_STEP, -crop.shape[1] % self.REGION_STEP
+            crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), constant_values=127)
+            (b, p, pt), = net.detect(crop[None])
+            for f in self._faces(b, p, pt, 1.0 / scale):
+                f.box += (x0, y0, x0, y0)
+                f.landmarks += (x0, y0)
+                found.append(f)
+        from .track import iou
+
+        kept: list[Face] = []
+        for f in sorted(found, key=lambda f: -f.score):
+            if all(iou(f.box, k.box) < 0.5 for k in kept):
+                kept.append(f)
+        return sorted(kept, key=lambda f: -f.width)
+
     def detect_image(self, image: np.ndarray) -> list[Face]:
         """Faces in one still image. Where none is found, the image is searched again inside a
         grey border (``RETRY_BORDERS``, widths in turn until a face is found): MTCNN misses a

@@ -43,8 +43,13 @@ def same_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25) ->
     """True when ``b`` (faces ``gap`` frames after ``a``) are the faces of ``a``, moved: each
     face of one pairs with one of the other (IoU >= ``min_iou``, else centre distance as the
     tracker allows). False means a face appeared or vanished in between."""
-    if len(a) != len(b):
-        return False
+    vanished, appeared = changed_faces(a, b, gap, min_iou)
+    return not vanished and not appeared
+
+
+def changed_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25) -> tuple[list[Face], list[Face]]:
+    """The faces of ``a`` with no partner in ``b`` (vanished) and of ``b`` with none in ``a``
+    (appeared), ``b`` being ``gap`` frames after ``a``; pairs as in ``same_faces``."""
     pairs = sorted(((iou(f.box, g.box), fi, gi) for fi, f in enumerate(a) for gi, g in enumerate(b)),
                    reverse=True)
     used_a, used_b = set(), set()
@@ -58,7 +63,20 @@ def same_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25) ->
         if d <= 0.5 and fi not in used_a and gi not in used_b:
             used_a.add(fi)
             used_b.add(gi)
-    return len(used_a) == len(a)
+    return ([f for fi, f in enumerate(a) if fi not in used_a], [g for gi, g in enumerate(b) if gi not in used_b])
+
+
+def search_regions(faces: list[Face], gap: int, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Where to look for ``faces`` (each appeared or vanished) in the frames of a ``gap``-frame
+    stretch: its box widened on every side by half its width per frame of the gap (as far as the
+    tracker lets a face move) and half a width more (the detector's context), in the frame."""
+    out = []
+    for f in faces:
+        x0, y0, x1, y1 = (float(v) for v in f.box)
+        m = (x1 - x0) * (0.5 + 0.5 * gap)
+        out.append((max(0, int(x0 - m)), max(0, int(y0 - m)), min(width, int(np.ceil(x1 + m))),
+                    min(height, int(np.ceil(y1 + m)))))
+    return [r for r in out if r[2] > r[0] and r[3] > r[1]]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .errors import Cancelled
 from .faces import FaceDetector
 from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_to_rgb, iter_frames
 from .restore import FaceRestorer
-from .track import FaceTracker, same_faces
+from .track import FaceTracker, changed_faces, search_regions
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class RangeStats:
     faces: int = 0
     frames_with_faces: int = 0
     detected: int = 0  # frames run through the detector (context frames included)
+    searched: int = 0  # frames searched only where a face appeared or vanished (``refine``)
     seconds: float = 0.0
     stages: dict = field(default_factory=lambda: dict.fromkeys(
         ("decode", "detect", "restore", "paste", "encode"), 0.0))
@@ -199,9 +200,10 @@ def process_range(
     detect_every: run the detector on every k-th frame (by absolute index, so segments and a
     single pass pick the same frames) and on the last frame; faces in between come from the
     tracker's interpolation, unless the faces of two such frames differ (one appeared or
-    vanished, ``track.same_faces``): then the frames between them are detected too, so that a
-    face is restored from its first frame to its last. The decision depends on those two
-    frames' detections only, so segments and a single pass make the same one. Must stay within
+    vanished, ``track.changed_faces``): then the frames between them are searched around that
+    face (``FaceDetector.detect_regions``), so that it is restored from its first frame to its
+    last. The decision and the regions depend on those two frames' detections only, so
+    segments and a single pass make the same ones. Must stay within
     the tracker's gap limit. detect_batch: frames per detector call (the frames detected;
     about detect_batch * detect_every frames are decoded ahead).
 
@@ -276,7 +278,7 @@ class RangeRun:
             self.check_cancel(new[0][0])
             self.waiting += new
             self.detect([(i, yuv) for i, yuv in new if self.chosen(i)])
-            self.detect(self.refine())
+            self.search(self.refine())
             self.hand_over()
             self.restore(self.tracker.pop_ready())
             if not more:
@@ -315,18 +317,37 @@ class RangeRun:
                 faces = self.detector.detect([i420_to_rgb(yuv, self.matrix) for _, yuv in items])
                 self.found.update(zip([i for i, _ in items], faces))
 
-    def refine(self) -> list[tuple[int, np.ndarray]]:
+    def search(self, items: list[tuple[int, np.ndarray, list]]) -> None:
+        """Run the detector on each frame of ``items`` inside its regions only; the faces go
+        to ``found``."""
+        if items:
+            self.stats.searched += len(items)
+            with self.clock("detect"):
+                for i, yuv, regions in items:
+                    self.found[i] = self.detector.detect_regions(i420_to_rgb(yuv, self.matrix), regions)
+
+    def refine(self) -> list[tuple[int, np.ndarray, list]]:
         """The waiting frames not detected yet that lie between two detected frames whose faces
-        differ: they are detected too."""
-        refine: list[tuple[int, np.ndarray]] = []
+        differ, each with the regions where a face appeared or vanished (``track.changed_faces``,
+        ``track.search_regions``): they are searched there, so that a face is restored from its
+        first frame to its last. The faces both frames share come from the tracker's
+        interpolation, as on any frame between two detected ones."""
+        refine: list[tuple[int, np.ndarray, list]] = []
         gap: list[tuple[int, np.ndarray]] = []
         for i, yuv in self.waiting:
             if i not in self.found:
                 gap.append((i, yuv))
                 continue
             prev = self.prev
-            if gap and not (same_faces(prev[1], self.found[i], i - prev[0]) if prev else not self.found[i]):
-                refine += gap
+            if gap:
+                if prev:
+                    vanished, appeared = changed_faces(prev[1], self.found[i], i - prev[0])
+                    span = i - prev[0]
+                else:  # the range's first detected frame: a face in it may have been there before
+                    vanished, appeared, span = [], self.found[i], i - gap[0][0] + 1
+                regions = search_regions(vanished + appeared, span, self.vplan.out_width, self.vplan.out_height)
+                if regions:
+                    refine += [(j, y, regions) for j, y in gap]
             self.prev, gap = (i, self.found[i]), []
         return refine
 

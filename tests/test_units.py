@@ -203,6 +203,40 @@ def test_same_faces_tells_when_faces_appear_or_vanish():
     assert same_faces([], [], 3)
 
 
+def test_changed_faces_names_the_face_that_came_and_where_to_look_for_it():
+    from pipeline.track import changed_faces, search_regions
+
+    stay, came = _moving_face(0.0), _moving_face(900.0)
+    vanished, appeared = changed_faces([stay], [_moving_face(105.0), came], 3)
+    assert vanished == [] and appeared == [came]
+    (x0, y0, x1, y1), = search_regions(appeared, 3, 1920, 1080)
+    # half a width a frame of the gap and half a width more on each side, inside the frame
+    assert (x0, y0, x1, y1) == (900 - 180, 280 - 180, 990 + 180, 400 + 180)
+    assert search_regions([_moving_face(-30.0)], 3, 1920, 1080)[0][0] == 0
+
+
+def test_detect_regions_finds_in_a_region_the_faces_the_whole_frame_has_there():
+    from conftest import VIDEOS
+    from pipeline.faces import FaceDetector
+    from pipeline.media import i420_to_rgb, iter_frames, plan
+    from pipeline.track import iou, search_regions
+
+    vplan = plan(VIDEOS / "walking_1080p.mp4")
+    frame = i420_to_rgb(next(iter_frames(vplan, 0, 1))[1], vplan.yuv_matrix)
+    det = FaceDetector()
+    whole = det.detect([frame])[0]
+    assert len(whole) >= 4
+    clear = [f for f in whole if f.score > 0.99]  # not the half-hidden face behind another
+    assert len(clear) >= 4
+    for face in clear:
+        region = search_regions([face], 1, frame.shape[1], frame.shape[0])
+        found = det.detect_regions(frame, region)
+        assert max(iou(face.box, f.box) for f in found) > 0.75  # in frame coordinates
+        x0, y0, x1, y1 = region[0]
+        inside = [f for f in whole if x0 <= f.box[0] and f.box[2] <= x1 and y0 <= f.box[1] and f.box[3] <= y1]
+        assert len(found) >= len(inside) and len(found) < len(whole)
+
+
 def test_restorer_channels_last_gives_the_networks_own_output():
     import torch
 

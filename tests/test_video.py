@@ -335,6 +335,7 @@ def test_detect_every_3_restores_the_faces_per_frame_detection_does(tmp_path):
     s1, every1 = _process(src, tmp_path / "k1.mp4", stop=40, detect_every=1, detector=det)
     s3, every3 = _process(src, tmp_path / "k3.mp4", stop=40, detect_every=3, detector=det)
     assert s1.frames == s3.frames == 40 and s3.detected < 0.75 * s1.detected
+    assert s3.searched > 0  # faces come and go in this crowd: frames searched around them
     ref = [[f for f in fs] for fs in every1.faces]
     got = [[f for f in fs] for fs in every3.faces]
     q = compare(ref, got, detected=set())
