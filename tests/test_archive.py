@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.archive import build_archive, job_memory, weights_python
-from conftest import ROOT, UTKFACE
+from conftest import ROOT
 from test_worker import cli, cli_json, db, record, wait_until, workers  # noqa: F401 (fixtures)
 
 FAST_BEAT = {"FACEMEND_HEARTBEAT_INTERVAL": "0.5", "FACEMEND_HEARTBEAT_TIMEOUT": "2"}
