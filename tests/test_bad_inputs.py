@@ -95,6 +95,36 @@ def write_video(path: Path, w: int, h: int, frames: int = 6, audio: str | None =
     return path
 
 
+def grey_stream(o, codec: str, w: int = 64, h: int = 48, rate: int = 25, *, gop: int | None = None,
+                b_frames: int | None = None, bit_rate: int | None = None, options: dict | None = None,
+                sar: Fraction | None = None):
+    """A yuv420p video stream added to the open output ``o``, set up as asked."""
+    v = o.add_stream(codec, rate=rate)
+    v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+    if gop is not None:
+        v.gop_size = gop
+    if b_frames is not None:
+        v.codec_context.max_b_frames = b_frames
+    if bit_rate is not None:
+        v.bit_rate = bit_rate
+    if options:
+        v.options = options
+    if sar is not None:
+        v.codec_context.sample_aspect_ratio = sar
+    return v
+
+
+def grey_frames(o, v, frames: int, step: int) -> None:
+    """Frames ``0..frames-1`` of stream ``v``, frame i all grey level ``step * i``, the encoder
+    flushed: the order a decoder gives them can be read back from their means."""
+    for i in range(frames):
+        img = np.full((v.height, v.width, 3), step * i, np.uint8)
+        for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            o.mux(p)
+    for p in v.encode(None):
+        o.mux(p)
+
+
 # ---- 1. pictures too small to hold a face ----------------------------------------------------
 
 def test_tiny_image_passes_through_unchanged(tmp_path, capfd, caplog):
@@ -347,15 +377,7 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
 
     src = tmp_path / "grey.avi"
     with av.open(str(src), "w") as o:
-        v = o.add_stream("libx264", rate=10)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        v.options = {"g": "5", "bf": "2"}
-        for i in range(24):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")
-            for p in v.encode(frame):
-                o.mux(p)
-        for p in v.encode(None):
-            o.mux(p)
+        grey_frames(o, grey_stream(o, "libx264", rate=10, options={"g": "5", "bf": "2"}), 24, 8)
     code, _, err = run(capfd, "submit", src, "--task", "identity")
     assert code == 0, err
     with av.open(str(tmp_path / "grey.identity.mp4")) as c:
@@ -372,19 +394,11 @@ def test_old_archive_containers_keep_every_frame_and_audio_packet(tmp_path, capf
     """Flash video (its demuxer cannot seek back), a DVD's VOB and a DivX AVI with B-frames."""
     src = tmp_path / name
     with av.open(str(src), "w", format="avi" if name.endswith(".divx") else None) as o:
-        v = o.add_stream(vcodec, rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        v.bit_rate = 2_000_000  # grey levels 10 apart stay readable
-        if vcodec != "flv":
-            v.codec_context.max_b_frames = 2
+        # grey levels 10 apart stay readable at this rate
+        v = grey_stream(o, vcodec, bit_rate=2_000_000, b_frames=None if vcodec == "flv" else 2)
         a = o.add_stream(acodec, rate=48000)
         a.layout = "stereo"
-        for i in range(20):
-            img = np.full((48, 64, 3), 10 * i, np.uint8)
-            for p in v.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                o.mux(p)
-        for p in v.encode(None):
-            o.mux(p)
+        grey_frames(o, v, 20, 10)
         fs = a.codec_context.frame_size
         for k in range(48000 * 20 // 25 // fs):
             t = np.arange(k * fs, (k + 1) * fs) / 48000.0
@@ -426,11 +440,8 @@ def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, code
     src = tmp_path / name
     h, w = 96, 128
     with av.open(str(src), "w") as o:
-        v = o.add_stream(codec, rate=25)
-        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
-        v.bit_rate, v.gop_size = 4_000_000, 6
-        v.options = {"flags": "+ildct+ilme", "top": "1"} if codec == "mpeg2video" else {
-            "flags": "+ildct+ilme", "x264-params": "tff=1"}
+        v = grey_stream(o, codec, w, h, gop=6, bit_rate=4_000_000, options={"flags": "+ildct+ilme", **(
+            {"top": "1"} if codec == "mpeg2video" else {"x264-params": "tff=1"})})
         for i in range(18):
             img = np.full((h, w, 3), 60, np.uint8)
             img[0::2, 6 * i:6 * i + 16] = 220  # top field
@@ -460,14 +471,7 @@ def test_anamorphic_source_keeps_its_pixel_aspect(tmp_path, capfd, out):
     """A 16:9 PAL DVD stores 720x576 pixels 64:45 wide: the output keeps the shape players show."""
     src = tmp_path / "clip.mpg"
     with av.open(str(src), "w") as o:
-        v = o.add_stream("mpeg2video", rate=25)
-        v.width, v.height, v.pix_fmt = 96, 64, "yuv420p"
-        v.codec_context.sample_aspect_ratio = Fraction(64, 45)
-        for i in range(5):
-            for p in v.encode(av.VideoFrame.from_ndarray(np.full((64, 96, 3), 40 * i, np.uint8), format="rgb24")):
-                o.mux(p)
-        for p in v.encode(None):
-            o.mux(p)
+        grey_frames(o, grey_stream(o, "mpeg2video", 96, 64, sar=Fraction(64, 45)), 5, 40)
     with av.open(str(src)) as c:
         sar = c.streams.video[0].sample_aspect_ratio  # MPEG-2 codes the display shape: near 64:45
     assert abs(sar - Fraction(64, 45)) < 0.1
@@ -487,18 +491,8 @@ def test_a_segment_after_a_seek_gets_the_frames_a_single_pass_gets(tmp_path, cod
     from pipeline.media import i420_to_rgb, iter_frames, plan
 
     src = tmp_path / f"grey.{ext}"
-    with av.open(str(src), "w") as o:
-        v = o.add_stream(codec, rate=25)
-        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-        v.gop_size = 12
-        v.codec_context.max_b_frames = 2
-        v.bit_rate = 4_000_000  # grey levels 5 apart stay readable
-        for i in range(48):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")
-            for p in v.encode(frame):
-                o.mux(p)
-        for p in v.encode(None):
-            o.mux(p)
+    with av.open(str(src), "w") as o:  # grey levels 5 apart stay readable at this rate
+        grey_frames(o, grey_stream(o, codec, gop=12, b_frames=2, bit_rate=4_000_000), 48, 5)
     vplan = plan(src)
     assert vplan.frames == 48 and len(vplan.keyframes) > 2
     single = [y for _, y in iter_frames(vplan)]
