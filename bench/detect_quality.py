@@ -53,14 +53,16 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
                    "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det
 
 
-def track(found: list, every: int, refine: str = "regions", search=None) -> tuple[list[list], set[int], dict]:
+def track(found: list, every: int, refine: str = "regions", search=None,
+          size: tuple[int, int] = (0, 0)) -> tuple[list[list], set[int], dict]:
     """The tracker's final faces per frame when only every ``every``-th frame (and the last) is
     detected, as ``process_range`` does. Between two detected frames whose faces differ
-    (``track.changed_faces``) ``refine`` "regions" searches the frames in between around the
-    faces that appeared or vanished (``search(i, regions)``, as the pipeline), "frames" takes
+    (``track.gap_regions``) ``refine`` "regions" searches the frames in between around the
+    faces that appeared or vanished (``search(i, regions)`` in frames of ``size`` (h, w), as
+    the pipeline), "frames" takes
     their whole-frame detections, "none" interpolates. Returns the faces, the frames detected
     whole or searched, and the search time."""
-    from pipeline.track import FaceTracker, changed_faces, search_regions
+    from pipeline.track import FaceTracker, gap_regions
 
     tr = FaceTracker()
     n = len(found)
@@ -76,21 +78,15 @@ def track(found: list, every: int, refine: str = "regions", search=None) -> tupl
         faces = [_copy(f) for f in found[i]]
         fill: dict = {}
         if gap and refine != "none":
-            if prev is not None:
-                vanished, appeared = changed_faces(found[prev], found[i], i - prev)
-                span = i - prev
-            else:
-                vanished, appeared, span = [], found[i], i - gap[0] + 1
-            if vanished or appeared:
-                if refine == "frames":
-                    fill = {g: found[g] for g in gap}
-                else:
-                    h, w = search.frame_size
-                    regions = search_regions(vanished + appeared, span, w, h)
-                    t0 = time.perf_counter()
-                    fill = {g: search(g, regions) for g in gap}
-                    timing["search_s"] += time.perf_counter() - t0
-                    timing["searched"] += len(gap)
+            regions = gap_regions(None if prev is None else (prev, found[prev]), i, found[i], gap[0],
+                                  size[1], size[0])
+            if regions and refine == "frames":
+                fill = {g: found[g] for g in gap}
+            elif regions:
+                t0 = time.perf_counter()
+                fill = {g: search(g, regions) for g in gap}
+                timing["search_s"] += time.perf_counter() - t0
+                timing["searched"] += len(gap)
         for g in gap:
             tr.add(g, [_copy(f) for f in fill[g]] if g in fill else None)
             detected.update([g] if g in fill else [])
@@ -173,12 +169,11 @@ def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: str = 
     def search(i: int, regions) -> list:
         return det.detect_regions(rgbs[i], regions)
 
-    search.frame_size = rgbs[0].shape[:2] if rgbs else (0, 0)
     ref, _, _ = track(found, 1)
     res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
            "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
     for k in every:
-        got, detected, timing = track(found, k, refine, search)
+        got, detected, timing = track(found, k, refine, search, rgbs[0].shape[:2] if rgbs else (0, 0))
         res["every"][str(k)] = {"detected_frames": len(detected), **timing, **compare(ref, got, detected)}
     return res
 

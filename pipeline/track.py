@@ -66,6 +66,21 @@ def changed_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25)
     return ([f for fi, f in enumerate(a) if fi not in used_a], [g for gi, g in enumerate(b) if gi not in used_b])
 
 
+def gap_regions(prev: tuple[int, list[Face]] | None, index: int, faces: list[Face], first_gap: int,
+                width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Where to search the undetected frames ``first_gap..index-1`` that lie between the
+    detected frame ``prev`` (index, faces; None: the range's first detected frame) and frame
+    ``index`` with ``faces``: around each face that appeared or vanished between the two
+    (``changed_faces``, ``search_regions``); none when the faces are the same. A range's first
+    detected frame has nothing before it: each of its faces may have been there before."""
+    if prev is None:
+        vanished, appeared, span = [], faces, index - first_gap + 1
+    else:
+        vanished, appeared = changed_faces(prev[1], faces, index - prev[0])
+        span = index - prev[0]
+    return search_regions(vanished + appeared, span, width, height)
+
+
 def search_regions(faces: list[Face], gap: int, width: int, height: int) -> list[tuple[int, int, int, int]]:
     """Where to look for ``faces`` (each appeared or vanished) in the frames of a ``gap``-frame
     stretch: its box widened on every side by half its width per frame of the gap (as far as the

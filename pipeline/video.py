@@ -23,7 +23,7 @@ from .errors import Cancelled
 from .faces import FaceDetector
 from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_to_rgb, iter_frames
 from .restore import FaceRestorer
-from .track import FaceTracker, changed_faces, search_regions
+from .track import FaceTracker, gap_regions
 
 log = logging.getLogger(__name__)
 
@@ -328,26 +328,20 @@ class RangeRun:
 
     def refine(self) -> list[tuple[int, np.ndarray, list]]:
         """The waiting frames not detected yet that lie between two detected frames whose faces
-        differ, each with the regions where a face appeared or vanished (``track.changed_faces``,
-        ``track.search_regions``): they are searched there, so that a face is restored from its
-        first frame to its last. The faces both frames share come from the tracker's
-        interpolation, as on any frame between two detected ones."""
+        differ, each with the regions where a face appeared or vanished (``track.gap_regions``):
+        they are searched there, so that a face is restored from its first frame to its last.
+        The faces both frames share come from the tracker's interpolation, as on any frame
+        between two detected ones."""
         refine: list[tuple[int, np.ndarray, list]] = []
         gap: list[tuple[int, np.ndarray]] = []
         for i, yuv in self.waiting:
             if i not in self.found:
                 gap.append((i, yuv))
                 continue
-            prev = self.prev
             if gap:
-                if prev:
-                    vanished, appeared = changed_faces(prev[1], self.found[i], i - prev[0])
-                    span = i - prev[0]
-                else:  # the range's first detected frame: a face in it may have been there before
-                    vanished, appeared, span = [], self.found[i], i - gap[0][0] + 1
-                regions = search_regions(vanished + appeared, span, self.vplan.out_width, self.vplan.out_height)
-                if regions:
-                    refine += [(j, y, regions) for j, y in gap]
+                regions = gap_regions(self.prev, i, self.found[i], gap[0][0], self.vplan.out_width,
+                                      self.vplan.out_height)
+                refine += [(j, y, regions) for j, y in gap if regions]
             self.prev, gap = (i, self.found[i]), []
         return refine
 
