@@ -82,6 +82,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
                         " mirror and three zooms; its jobs about 2.5x as fast on CPU, 0.4 dB lower)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")
+    p.add_argument("--no-grain", dest="grain", action="store_false",
+                   help="unmask: do not give the painted area the grain of the skin around it")
     p.add_argument("--preview", type=Path, metavar="PATH.png",
                    help="write a before/after sheet of up to 16 face crops")
     fm = p.add_argument_group("FaceMath tasks (age, gender, morph)")
@@ -139,7 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing, device=args.device, codec=args.codec, crf=args.crf,
         preset=args.preset, min_face=args.min_face, batch_size=args.batch_size,
         detect_every=args.detect_every,
-        colour_match=args.colour_match, fast=args.fast, preview=str(args.preview) if args.preview else None,
+        colour_match=args.colour_match, grain=args.grain, fast=args.fast, preview=str(args.preview) if args.preview else None,
         amount=args.amount, sharpen=args.sharpen, to=str(args.to) if args.to else None,
         frames=args.frames, fps=args.fps,
     )

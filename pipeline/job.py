@@ -43,6 +43,7 @@ class JobOptions:
     detect_every: int = 3  # video: see process_range; bench/detect_quality.py measures it
     batch_size: int = 16
     colour_match: bool = True
+    grain: bool = True  # unmask: grain matched to the skin around the painted area
     fast: bool = False  # one network pass per face: no mirror or zoom self-ensembles (TaskSpec)
     preview: str | None = None
     # FaceMath tasks (age, gender, morph)
@@ -135,7 +136,8 @@ class Engine:
         self.model = model
         self.preview = PreviewSink() if opts.preview else None
         self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
-                                     colour_match=opts.colour_match, preview=self.preview,
+                                     colour_match=opts.colour_match, grain=opts.grain,
+                                     preview=self.preview,
                                      ensemble=not opts.fast,
                                      half=self.device.startswith("cuda"))
         # a task that paints over a covered lower face (unmask) must first find such faces

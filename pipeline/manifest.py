@@ -74,6 +74,8 @@ def pixel_options(opts, src: str | Path | None = None) -> dict:
     spec = resolve(opts.task)
     out = {"task": spec.name, "min_face": opts.min_face, "detect_side": opts.detect_side,
            "colour_match": bool(opts.colour_match), "fast": bool(opts.fast)}
+    if spec.replaces:
+        out["grain"] = bool(opts.grain)
     if spec.latent:
         out["amount"] = float(spec.default_amount if opts.amount is None else opts.amount)
         out["sharpen"] = bool(opts.sharpen)

@@ -93,7 +93,8 @@ class FaceRestorer:
     def __init__(self, model, *, device: str = "cpu", batch_size: int = 16,
                  colour_match: bool = True, half: bool = False,
                  preview: PreviewSink | None = None, channels_last: bool | None = None,
-                 zooms: tuple[float, ...] | None = None, ensemble: bool = True) -> None:
+                 zooms: tuple[float, ...] | None = None, ensemble: bool = True,
+                 grain: bool = True) -> None:
         self.model = model
         self.spec = model.spec
         import torch
@@ -105,6 +106,8 @@ class FaceRestorer:
         self.colour_match = colour_match and not getattr(self.spec, "latent", False)
         self.uses_tracks = getattr(model, "uses_tracks", False)
         self.replaces = getattr(self.spec, "replaces", False)
+        # a replacing task's paint gets the grain of the skin around it (``align.matched_grain``)
+        self.grain = grain
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
         self.aside = getattr(self.spec, "cols_aside", 0)
@@ -198,7 +201,8 @@ class FaceRestorer:
                 rest = self._merged(jobs, restored, first, nv)
                 if self.preview is not None:
                     self.preview.offer(job.face.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                placed = self._place(rest, given[first], job.matrix, images[i])
+                seed = job.face.track if job.face.track >= 0 else first
+                placed = self._place(rest, given[first], job.matrix, images[i], grain_seed=seed)
                 if placed is not None:
                     out[i].append(placed)
             start = end
@@ -342,12 +346,17 @@ class FaceRestorer:
         region = align.colour_region(crop.shape[1] - 2 * self.aside, crop.shape[0], self.aside)
         return match(rest, crop.astype(np.float32), region)
 
-    def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray):
-        """The (rect, delta) that puts a restored crop into its frame; None when nothing changes."""
+    def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray,
+               grain_seed: int | None = None):
+        """The (rect, delta) that puts a restored crop into its frame; None when nothing changes.
+        A replacing task's paint gets grain matched to the skin around it (``align.matched_grain``,
+        drawn from ``grain_seed``) when a seed is given and ``grain`` is on."""
         crop_f = crop.astype(np.float32)
         if self.replaces:
             weight = align.replace_weight(rest, crop_f)
-            return align.warp_replace(rest, weight, m, image) if np.any(weight) else None
+            if not np.any(weight):
+                return None
+            return align.warp_replace(rest, weight, m, image, grain_seed if self.grain else None)
         delta = rest - crop_f  # (square crops: ``below`` is for replacing tasks)
         if not np.any(delta):
             return None

@@ -78,6 +78,53 @@ def test_replace_paste_removes_detail_the_upsampled_change_leaves():
     assert np.array_equal(out[far], before[far])
 
 
+def _painted_face(noise: float, seed: int = 0):
+    """A 400 px frame of skin with grain of ``noise`` levels, a face aligned over it whose lower
+    half the "network" paints flat (a 128 px painter's smooth output)."""
+    rng = np.random.default_rng(seed)
+    frame = np.clip(150 + rng.normal(0, noise, (400, 400, 1)) + [10, 0, -20], 0, 255).astype(np.uint8)
+    lm = align.template(1.0) * 300 + [50, 20]
+    m = align.estimate_transform(lm, 128)
+    crop = align.warp_face(frame, m, 128).astype(np.float32)
+    restored = crop.copy()
+    restored[80:120, 30:98] = crop[80:120, 30:98].mean(axis=(0, 1))  # smooth paint
+    return frame, m, crop, restored
+
+
+def test_unmask_paint_gets_the_grain_of_the_skin_around_it():
+    """A flat paint in a grainy frame gets grain of about the skin's level (the high band of
+    luma), only where it painted, the same grain for the same track; a smooth frame gets none."""
+    frame, m, crop, restored = _painted_face(noise=6.0)
+    weight = np.zeros((128, 128), np.float32)
+    weight[80:120, 30:98] = 1.0  # the paint: the painted box
+    flat, grainy = frame.copy(), frame.copy()
+    rect, delta = align.warp_replace(restored, weight, m, frame)
+    align.add_delta(flat, rect, delta)
+    rect2, delta2 = align.warp_replace(restored, weight, m, frame, grain_seed=7)
+    assert rect2 == rect
+    align.add_delta(grainy, rect2, delta2)
+    inv = cv2.invertAffineTransform(m)
+    x0, y0 = np.rint(inv @ [40, 85, 1]).astype(int)
+    x1, y1 = np.rint(inv @ [88, 115, 1]).astype(int)
+    band = lambda img: align._band(align._luma(img[y0:y1, x0:x1].astype(np.float32)))
+    skin = align._band(align._luma(frame[20:120, 20:380].astype(np.float32))).std()
+    assert band(flat).std() < 0.25 * skin  # the paint alone is smooth
+    assert 0.6 * skin < band(grainy).std() < 1.5 * skin  # with grain: about the skin's texture
+    far = np.ones(frame.shape[:2], bool)
+    far[rect[1]:rect[3], rect[0]:rect[2]] = False
+    assert np.array_equal(grainy[far], frame[far])  # nothing outside the face's rectangle
+    weight_frame = cv2.warpAffine(weight, m, (400, 400), flags=cv2.WARP_INVERSE_MAP)
+    unpainted = cv2.dilate((weight_frame > 0).astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    assert unpainted[rect[1]:rect[3], rect[0]:rect[2]].mean() > 0.5
+    assert np.array_equal(grainy[unpainted], flat[unpainted])  # only where it painted
+    again = align.warp_replace(restored, weight, m, frame, grain_seed=7)[1]
+    other = align.warp_replace(restored, weight, m, frame, grain_seed=8)[1]
+    assert np.array_equal(again, delta2) and not np.array_equal(other, delta2)
+
+    smooth, m, crop, restored = _painted_face(noise=0.0)
+    assert np.array_equal(align.warp_replace(restored, weight, m, smooth, grain_seed=7)[1],
+                          align.warp_replace(restored, weight, m, smooth)[1])
+
 def test_taller_crop_extends_the_square_one_downwards_and_pastes_there():
     """unmask's crop is the square template crop plus 32 rows below it (the chin): its top 128
     rows are the square crop, and a change painted in the extra rows lands under the face."""
