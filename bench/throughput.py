@@ -266,8 +266,9 @@ def main(argv=None) -> int:
                      "codec": args.codec, "preset": args.preset, "crf": args.crf, "detect_every": opts.detect_every,
                      "io_queue": args.io_queue, "torch_threads": _threads()},
                  "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                 "engines": {e: {"restore": getattr(en.model, "engine", "torch"), "mtcnn": en.detector.engine,
-                                 "load_seconds": s} for e, (en, s) in built.items()}}
+                 "engines": {e: {"restore": getattr(en.model, "engine", "torch"),
+                                 "restore_precision": getattr(en.model, "precision", "f32"),
+                                 "mtcnn": en.detector.engine, "load_seconds": s} for e, (en, s) in built.items()}}
     if engine.device.startswith("cuda"):
         import torch
 

@@ -31,6 +31,13 @@ class Restorer(nn.Module):
 
         return engine_of(self.run)
 
+    @property
+    def precision(self) -> str:
+        """What the engine computes in on CPU: f32, or bf16 (OpenVINO on a bf16 CPU)."""
+        from .export import precision_of
+
+        return precision_of(self.run)
+
     def _net(self, x: torch.Tensor) -> torch.Tensor:
         if self.run is not None:
             return self.run(x)
@@ -89,7 +96,8 @@ def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
     from .export import runner
 
     net = load_net(path, device=device)
-    run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size))
+    # bf16 where the engine and CPU have it: within 0.01 dB of fp32 (models.training.parity)
+    run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size), bf16=True)
     model = Restorer(spec, net, run).eval().to(device)
     if half and run is None:  # an engine's runner takes and gives the crops' dtype itself
         model = model.half()

@@ -32,7 +32,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def parity(task: str, crops: np.ndarray, engines, *, batch: int = 16, seed: int = 0) -> dict:
     """Each engine's restorations of ``crops`` (clean uint8 (N, H, W, 3), degraded with the
     task's fixed evaluation degradation) against torch fp32's: per engine, the engine that
-    really ran, the mean PSNR of its uint8 output to the clean crops (as the product writes
+    really ran and its precision (f32, or bf16: OpenVINO on a bf16 CPU), the mean PSNR of its uint8 output to the clean crops (as the product writes
     it), the difference to torch's (dB), and the mean PSNR of its float output to torch's."""
     bad, _masks = degrade_batch(task, crops, seed=seed, evaluation=True)
     outs = {}
@@ -40,13 +40,13 @@ def parity(task: str, crops: np.ndarray, engines, *, batch: int = 16, seed: int 
         model = load(task, "cpu", engine=e)
         with torch.inference_mode():
             y = torch.cat([model(to_tensor(bad[i : i + batch])) for i in range(0, len(bad), batch)])
-        outs[e] = (model.engine, y.permute(0, 2, 3, 1).numpy() * 255.0)
-    ref = outs["torch"][1]
+        outs[e] = (model.engine, model.precision, y.permute(0, 2, 3, 1).numpy() * 255.0)
+    ref = outs["torch"][2]
     ref_db = float(_psnr(np.rint(ref), crops).mean())
     result = {}
-    for e, (ran, y) in outs.items():
+    for e, (ran, precision, y) in outs.items():
         db = float(_psnr(np.rint(y), crops).mean())
-        result[e] = {"engine": ran, "psnr": round(db, 4), "delta_db": round(db - ref_db, 4),
+        result[e] = {"engine": ran, "precision": precision, "psnr": round(db, 4), "delta_db": round(db - ref_db, 4),
                      "psnr_to_torch": round(float(_psnr(y, ref).mean()), 2),
                      "max_abs_to_torch": round(float(np.abs(y - ref).max()), 5)}
     return result
