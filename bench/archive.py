@@ -19,7 +19,7 @@ videos from ``../shared/data/videos`` besides, default 0), then:
 
 Prints one JSON object. The task defaults to ``identity`` (no network: the figures are the
 archive machinery's, not a model's). A weights change is simulated, as identity loads no
-weights: the workers run with ``pipeline.manifest.weights_files`` returning one file of the
+weights: the workers run with ``pipeline.weights.weights_files`` returning one file of the
 bench's (``weights_python``), whose bytes the bench rewrites; the manifest then records
 another sha256 and every file must be redone.
 """
@@ -67,11 +67,11 @@ def build_archive(root: Path, files: int, *, depth: int = 3, videos: int = 0) ->
 
 
 def weights_python(path: Path, weights: Path) -> Path:
-    """An executable that runs Python with ``pipeline.manifest.weights_files`` returning
+    """An executable that runs Python with ``pipeline.weights.weights_files`` returning
     ``[weights]`` for every task (then the script and arguments it is given): workers started
     with it record that file's sha256 as their weights, so rewriting it simulates new weights."""
     code = ("import runpy, sys; from pathlib import Path; sys.path.insert(0, {root!r}); "
-            "from pipeline import manifest; manifest.weights_files = lambda task: [Path({w!r})]; "
+            "from pipeline import weights; weights.weights_files = lambda task: [Path({w!r})]; "
             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
             ).format(root=str(ROOT), w=str(weights))
     path.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} \"$@\"\n")

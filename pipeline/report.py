@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import manifest_dir, now_iso, pixel_options, weights_digest
+from .manifest import manifest_dir, now_iso, pixel_options
+from .weights import weights_digest
 
 SAMPLES = 8
 JSON_NAME, HTML_NAME = "report.json", "report.html"

@@ -10,8 +10,8 @@ artefacts live on the frame's pixel grid) runs on each head cut straight out of 
 own resolution and integer offsets (with the frame around it up to a bucketed size, so that heads
 of nearby sizes run in one batch of one shape), and the result's pixels of the head are feathered
 back in the same grid (``pipeline.regions``): nothing is resampled. Other tasks see the face
-aligned to the network's template crop and their result is warped back onto the face. Either way the face keeps every
-detail the model did not change.
+aligned to the network's template crop and their result is warped back onto the face. Either
+way the face keeps every detail the model did not change.
 """
 from __future__ import annotations
 
@@ -82,8 +82,7 @@ class PreviewSink:
         image (track -1) is a different face."""
         if len(self.pairs) >= self.limit or track in self.tracks_seen:
             return
-        if track >= 0:
-            self.tracks_seen.add(track)
+        self.tracks_seen |= {track} if track >= 0 else set()
         self.pairs.append((before.copy(), after.copy()))
 
 
@@ -93,8 +92,7 @@ class FaceRestorer:
     def __init__(self, model, *, device: str = "cpu", batch_size: int = 16,
                  colour_match: bool = True, half: bool = False,
                  preview: PreviewSink | None = None, channels_last: bool | None = None,
-                 zooms: tuple[float, ...] | None = None, ensemble: bool = True,
-                 grain: bool = True) -> None:
+                 zooms: tuple[float, ...] | None = None, ensemble: bool = True, grain: bool = True) -> None:
         self.model = model
         self.spec = model.spec
         import torch
@@ -106,8 +104,7 @@ class FaceRestorer:
         self.colour_match = colour_match and not getattr(self.spec, "latent", False)
         self.uses_tracks = getattr(model, "uses_tracks", False)
         self.replaces = getattr(self.spec, "replaces", False)
-        # a replacing task's paint gets the grain of the skin around it (``align.matched_grain``)
-        self.grain = grain
+        self.grain = grain  # a replacing task's paint gets the skin's grain (``pipeline.grain``)
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
         self.aside = getattr(self.spec, "cols_aside", 0)
@@ -138,9 +135,8 @@ class FaceRestorer:
         """Forget per-track state (a FaceMath edit's smoothed codes, the last frame's output);
         call before each video."""
         self._last = self._now = None
-        reset = getattr(self.model, "reset", None)
-        if reset is not None:
-            reset()
+        if getattr(self.model, "reset", None) is not None:
+            self.model.reset()
 
     CPU_BATCH_PIXELS = 16 * 128 * 128
 
@@ -149,9 +145,8 @@ class FaceRestorer:
         columns. On CPU, large crops run fastest a few at a time (cache-bound: 384 px crops take
         0.125 s/face one by one, 0.16 in batches of 16), so the batch is capped at 16 crops'
         worth of 128 px pixels; on CUDA it is ``batch_size``."""
-        if self.device.type == "cuda":
-            return self.batch_size
-        return max(1, min(self.batch_size, self.CPU_BATCH_PIXELS // (size * (width or size))))
+        cap = self.batch_size if self.device.type == "cuda" else self.CPU_BATCH_PIXELS // (size * (width or size))
+        return max(1, min(self.batch_size, cap))
 
     def crop_size(self, face: Face) -> int:
         """The side of the aligned crop's template square: the network's own (the crop adds
@@ -201,8 +196,8 @@ class FaceRestorer:
                 rest = self._merged(jobs, restored, first, nv)
                 if self.preview is not None:
                     self.preview.offer(job.face.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
-                seed = job.face.track if job.face.track >= 0 else first
-                placed = self._place(rest, given[first], job.matrix, images[i], grain_seed=seed)
+                placed = self._place(rest, given[first], job.matrix, images[i],
+                                     grain_seed=job.face.track if job.face.track >= 0 else first)
                 if placed is not None:
                     out[i].append(placed)
             start = end
@@ -349,14 +344,12 @@ class FaceRestorer:
     def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray,
                grain_seed: int | None = None):
         """The (rect, delta) that puts a restored crop into its frame; None when nothing changes.
-        A replacing task's paint gets grain matched to the skin around it (``align.matched_grain``,
-        drawn from ``grain_seed``) when a seed is given and ``grain`` is on."""
+        A replacing task's paint gets grain drawn from ``grain_seed`` when ``grain`` is on."""
         crop_f = crop.astype(np.float32)
         if self.replaces:
             weight = align.replace_weight(rest, crop_f)
-            if not np.any(weight):
-                return None
-            return align.warp_replace(rest, weight, m, image, grain_seed if self.grain else None)
+            seed = grain_seed if self.grain else None
+            return align.warp_replace(rest, weight, m, image, seed) if np.any(weight) else None
         delta = rest - crop_f  # (square crops: ``below`` is for replacing tasks)
         if not np.any(delta):
             return None

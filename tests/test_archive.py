@@ -120,6 +120,42 @@ def test_worker_killed_mid_run_then_the_job_and_a_rerun_do_exactly_what_is_missi
     assert counts(rerun) == (0, 160, 0), rerun
 
 
+def test_a_cancelled_queued_folder_job_writes_its_report_and_records_what_it_removed(workers, db, tmp_path):
+    """As an embedded run does: the morning report says ``cancelled``, every output the job
+    wrote is gone and recorded ``removed`` in the manifest, and a rerun redoes those files."""
+    import shutil
+
+    from conftest import VIDEOS, cut
+    from test_worker import SLOW, status
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    cut(VIDEOS / "closeup_pexels.mp4", src / "a.mp4", 2.0)
+    for name in "bcdef":
+        shutil.copy(src / "a.mp4", src / f"{name}.mp4")
+    dst = tmp_path / "clips.identity"
+    workers.start("w1")
+    job_id = cli_json("submit", src, *SLOW, "--skip-existing", FACEMEND_CHUNK_FILES=1)["id"]
+    wait_until(lambda: int(record(db, job_id).get("done", 0)) > 0, 120, "the first file")
+    p = cli("cancel", job_id)
+    assert p.returncode == 0, p.stderr
+    assert cli("wait", job_id).returncode == 5
+    wait_until(lambda: all(part.get("state") != "RUNNING" for part in record(db, job_id)["parts"]), 60,
+               "the running chunk to stop")
+    report = json.loads((dst / ".facemend" / "report.json").read_text())
+    assert report["status"] == "cancelled" and report["files"]["processed"] >= 1, report
+    assert any(n.startswith("cancelled: the ") for n in report["notes"])
+    assert status(job_id)["report"] == str(dst / ".facemend" / "report.json")
+    assert not list(dst.rglob("*.mp4"))  # every output it wrote is gone
+    latest = {}
+    for r in sorted(records(dst), key=lambda r: r["t"]):
+        latest[r["input"]] = r
+    assert latest and all(r["outcome"] == "removed" for r in latest.values()), latest
+    assert len(latest) >= report["files"]["processed"]
+    rerun = cli_json("submit", src, "--task", "identity", "--skip-existing", "--wait", FACEMEND_CHUNK_FILES=3)
+    assert counts(rerun) == (6, 0, 0), rerun
+
+
 def test_a_big_folder_job_record_holds_counts_not_file_lists(workers, tmp_path, db):
     """3,000 files planned by a worker that serves the cpu queue only (the walk is the plan
     task's; no chunk runs): the record has no per-file entry, and its chunks are capped by

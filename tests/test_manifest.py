@@ -129,11 +129,11 @@ def test_manifest_decides_what_a_rerun_does(tmp_path, capfd):
 
 
 def test_new_weights_redo_everything(tmp_path, capfd, monkeypatch):
-    from pipeline import manifest
+    from pipeline import weights as pipeline_weights
 
     weights = tmp_path / "net.safetensors"
     weights.write_bytes(b"first weights")
-    monkeypatch.setattr(manifest, "weights_files", lambda task: [weights])
+    monkeypatch.setattr(pipeline_weights, "weights_files", lambda task: [weights])
     src = album(tmp_path, n=3)
     dst = tmp_path / "album.identity"
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
@@ -157,21 +157,22 @@ def test_card_rewrite_keeps_the_weights_digest_and_old_records_still_match(tmp_p
     holds the whole file's sha256 (how records were written before) still matches."""
     import torch
     from safetensors.torch import save_file
-    from pipeline import manifest
+
+    from pipeline import weights as pipeline_weights
 
     weights = tmp_path / "net.safetensors"
     tensors = {"conv.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4), "conv.bias": torch.ones(3)}
     save_file(tensors, str(weights), metadata={"card": "first card"})
-    monkeypatch.setattr(manifest, "weights_files", lambda task: [weights])
+    monkeypatch.setattr(pipeline_weights, "weights_files", lambda task: [weights])
     src = album(tmp_path, n=3)
     dst = tmp_path / "album.identity"
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert r["files"]["processed"] == 3
     digest = records(dst)[-1]["weights"]["net.safetensors"]
-    assert digest != manifest.file_sha256(weights)  # not the file's bytes
+    assert digest != pipeline_weights.file_sha256(weights)  # not the file's bytes
 
     save_file(tensors, str(weights), metadata={"card": "the card, rewritten with new bench rows"})
-    assert manifest.weights_sha256(weights) == digest
+    assert pipeline_weights.weights_sha256(weights) == digest
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert (r["files"]["processed"], r["files"]["skipped"]) == (0, 3)
 
@@ -179,7 +180,7 @@ def test_card_rewrite_keeps_the_weights_digest_and_old_records_still_match(tmp_p
     legacy = dst / ".facemend" / "manifest.jsonl"
     lines = [json.loads(x) for x in legacy.read_text().splitlines()]
     for rec in lines:
-        rec["weights"] = {"net.safetensors": manifest.file_sha256(weights)}
+        rec["weights"] = {"net.safetensors": pipeline_weights.file_sha256(weights)}
     legacy.write_text("".join(json.dumps(rec) + "\n" for rec in lines))
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert (r["files"]["processed"], r["files"]["skipped"]) == (0, 3)
@@ -188,7 +189,7 @@ def test_card_rewrite_keeps_the_weights_digest_and_old_records_still_match(tmp_p
     save_file(tensors, str(weights), metadata={"card": "the card, rewritten with new bench rows"})
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert r["files"]["processed"] == 3
-    assert records(dst)[-1]["weights"]["net.safetensors"] not in (digest, manifest.file_sha256(weights))
+    assert records(dst)[-1]["weights"]["net.safetensors"] not in (digest, pipeline_weights.file_sha256(weights))
 
 
 CRASH = """

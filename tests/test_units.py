@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import align
+from pipeline import align, grain
 from pipeline.faces import Face
 from pipeline.media import add_rgb_delta
 from pipeline.track import FaceTracker
@@ -106,8 +106,8 @@ def test_unmask_paint_gets_the_grain_of_the_skin_around_it():
     inv = cv2.invertAffineTransform(m)
     x0, y0 = np.rint(inv @ [40, 85, 1]).astype(int)
     x1, y1 = np.rint(inv @ [88, 115, 1]).astype(int)
-    band = lambda img: align._band(align._luma(img[y0:y1, x0:x1].astype(np.float32)))
-    skin = align._band(align._luma(frame[20:120, 20:380].astype(np.float32))).std()
+    band = lambda img: grain._band(grain._luma(img[y0:y1, x0:x1].astype(np.float32)))
+    skin = grain._band(grain._luma(frame[20:120, 20:380].astype(np.float32))).std()
     assert band(flat).std() < 0.25 * skin  # the paint alone is smooth
     assert 0.6 * skin < band(grainy).std() < 1.5 * skin  # with grain: about the skin's texture
     far = np.ones(frame.shape[:2], bool)

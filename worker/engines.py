@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from pipeline.errors import FacemendError
 from pipeline.job import Engine, JobOptions
-from pipeline.manifest import weights_digest
+from pipeline.weights import weights_digest
 
 from .settings import Settings
 
@@ -19,7 +19,7 @@ KEEP = 2  # engines kept per child (a detector and one model each)
 def engine_for(opts: JobOptions, settings: Settings) -> Engine:
     """The Engine for a job's task and detector options on this worker's device.
 
-    Keyed by the sha256 of the weights files too (``pipeline.manifest.weights_digest``, hashed
+    Keyed by the sha256 of the weights files too (``pipeline.weights.weights_digest``, hashed
     again only when a file's size or mtime changes): weights updated under a running worker are
     loaded for its next task, so what a folder's manifest records as the weights a file was
     restored with is what restored it."""

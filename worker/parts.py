@@ -133,15 +133,21 @@ def cleanup(job: Job) -> None:
 def remove_outputs(records: JobStore, job: Job) -> None:
     """A cancelled folder or image job: remove the files it wrote (recorded as processed; a
     skipped file's output was not written by it), the folders this leaves empty, and the
-    job's work files."""
+    job's work files. A folder job that keeps records first writes its report (status
+    ``cancelled``, ``worker.report.cancelled_report``) and records each removed output in its
+    manifest as ``removed``, as an embedded run does."""
     from pipeline.folder import remove_written
 
     folder = chunks.job_dir(job.kind, job.output, job.id)
-    written = [Path(r["output"]) for _, r in chunks.all_results(folder, len(job.parts))
-               if r.get("status") == "processed" and r.get("output")]
+    done = [(src, Path(r["output"])) for src, r in chunks.all_results(folder, len(job.parts))
+            if r.get("status") == "processed" and r.get("output")]
+    if job.kind == "folder":
+        from .report import cancelled_report
+
+        cancelled_report(job, folder, [out for _, out in done])
     chunks.remove(folder)
-    if written:
-        remove_written(written, Path(job.output) if job.kind == "folder" else None)
+    if done:
+        remove_written([out for _, out in done], Path(job.output) if job.kind == "folder" else None)
 
 
 class PartTask(Task):

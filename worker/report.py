@@ -61,9 +61,37 @@ def worker_figures(job: Job, fields: dict) -> dict:
     return out
 
 
-def write_job_report(job: Job, folder: Path, summary: dict, failures: list, notes: list) -> str | None:
+def cancelled_report(job: Job, folder: Path, removed: list[Path]) -> str | None:
+    """A cancelled folder job that keeps records: ``removed`` (the outputs it wrote, about to be
+    removed) recorded as ``removed`` in its manifest (a shard of the cancelling process), and its
+    report with status ``cancelled``, from what its chunks had finished. Returns the report's
+    path (also set on the job record), or None. Never raises: the cancel goes on."""
+    opts = JobOptions.from_dict(job.options)
+    try:
+        if not keeps_records(Path(job.output), opts, job.records):
+            return None
+        if removed:
+            outputs = {str(out) for out in removed}
+            with manifest.Manifest(job.input, job.output, opts, shard=f"cancel-{manifest.worker_name()}") as book:
+                for src, r in chunks.all_results(folder, len(job.parts)):
+                    if r.get("output") in outputs:
+                        book.record(Path(src), Path(r["output"]), manifest.REMOVED, error="the job was cancelled")
+        summary, failures, notes = job_summary(job, folder)
+        notes = [f"cancelled: the {len(removed)} files it wrote were removed", *notes]
+        report = write_job_report(job, folder, summary, failures, notes, status="cancelled")
+        if report:
+            store().update(job.id, report=report)
+        return report
+    except Exception as e:  # noqa: BLE001 - the report is a courtesy; the cancel must finish
+        log.warning("%s: the cancelled job's report cannot be written (%s)", job.output, e)
+        return None
+
+
+def write_job_report(job: Job, folder: Path, summary: dict, failures: list, notes: list,
+                     status: str | None = None) -> str | None:
     """The morning report (``pipeline.report``) of a folder job that keeps records, from its
-    summary; every failure is in it. A report that cannot be written is a warning."""
+    summary; every failure is in it. ``status``: default ``done`` or ``partly failed``. A
+    report that cannot be written is a warning."""
     from pipeline.report import SAMPLES, build_report, write_report
 
     opts = JobOptions.from_dict(job.options)
@@ -74,7 +102,7 @@ def write_job_report(job: Job, folder: Path, summary: dict, failures: list, note
                        files={k: summary[k] for k in ("processed", "skipped", "failed")},
                        failures=[{"file": f["file"], "error": f["error"]} for f in failures], notes=notes,
                        skipped=json.loads(h[0] or "[]"))
-    status = "partly failed" if failures else "done"
+    status = status or ("partly failed" if failures else "done")
     report = build_report(result, opts, status=status, started=job.started or job.created, ended=time.time(),
                           workers=summary["workers"])
     report["ignored"] = int(h[1] or 0)

@@ -336,6 +336,9 @@ def _chunk(task, job: Job, index: int, attempt: int, token: str, beat: Heartbeat
                             raise
                         if seen[src]["status"] == "processed":  # the cancel took the results away
                             remove_written([Path(out)], Path(job.output) if job.kind == "folder" else None)
+                            if book is not None:
+                                manifest.record(**book, src=src, out=out, outcome=manifest.REMOVED,
+                                                error="the job was cancelled")
                         return _chunk_stopped(job, index, token, beat)
                     if seen[src]["status"] != "skipped":  # cancelled while it was written: it goes
                         if cancelled():  # with the others
