@@ -42,8 +42,8 @@ ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 # cores): the denoise U-Net ran 2.2-3.8x as fast in ONNX Runtime as in torch (128 px crops at
 # batch 1: 70 against 263 ms per face; batch 16: 46 against 103), as fast as in OpenVINO at the
 # pipeline's batches and faster at batch 1 (97 ms); MTCNN on 960x540 frames took 271 ms a frame
-# in OpenVINO, 394 in ONNX Runtime, 492 in torch. OpenVINO is an
-# optional extra (facemend[openvino]): without it ONNX Runtime runs MTCNN too
+# in OpenVINO, 394 in ONNX Runtime, 492 in torch. Both are dependencies; where OpenVINO cannot
+# load, ONNX Runtime runs MTCNN too
 CPU_ORDER = ("onnxruntime", "openvino")
 # On a CPU with native bf16 (AMD Zen 4, Intel Sapphire Rapids and later) OpenVINO runs the
 # restoration networks in bf16 about 2.3x as fast as ONNX Runtime fp32 (denoise, 2 cores: 5.7

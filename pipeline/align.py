@@ -331,7 +331,8 @@ def warp_replace(
     stay as a ghost over the painted face. Here the restored pixels themselves are upsampled and
     blended in by ``weight``; where the weight is 0 the frame is untouched. restored: (h, S, 3)
     float32 0..255 (a ``warp_face`` crop, square or taller); frame: (H, W, 3) in the same units.
-    grain_seed: add ``pipeline.grain.matched_grain`` drawn from this seed. Returns ((x0, y0, x1, y1), delta)."""
+    grain_seed: add ``pipeline.grain.matched_grain`` drawn from this seed. Returns
+    ((x0, y0, x1, y1), delta)."""
     height, size = restored.shape[:2]
     placed = _frame_rect(matrix, size, frame.shape[:2], height)
     if placed is None:

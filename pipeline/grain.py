@@ -41,10 +41,10 @@ def matched_grain(painted: np.ndarray, region: np.ndarray, weight: np.ndarray, t
     unpainted skin in a ring around the paint against the painted area's, each at the level of
     its smoother parts (``_grain_level``), and the part of the difference the enlargement lost
     (1 - 1/scale^2 of it; none when the crop is as large as the face) is added as Gaussian
-    grain. The grain is drawn in the crop's coordinates at the frame's
-    resolution from ``seed`` (a face track's number), so it moves with the face from frame to
-    frame as skin texture does instead of flickering. It is grain, not structure: it puts back
-    the texture's level, not the mouth's detail.
+    grain. The grain is drawn in the crop's coordinates at the frame's resolution from ``seed``
+    (a face track's number), so it moves with the face from frame to frame as skin texture does
+    instead of flickering. It is grain, not structure: it puts back the texture's level, not the
+    mouth's detail.
     painted, region: (h, w, 3) float32, the restored crop warped into the frame rectangle and
     the frame's pixels there; weight: (h, w) the paint's weight there; to_rect: the crop ->
     rectangle map; crop_shape: (height, width) of the crop. Returns (h, w) float32 levels."""

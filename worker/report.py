@@ -66,8 +66,8 @@ def cancelled_report(job: Job, folder: Path, removed: list[Path]) -> str | None:
     removed) recorded as ``removed`` in its manifest (a shard of the cancelling process), and its
     report with status ``cancelled``, from what its chunks had finished. Returns the report's
     path (also set on the job record), or None. Never raises: the cancel goes on."""
-    opts = JobOptions.from_dict(job.options)
     try:
+        opts = JobOptions.from_dict(job.options)
         if not keeps_records(Path(job.output), opts, job.records):
             return None
         if removed:
