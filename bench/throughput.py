@@ -122,7 +122,6 @@ def run_naive(vplan, opts, engine, out_dir: Path, stop: int) -> dict:
     from pipeline.media import VideoEncoder, i420_to_rgb, iter_frames
     from pipeline.restore import FaceRestorer
     import cv2
-    import torch
 
     import models
 
