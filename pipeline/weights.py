@@ -35,7 +35,8 @@ def weights_files(task: str) -> list[Path]:
     return files
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
+    """The sha256 (hex) of a file's bytes, read now (``file_sha256`` keeps it per process)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -95,14 +96,14 @@ def _cached(kind: str, path: Path, fn) -> str:
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, hashed once per process for each (path, size, mtime)."""
-    return _cached("file", path, _hash_file)
+    return _cached("file", path, hash_file)
 
 
 def weights_sha256(path: Path) -> str:
     """What a weights file computes, hashed: the sha256 of its tensors (``_hash_tensors``) for
     a .safetensors file, so that rewriting the card in its header changes nothing; of its bytes
     for any other file. Once per process for each (path, size, mtime)."""
-    return _cached("tensors", path, lambda p: _hash_tensors(p) or _hash_file(p))
+    return _cached("tensors", path, lambda p: _hash_tensors(p) or hash_file(p))
 
 
 def _digest(task: str, fn) -> dict[str, str]:

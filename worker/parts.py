@@ -144,7 +144,7 @@ def remove_outputs(records: JobStore, job: Job) -> None:
     if job.kind == "folder":
         from .report import cancelled_report
 
-        cancelled_report(job, folder, [out for _, out in done])
+        cancelled_report(job, folder, done)
     chunks.remove(folder)
     if done:
         remove_written([out for _, out in done], Path(job.output) if job.kind == "folder" else None)

@@ -61,21 +61,20 @@ def worker_figures(job: Job, fields: dict) -> dict:
     return out
 
 
-def cancelled_report(job: Job, folder: Path, removed: list[Path]) -> str | None:
-    """A cancelled folder job that keeps records: ``removed`` (the outputs it wrote, about to be
-    removed) recorded as ``removed`` in its manifest (a shard of the cancelling process), and its
-    report with status ``cancelled``, from what its chunks had finished. Returns the report's
-    path (also set on the job record), or None. Never raises: the cancel goes on."""
+def cancelled_report(job: Job, folder: Path, removed: list[tuple[str, Path]]) -> str | None:
+    """A cancelled folder job that keeps records: ``removed`` (the (input, output) pairs it
+    wrote, about to be removed) recorded as ``removed`` in its manifest (a shard of the
+    cancelling process), and its report with status ``cancelled``, from what its chunks had
+    finished. Returns the report's path (also set on the job record), or None. Never raises:
+    the cancel goes on."""
     try:
         opts = JobOptions.from_dict(job.options)
         if not keeps_records(Path(job.output), opts, job.records):
             return None
         if removed:
-            outputs = {str(out) for out in removed}
             with manifest.Manifest(job.input, job.output, opts, shard=f"cancel-{manifest.worker_name()}") as book:
-                for src, r in chunks.all_results(folder, len(job.parts)):
-                    if r.get("output") in outputs:
-                        book.record(Path(src), Path(r["output"]), manifest.REMOVED, error="the job was cancelled")
+                for src, out in removed:
+                    book.record(Path(src), out, manifest.REMOVED, error="the job was cancelled")
         summary, failures, notes = job_summary(job, folder)
         notes = [f"cancelled: the {len(removed)} files it wrote were removed", *notes]
         report = write_job_report(job, folder, summary, failures, notes, status="cancelled")

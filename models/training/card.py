@@ -20,7 +20,6 @@ one entry per exported run). The header's card is the same less those two.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -119,12 +118,10 @@ def check_file_fields(card: dict) -> list[str]:
 
 
 def sha256_file(path: Path) -> str:
-    """The sha256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The sha256 (hex) of a file's bytes (``pipeline.weights.hash_file``)."""
+    from pipeline.weights import hash_file
+
+    return hash_file(path)
 
 
 def header_card(card: dict) -> dict:
