@@ -35,14 +35,17 @@ def template(size: int) -> np.ndarray:
     return unit * size
 
 
-def estimate_transform(landmarks: np.ndarray, size: int) -> np.ndarray:
-    """2x3 similarity matrix mapping frame coordinates to a ``size`` crop. landmarks: (5, 2)."""
-    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+def estimate_transform(landmarks: np.ndarray, size: int, aspect: float = 1.0) -> np.ndarray:
+    """2x3 matrix mapping frame coordinates to a ``size`` crop (landmarks: (5, 2)): a similarity
+    on the face as shown. ``aspect``: the frame's pixel aspect ratio (64:45 on a 16:9 PAL DVD,
+    4:3 on HDV); where it is not 1 the stored faces are squeezed and x is widened by it first, so
+    the crop shows the face in its true shape, as the network saw faces in training."""
+    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2) * (aspect, 1.0)
     dst = template(size)
     matrix, _ = cv2.estimateAffinePartial2D(src, dst, method=cv2.LMEDS)
     if matrix is None:  # degenerate points (all equal): fall back to least squares
         matrix = _umeyama(src, dst)
-    return matrix
+    return matrix * (aspect, 1.0, 1.0)  # frame -> shown (x times aspect) -> crop
 
 
 def zoomed(landmarks: np.ndarray, zoom: float) -> np.ndarray:

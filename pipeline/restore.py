@@ -159,10 +159,10 @@ class FaceRestorer:
         return bool(self.spec.native) and not getattr(self.spec, "latent", False)
 
     def deltas(self, images: list[np.ndarray], faces: list[list[Face]],
-               frames: list[int] | None = None) -> list[list[tuple[Rect, np.ndarray]]]:
-        """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3). frames:
-        the images' frame indices when they are frames of one video, in order (a local network's
-        output is then steadied over time)."""
+               frames: list[int] | None = None, aspect: float = 1.0) -> list[list[tuple[Rect, np.ndarray]]]:
+        """Per image, the (rect, RGB delta) of each face. images: RGB uint8 (H, W, 3). frames: their
+        indices in one video, in order (a local network's output is then steadied). aspect: their
+        pixel aspect ratio: aligned crops show faces as shown, local networks see stored pixels."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         jobs: list[AlignedCrop] = []  # one per face and zoom
         views = self.zooms
@@ -176,7 +176,7 @@ class FaceRestorer:
                 size = self.crop_size(f)
                 width = size + 2 * self.aside
                 for z in views:
-                    m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size), self.aside)
+                    m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size, aspect), self.aside)
                     jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + self.below)))
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:

@@ -243,6 +243,7 @@ class RangeRun:
         self.stats = RangeStats(start=start, stop=self.stop)
         self.clock = _Clock(self.stats.stages)
         self.matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
+        self.aspect = vplan.pixel_aspect  # an anamorphic clip's faces are aligned as shown
         self.waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
         self.found: dict[int, list] = {}  # detections of waiting frames
         self.prev: tuple[int, list] | None = None  # the last detected frame and its faces
@@ -365,7 +366,8 @@ class RangeRun:
         with_faces = [i for i in idx if faces[i]]
         rgbs = [i420_to_rgb(self.pending[i], self.matrix) for i in with_faces]
         with self.clock("restore"):
-            deltas = self.restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces)
+            deltas = self.restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces,
+                                          aspect=self.aspect)
         with self.clock("paste"):
             for i, ds in zip(with_faces, deltas):
                 for rect, d in ds:

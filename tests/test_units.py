@@ -25,6 +25,23 @@ def test_estimate_transform_recovers_a_similarity():
     assert np.allclose(back, t, atol=1e-6)
 
 
+@pytest.mark.parametrize("aspect", [64 / 45, 4 / 3, 10 / 11])
+def test_an_anamorphic_face_is_aligned_in_its_shown_shape(aspect):
+    """Anamorphic frames (16:9 PAL DVD 64:45, HDV 4:3, NTSC DV 10:11) store a face squeezed or
+    stretched in x: given the pixel aspect ratio, the crop puts its landmarks on the template, as
+    those of the face shown; a similarity on the stored pixels cannot."""
+    t = align.template(128)
+    m = similarity(1.6, 0.2, 300.0, 120.0)  # crop -> the frame as shown
+    stored = (t @ m[:, :2].T + m[:, 2]) / (aspect, 1.0)
+    for a, exact in ((aspect, True), (1.0, False)):
+        est = align.estimate_transform(stored, 128, a)
+        off = np.abs(stored @ est[:, :2].T + est[:, 2] - t).max()
+        assert (off < 1e-4) if exact else (off > 2.0), (a, off)
+    est = align.estimate_transform(stored, 128, aspect)  # a square crop: stored x spans 1/aspect of y
+    sx, sy = np.linalg.norm(est[:, 0]), np.linalg.norm(est[:, 1])
+    assert sx / sy == pytest.approx(aspect)
+
+
 def test_matched_size_grows_with_the_face():
     t = align.template(1.0)
     assert align.matched_size(t * 100) == 128

@@ -250,9 +250,11 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.faces: list = []
+        self.aspects: set = set()
 
-    def deltas(self, images, faces, frames=None):
+    def deltas(self, images, faces, frames=None, aspect=1.0):
         self.faces += [list(fs) for fs in faces]
+        self.aspects.add(aspect)
         return [[] for _ in images]
 
 
@@ -265,6 +267,28 @@ def _process(src, out, **kw):
     stats = process_range(plan(src), out, detector=kw.pop("detector", None) or FaceDetector(), restorer=rec,
                           settings=EncoderSettings(preset="ultrafast"), **kw)
     return stats, rec
+
+
+def test_an_anamorphic_clips_faces_are_restored_as_shown(tmp_path):
+    """A 16:9 PAL DVD stores its frames 720 px wide, each pixel 64:45 wide on screen, so its faces
+    are stored squeezed: the restorer is told the pixel aspect ratio (an aligned crop then shows
+    the face in its true shape; ``test_units``), and a square-pixel clip's is 1."""
+    from fractions import Fraction
+
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "c.mp4", 0.5)
+    dvd = tmp_path / "dvd.mpg"
+    with av.open(str(src)) as i, av.open(str(dvd), "w") as o:
+        s = o.add_stream("mpeg2video", rate=25)
+        s.width, s.height, s.pix_fmt, s.bit_rate = 448, 360, "yuv420p", 8_000_000
+        s.codec_context.sample_aspect_ratio = Fraction(64, 45)  # 448 x 64/45 = 637 px shown
+        for f in i.decode(video=0):
+            o.mux(s.encode(f.reformat(width=448, height=360)))
+        o.mux(s.encode())
+    _, rec = _process(dvd, tmp_path / "o.mp4")
+    assert len(rec.aspects) == 1 and abs(rec.aspects.pop() - 64 / 45) < 0.1
+    assert sum(map(len, rec.faces)) > 0  # the squeezed face was found
+    _, rec = _process(src, tmp_path / "o2.mp4")
+    assert rec.aspects == {1.0}
 
 
 def test_threaded_io_keeps_order_count_and_pixels(tmp_path):

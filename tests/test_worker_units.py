@@ -89,7 +89,7 @@ class RecordingRestorer:
     def __init__(self, inner) -> None:
         self.inner, self.seen = inner, []
 
-    def deltas(self, images, faces, frames=None):
+    def deltas(self, images, faces, frames=None, aspect=1.0):
         self.seen += [np.array([f.landmarks for f in fs]) for fs in faces]
         return self.inner.deltas(images, faces, frames)
 

@@ -45,6 +45,11 @@ class VideoPlan:
         return len(self.pts)
 
     @property
+    def pixel_aspect(self) -> float:
+        """A pixel's width over its height as shown (``sar``; 1 for square pixels)."""
+        return float(Fraction(self.sar)) if self.sar else 1.0
+
+    @property
     def fps(self) -> float:
         return float(Fraction(self.rate)) if self.rate else 0.0
 
