@@ -200,9 +200,11 @@ UNSHARP_SIGMA = {"down2": 0.7, "down4": 1.5, "blur2": 3.0}
 
 
 def ceiling(task: str, frames: list[np.ndarray], heads: list[list]) -> list[np.ndarray] | None:
-    """The task's network alone on an axis-aligned crop of each head (a margin of 16 px, reflected
-    to the network's multiple): no resampling, no blending; the head pasted as the network gave
-    it. None for tasks whose network needs an aligned face (unmask) or has none."""
+    """The task's network alone on an axis-aligned crop of each head (a margin of 16 px, grown to
+    start on the frame's grid of the network's multiple, where codec blocks and an upscale's
+    pixel grid start, and reflected to that multiple): no resampling, no blending; the head
+    pasted as the network gave it. None for tasks whose network needs an aligned face (unmask)
+    or has none."""
     import torch
 
     import models
@@ -220,6 +222,7 @@ def ceiling(task: str, frames: list[np.ndarray], heads: list[list]) -> list[np.n
             for x0, y0, x1, y1 in hs:
                 p = 16
                 X0, Y0 = max(0, x0 - p), max(0, y0 - p)
+                X0, Y0 = X0 - X0 % m, Y0 - Y0 % m
                 X1, Y1 = min(f.shape[1], x1 + p), min(f.shape[0], y1 + p)
                 region = f[Y0:Y1, X0:X1]
                 h, w = region.shape[:2]
