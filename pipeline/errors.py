@@ -15,7 +15,7 @@ EXIT_CODES: dict[int, str] = {
     1: "unexpected failure (a bug: please report it with the log), or a model that cannot be loaded",
     2: "input not found; a usage error or a bad FACEMEND_* setting",
     3: "bad input: not a video/image, not a regular file (FIFO, device), corrupt or truncated, "
-       "no video stream, empty folder",
+       "no video stream, a spliced stream whose timestamps restart, empty folder",
     4: "output problem: exists (use --overwrite), equals the input, is a folder, a format not "
        "written, cannot be written (no permission, read-only, a file in its path, disk full)",
     5: "cancelled",

@@ -388,6 +388,27 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
     assert got == [(i, i) for i in range(7, 19)]
 
 
+def test_a_concatenated_vob_is_refused_naming_the_restart(tmp_path, capfd):
+    """``cat VTS_01_1.VOB VTS_01_2.VOB``: two program streams whose clocks both start at 0.5 s.
+    Frames are placed by their timestamps, which now repeat: a one-line error names the file
+    and the frame where time starts again (exit 3), and nothing is written. Each part alone
+    is fine."""
+    parts = []
+    for k in range(2):
+        parts.append(tmp_path / f"VTS_01_{k + 1}.VOB")
+        with av.open(str(parts[-1]), "w", format="vob") as o:
+            grey_frames(o, grey_stream(o, "mpeg2video", bit_rate=2_000_000, b_frames=2), 20, 10)
+    src = tmp_path / "movie.vob"
+    src.write_bytes(b"".join(p.read_bytes() for p in parts))
+    before = snapshot(tmp_path)
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", tmp_path / "out.mp4")
+    assert code == 3, err
+    assert "timestamps restart at frame 20" in error_line(err, str(src), "concatenated")
+    assert snapshot(tmp_path) == before
+    code, _, err = run(capfd, "submit", parts[0], "--task", "identity", "-o", tmp_path / "one.mp4")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("name, vcodec, acodec", [("clip.flv", "flv", "mp3"), ("clip.vob", "mpeg2video", "ac3"),
                                                   ("clip.divx", "mpeg4", "mp3")])
 def test_old_archive_containers_keep_every_frame_and_audio_packet(tmp_path, capfd, name, vcodec, acodec):

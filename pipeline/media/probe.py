@@ -66,6 +66,13 @@ class VideoPlan:
         return cls(**d)
 
 
+def _restart(path: Path, frame: int, before: Fraction, after: Fraction) -> str:
+    """The error for a video whose timeline starts again (``cat a.mpg b.mpg``, a spliced
+    broadcast capture): frames are placed by their timestamps, and these repeat."""
+    return (f"{path}: timestamps restart at frame {frame} ({float(before):.2f} s, then "
+            f"{float(after):.2f} s): a spliced or concatenated stream; process its parts one by one")
+
+
 def is_video_path(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
@@ -97,11 +104,17 @@ def plan(path: str | Path) -> VideoPlan:
         keys: list[int] = []
         last_dur = 0
         packets = 0
+        last_dts = None
         try:
             for pkt in c.demux(v):
                 if pkt.size == 0:
                     continue
                 packets += 1
+                if pkt.dts is not None:  # decode times rise; one that falls half a second or more back
+                    if last_dts is not None and (last_dts - pkt.dts) * v.time_base >= 0.5:
+                        raise UnsupportedInput(_restart(path, packets - 1, last_dts * v.time_base,
+                                                        pkt.dts * v.time_base))
+                    last_dts = pkt.dts
                 if pkt.is_discard:  # before the edit list's start: decoded, never shown
                     continue
                 p = pkt.pts if pkt.pts is not None else pkt.dts
