@@ -388,6 +388,39 @@ def test_avi_with_b_frames_keeps_every_frame_in_order(tmp_path, capfd):
     assert got == [(i, i) for i in range(7, 19)]
 
 
+def test_a_program_stream_whose_demuxer_repeats_a_frame_time_keeps_every_frame(tmp_path, capfd):
+    """MPEG program streams carry a pts only on some packets and FFmpeg's demuxer guesses the
+    rest: in this 40-frame MPEG-2 .mpg it gives one frame's pts twice and skips another. Frames
+    are then counted out of the decoder: all 40 come back, in order, with the audio."""
+    src = tmp_path / "camcorder.mpg"
+    with av.open(str(src), "w") as o:
+        v = grey_stream(o, "mpeg2video", bit_rate=2_000_000)
+        a = o.add_stream("mp2", rate=48000)
+        a.layout, done = "stereo", 0
+        for i in range(40):  # each frame, then the audio up to its end
+            for p in v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 5 * i, np.uint8), format="rgb24")):
+                o.mux(p)
+            while done < (i + 1) * 48000 // 25:
+                f = av.AudioFrame.from_ndarray(np.zeros((1, 2 * 1152), np.int16), format="s16", layout="stereo")
+                f.sample_rate, f.pts = 48000, done
+                done += 1152
+                for p in a.encode(f):
+                    o.mux(p)
+        for p in [*v.encode(None), *a.encode(None)]:
+            o.mux(p)
+    with av.open(str(src)) as c:
+        times = [p.pts for p in c.demux(video=0) if p.size]
+    assert len(set(times)) < len(times)  # the case this test is about
+    out = tmp_path / "out.mp4"
+    code, _, err = run(capfd, "submit", src, "--task", "identity", "-o", out)
+    assert code == 0, err
+    with av.open(str(out)) as c:
+        levels = [float(f.to_ndarray(format="gray").mean()) for f in c.decode(video=0)]
+    assert len(levels) == 40 and np.allclose(levels, [5 * i for i in range(40)], atol=3.0), levels
+    with av.open(str(src)) as c, av.open(str(out)) as d:
+        assert sum(1 for p in d.demux(audio=0) if p.size) == sum(1 for p in c.demux(audio=0) if p.size)
+
+
 def test_a_concatenated_vob_is_refused_naming_the_restart(tmp_path, capfd):
     """``cat VTS_01_1.VOB VTS_01_2.VOB``: two program streams whose clocks both start at 0.5 s.
     Frames are placed by their timestamps, which now repeat: a one-line error names the file

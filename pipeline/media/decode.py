@@ -46,7 +46,7 @@ def iter_frames(vplan: VideoPlan, start: int = 0, stop: int | None = None) -> It
             # seek that first one is a keyframe whose number is its place only in a closed GOP,
             # which a stream with B-frames need not have (MPEG-4 ASP): such a file is decoded
             # from its first frame.
-            counted = "avi" in c.format.name.split(",")
+            counted = vplan.counted or "avi" in c.format.name.split(",")
             if seeks is None:
                 # a deinterlaced frame is made with its neighbours': start a frame earlier
                 keys = [k for k in vplan.keyframes if 0 < k <= start - vplan.interlaced][-2:]
@@ -74,7 +74,7 @@ def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: 
     landed wrong)."""
     index = {p: i for i, p in enumerate(vplan.pts)}
     expected = start
-    counter = None
+    counter = 0 if vplan.counted else None  # such a plan is always decoded from its first frame
     try:
         for frame in _frames(c, v, vplan):
             i = index.get(frame.pts) if counter is None else counter

@@ -1,6 +1,7 @@
 """Probe a video once: its streams, frame count, timing, rotation and colour (``plan``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -9,6 +10,8 @@ import av
 
 from ..errors import (CorruptInput, InputNotFound, UnsupportedInput)
 from .colour import YuvMatrix, source_range, yuv_matrix
+
+log = logging.getLogger(__name__)
 
 
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
@@ -39,6 +42,10 @@ class VideoPlan:
     color: dict = field(default_factory=dict)
     interlaced: bool = False  # the first frame is interlaced: frames are deinterlaced on decode
     sar: str = ""  # sample (pixel) aspect ratio "num/den" where not square (anamorphic DVD, DV)
+    # the demuxer gave a frame's pts twice (it guesses the pts of MPEG program stream packets
+    # that carry none): frames are numbered by their order out of the decoder, from the first
+    # frame on, and ``pts`` are the first frame's spaced by the frame rate
+    counted: bool = False
 
     @property
     def frames(self) -> int:
@@ -133,12 +140,17 @@ def plan(path: str | Path) -> VideoPlan:
                 f"{path}: truncated: the header declares {declared} frames, {packets} are present"
             )
         pts.sort()
+        tb = v.time_base
+        rate = v.average_rate or v.guessed_rate or Fraction(25)
+        counted = len(set(pts)) < len(pts)
+        if counted:  # a pts given twice: positions by pts are ambiguous, seeks too
+            step = 1 / (rate * tb)
+            pts, keys = [pts[0] + round(i * step) for i in range(len(pts))], []
+            log.info("%s: the demuxer repeats frame times; frames are counted, times regular", path)
         index = {p: i for i, p in enumerate(pts)}
         keyframes = sorted(index[k] for k in set(keys) if k in index) or [0]
         if keyframes[0] != 0:
             keyframes.insert(0, 0)
-        tb = v.time_base
-        rate = v.average_rate or v.guessed_rate or Fraction(25)
         if not last_dur and len(pts) > 1:
             last_dur = pts[-1] - pts[-2]
         duration = float((pts[-1] + last_dur - pts[0]) * tb)
@@ -153,7 +165,7 @@ def plan(path: str | Path) -> VideoPlan:
         time_base=f"{tb.numerator}/{tb.denominator}", rate=f"{rate.numerator}/{rate.denominator}",
         pts=pts, keyframes=keyframes, duration_s=duration, rotation=rotation,
         codec=codec, audio_streams=audio, other_streams=others, color=color, interlaced=interlaced,
-        sar=sar,
+        sar=sar, counted=counted,
     )
 
 
