@@ -50,8 +50,8 @@ def ramp_width(h: float, w: float) -> int:
 def regions(boxes, shape: tuple[int, ...], multiple: int = 1, quantum: int = 16) -> list[Rect]:
     """Integer rectangles (x0, y0, x1, y1) inside the frame that hold each head and its feather
     ramp; overlapping ones merged; sides grown (about their centre, within the frame) to a
-    multiple of ``quantum`` rounded up to one of ``multiple``, and moved by at most half a
-    ``multiple`` onto the frame's grid of ``multiple`` px (``_span``). A side longer than the
+    multiple of ``quantum`` rounded up to one of ``multiple``, and moved by less than a
+    ``multiple`` (the nearer way the frame allows) onto the frame's grid of ``multiple`` px. A side longer than the
     frame's stays the frame's (the caller pads it)."""
     H, W = shape[:2]
     rects = []
@@ -96,7 +96,7 @@ def _span(a: float, b: float, limit: int, step: int, grid: int = 1) -> tuple[int
     a multiple of ``grid`` where the frame allows. Codec and JPEG blocks and the pixel grid of an
     upscaled frame all start at the frame's corner, as they did at the corner of each training
     crop, so a window cut on that grid shows the network the damage in the phase it learned
-    (enhance on x4 down-up footage: +0.2 dB on every source of ``bench.quality``)."""
+    (enhance on x4 down-up footage, ``bench.quality``: +0.06 to +0.51 dB per source)."""
     a, b = max(0, int(np.floor(a))), min(limit, int(np.ceil(b)))
     if b <= a:
         return a, a
