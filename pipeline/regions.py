@@ -51,8 +51,8 @@ def regions(boxes, shape: tuple[int, ...], multiple: int = 1, quantum: int = 16)
     """Integer rectangles (x0, y0, x1, y1) inside the frame that hold each head and its feather
     ramp; overlapping ones merged; sides grown (about their centre, within the frame) to a
     multiple of ``quantum`` rounded up to one of ``multiple``, and moved by less than a
-    ``multiple`` (the nearer way the frame allows) onto the frame's grid of ``multiple`` px. A side longer than the
-    frame's stays the frame's (the caller pads it)."""
+    ``multiple`` (the nearer way the frame allows) onto the frame's grid of ``multiple`` px. A
+    side longer than the frame's stays the frame's (the caller pads it)."""
     H, W = shape[:2]
     rects = []
     for box in boxes:

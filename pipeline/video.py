@@ -243,7 +243,6 @@ class RangeRun:
         self.stats = RangeStats(start=start, stop=self.stop)
         self.clock = _Clock(self.stats.stages)
         self.matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
-        self.aspect = vplan.pixel_aspect  # an anamorphic clip's faces are aligned as shown
         self.waiting: list[tuple[int, np.ndarray]] = []  # decoded, not yet given to the tracker
         self.found: dict[int, list] = {}  # detections of waiting frames
         self.prev: tuple[int, list] | None = None  # the last detected frame and its faces
@@ -367,7 +366,7 @@ class RangeRun:
         rgbs = [i420_to_rgb(self.pending[i], self.matrix) for i in with_faces]
         with self.clock("restore"):
             deltas = self.restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces,
-                                          aspect=self.aspect)
+                                          aspect=self.vplan.pixel_aspect)  # anamorphic: faces as shown
         with self.clock("paste"):
             for i, ds in zip(with_faces, deltas):
                 for rect, d in ds:
