@@ -229,9 +229,11 @@ def match_colour(restored: np.ndarray, original: np.ndarray, mask: np.ndarray) -
     Only the mean is matched: matching the spread would put back the noise a denoiser removed.
     Arrays are float32 (H, W, C) in the same range.
     """
-    w = mask[..., None]
+    w = np.ascontiguousarray(mask, np.float32).reshape(-1)
     total = float(w.sum()) + 1e-6
-    shift = (original * w).sum((0, 1)) / total - (restored * w).sum((0, 1)) / total
+    c = restored.shape[-1]
+    # weighted channel sums as one matrix-vector product each (BLAS; ~10x the broadcast product)
+    shift = (w @ original.reshape(-1, c) - w @ restored.reshape(-1, c)) / total
     return restored + shift.astype(np.float32)
 
 

@@ -4,8 +4,8 @@ facenet-pytorch's ``detect_face`` cuts every candidate box out of the frame and 
 its own ``interpolate`` call before the second and third stages: thousands of tiny calls per
 batch, which took ~3 s per 960x540 frame on two CPU cores. Here the same three networks run on
 the same pyramid, but the candidate crops of a whole batch are cut and resized in one
-``torchvision.ops.roi_align`` call per stage. Thresholds, NMS and box regression follow
-facenet-pytorch (its helpers are reused), so the faces found are the same up to resampling.
+``roi_align`` call per stage (``mtcnn_nets.crops``). Thresholds, NMS and box regression follow
+facenet-pytorch (``mtcnn_nets``), so the faces found are the same up to resampling.
 The three networks run in the inference engine asked for (``models.export``: torch, ONNX
 Runtime or OpenVINO; ``auto`` by default).
 
@@ -21,17 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-from facenet_pytorch.models.utils.detect_face import (
-    batched_nms_numpy,
-    bbreg,
-    generateBoundingBox,
-    pad,
-    rerec,
-)
 from torch.nn.functional import interpolate
-from torchvision.ops import roi_align
-from torchvision.ops.boxes import batched_nms
+
+from .mtcnn_nets import ONet, PNet, RNet, batched_nms, batched_nms_min, bbreg, crops, generate_boxes, pad, rerec
 
 
 class FastMTCNN(torch.nn.Module):
@@ -44,7 +36,7 @@ class FastMTCNN(torch.nn.Module):
     def __init__(self, *, min_face_size: int = 20, thresholds=(0.6, 0.7, 0.7), factor: float = 0.709,
                  device: str | torch.device = "cpu", engine: str | None = None) -> None:
         super().__init__()
-        self.pnet, self.rnet, self.onet = PNet(), RNet(), ONet()  # weights from the package
+        self.pnet, self.rnet, self.onet = PNet().load(), RNet().load(), ONet().load()  # facenet-pytorch's
         self.min_face_size = min_face_size
         self.thresholds = thresholds
         self.factor = factor
@@ -68,9 +60,7 @@ class FastMTCNN(torch.nn.Module):
     def _crops(self, imgs: torch.Tensor, boxes: torch.Tensor, inds: torch.Tensor, size: int) -> torch.Tensor:
         h, w = imgs.shape[2:4]
         y, ey, x, ex = pad(boxes, w, h)  # 1-based inclusive, clipped to the frame (as facenet)
-        rois = torch.tensor(np.stack([inds.cpu().numpy(), x - 1, y - 1, ex, ey], 1), dtype=imgs.dtype,
-                            device=imgs.device)
-        out = roi_align(imgs, rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        out = crops(imgs, np.stack([inds.cpu().numpy(), x - 1, y - 1, ex, ey], 1), size)
         return ((out - 127.5) * 0.0078125).contiguous(memory_format=self.memory_format)
 
     def _stage(self, k: int, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -110,7 +100,7 @@ class FastMTCNN(torch.nn.Module):
         for scale in scales:
             im = interpolate(imgs, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
             reg, probs = self.runs[0](((im - 127.5) * 0.0078125).contiguous(memory_format=self.memory_format))
-            b, ii = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
+            b, ii = generate_boxes(reg, probs[:, 1], scale, self.thresholds[0])
             pick = batched_nms(b[:, :4], b[:, 4], ii, 0.5)
             boxes.append(b[pick])
             image_inds.append(ii[pick])
@@ -149,7 +139,7 @@ class FastMTCNN(torch.nn.Module):
             py = h_i * lm[:, 5:10] + boxes[:, 1:2] - 1
             points = torch.stack((px, py), dim=2)  # (N, 5, 2)
             boxes = bbreg(boxes, mv)
-            pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+            pick = batched_nms_min(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
             boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
 
         boxes = boxes.cpu().numpy()

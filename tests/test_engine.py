@@ -72,12 +72,56 @@ def test_env_var_chooses_the_engine(monkeypatch):
     assert FaceDetector().engine == "torch"
 
 
+def test_mtcnn_nets_and_box_helpers_are_facenet_pytorchs():
+    """MTCNN runs without importing facenet-pytorch or torchvision (mtcnn_nets): its networks,
+    weights, suppression and crops must give exactly what those packages give."""
+    from facenet_pytorch.models import mtcnn as fn
+    from facenet_pytorch.models.utils import detect_face as fd
+    from torchvision.ops import batched_nms, roi_align
+
+    from pipeline import mtcnn_nets as mn
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for ours, theirs, size in ((mn.PNet, fn.PNet, 37), (mn.RNet, fn.RNet, 24), (mn.ONet, fn.ONet, 48)):
+            x = torch.rand(5, 3, size, size) * 2 - 1
+            for a, b in zip(ours().load()(x), theirs()(x)):
+                assert torch.equal(a, b)
+    rng = np.random.default_rng(0)
+    for n in (300, 2500):  # under and over 1,000 boxes: both of batched_nms's ways
+        xy = torch.tensor(rng.uniform(0, 500, (n, 2)), dtype=torch.float32)
+        boxes = torch.cat([xy, xy + torch.tensor(rng.uniform(12, 80, (n, 2)), dtype=torch.float32)], 1)
+        scores = torch.tensor(rng.random(n), dtype=torch.float32)
+        idxs = torch.tensor(rng.integers(0, 4, n))
+        assert torch.equal(mn.batched_nms(boxes, scores, idxs, 0.5), batched_nms(boxes, scores, idxs, 0.5))
+        assert torch.equal(mn.batched_nms_min(boxes, scores, idxs, 0.7),
+                           fd.batched_nms_numpy(boxes, scores, idxs, 0.7, "Min"))
+    imgs = torch.rand(2, 3, 60, 90) * 255
+    rois = np.array([[0, 0, 0, 30, 30], [1, 10, 5, 90, 60], [0, 40, 20, 52, 31]], np.float64)
+    assert torch.equal(mn.crops(imgs, rois, 24),
+                       roi_align(imgs, torch.tensor(rois, dtype=torch.float32), (24, 24), 1.0, 2, True))
+
+
+def test_detection_starts_without_torchvision_python_package():
+    """A job's start does not pay for importing torchvision (its ops import torch._dynamo)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, numpy as np; from pipeline.faces import FaceDetector; "
+            "faces = FaceDetector(engine='torch').detect([np.full((120, 160, 3), 90, np.uint8)]); "
+            "print(len(faces), sorted(m for m in ('torchvision', 'facenet_pytorch', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == ["1", "[]"]
+
+
 @needs("onnxruntime")
 def test_export_is_cached_by_weights_and_shapes_are_dynamic(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEMEND_CACHE", str(tmp_path))
-    from facenet_pytorch.models.mtcnn import PNet
+    from pipeline.mtcnn_nets import PNet
 
-    net = PNet().eval()
+    net = PNet().load()
     run = export.runner(net, "mtcnn-pnet", "onnxruntime", "cpu", torch.zeros(1, 3, 12, 12))
     files = sorted((tmp_path / "onnx").iterdir())
     assert [f.name for f in files] == [f"mtcnn-pnet-{export.weights_hash(net)}.onnx"]  # no temporary left

