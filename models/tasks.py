@@ -37,9 +37,11 @@ class TaskSpec:
     otherwise shimmer. A network whose input does not flicker (blur, low resolution) gains
     nothing from it and loses detail where the face moves, so it is off there.
     mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
-    (a flip self-ensemble: the aligned template is left-right symmetric). For unmask, whose
-    network guesses what the mask hides, this is worth its twice the network's cost; a guessed
-    mouth also comes out symmetric.
+    (a flip self-ensemble: the aligned template is left-right symmetric, and a local window
+    flipped keeps its sides on the frame's 8 px grid). For unmask, whose network guesses what the
+    mask hides, this is worth its twice the network's cost; a guessed mouth also comes out
+    symmetric. For enhance, which guesses detail the blur removed, too (``bench.quality``:
+    +0.17 dB on x4 down-up, +0.37 on blur); denoise and restore gain under 0.07 dB from it.
     zooms: the scales at which the pipeline crops and restores each face (a scale self-ensemble):
     1 is the aligned crop, 1.1 a crop showing the face 1/1.1 times as large about the same
     centre. The other crops' restorations are resampled into the first crop and averaged there
@@ -81,7 +83,7 @@ TASKS: dict[str, TaskSpec] = {
     "denoise": TaskSpec("denoise", "removes sensor noise, chroma noise, JPEG and video codec artefacts", True,
                         weights="denoise.safetensors", steady=True),
     "enhance": TaskSpec("enhance", "sharpens blurred and low-resolution faces (up to x4)", True,
-                        weights="enhance.safetensors"),
+                        weights="enhance.safetensors", mirror=True),
     "restore": TaskSpec("restore", "repairs old footage: codec blocks and ringing, noise, softness"
                         " and upscaling blur, together (blind)", True, weights="restore.safetensors",
                         steady=True),

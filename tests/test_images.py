@@ -254,3 +254,25 @@ def test_a_close_up_cut_by_the_photos_edge_is_found_and_restored(tmp_path):
     assert r["faces"] == 1, r
     out = cv2.cvtColor(cv2.imread(str(tmp_path / "close.denoise.png")), cv2.COLOR_BGR2RGB)
     assert out.shape == close.shape and psnr(out, close) > psnr(noisy, close) + 3
+
+
+def test_enhance_averages_each_head_with_its_mirror_image_and_fast_runs_one_pass(tmp_path):
+    """enhance restores each head and its mirror image and averages the two (a flip
+    self-ensemble; bench.quality: +0.37 dB on blur, +0.17 on x4 down-up); --fast runs one pass.
+    On a blurred real photo both sharpen the face, and the average is the closer to the clean."""
+    from pipeline.faces import FaceDetector
+
+    clean = cv2.cvtColor(cv2.imread(str(SCENES / "pyfeat_single_face.jpg")), cv2.COLOR_BGR2RGB)
+    x0, y0, x1, y1 = FaceDetector().detect_image(clean)[0].box.astype(int)
+    blurred = cv2.GaussianBlur(clean, (0, 0), 2.0)
+    src = tmp_path / "blurred.png"
+    cv2.imwrite(str(src), cv2.cvtColor(blurred, cv2.COLOR_RGB2BGR))
+    face = (slice(y0, y1), slice(x0, x1))
+    gain = {}
+    for mode in ("default", "fast"):
+        dst = tmp_path / f"{mode}.png"
+        r = run_json("submit", src, "--task", "enhance", "--output", dst, *(["--fast"] if mode == "fast" else []))
+        assert r["faces"] == 1
+        out = cv2.cvtColor(cv2.imread(str(dst)), cv2.COLOR_BGR2RGB)
+        gain[mode] = psnr(out[face], clean[face]) - psnr(blurred[face], clean[face])
+    assert gain["fast"] > 1.0 and gain["default"] > gain["fast"] + 0.05
