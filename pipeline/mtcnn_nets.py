@@ -4,8 +4,8 @@ The networks and helpers follow facenet-pytorch (MIT licence, github.com/timesle
 line for line, and the weights are the ones its package ships (``facenet_pytorch/data``), found
 without importing the package: importing it imports torchvision, whose ``ops`` import
 ``torch._dynamo`` (about 1.7 s of a job's start on two CPU cores). The two torchvision operators
-the detector needs are done here instead: ``nms`` by OpenCV's (the same greedy suppression, same
-boxes kept) and ``roi_align`` by ``crops`` (the same bilinear samples, averaged per bin).
+the detector needs, ``nms`` and ``roi_align``, are called from torchvision's compiled library
+(``vision_ops``), so the faces found are exactly the package's.
 """
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ def rerec(boxes):
 def vision_ops():
     """torchvision's compiled operators (``torch.ops.torchvision``), loaded from its extension
     library without importing the Python package (whose ``ops`` import ``torch._dynamo``: about
-    1.7 s of a job's start); the package's own import where the library cannot be found so."""
+    1.7 s of a job's start). Where that library is not found or does not load, the package is
+    imported, which registers the same operators."""
     ops = torch.ops.torchvision
     if not hasattr(ops, "nms"):
         spec = importlib.util.find_spec("torchvision")
