@@ -25,8 +25,6 @@ import numpy as np
 from . import align, regions
 from .faces import Face
 
-_MEAN3 = np.full((1, 3), 1.0 / 3.0, np.float32)  # cv2.transform: the mean of three channels
-
 log = logging.getLogger(__name__)
 
 Rect = tuple[int, int, int, int]
@@ -294,7 +292,7 @@ class FaceRestorer:
                     continue
                 cur = rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
                 old = prev[oy0 - b0 : oy1 - b0, ox0 - a0 : ox1 - a0]
-                diff = cv2.blur(cv2.transform(cv2.absdiff(old, cur), _MEAN3), (5, 5))
+                diff = cv2.blur(cv2.transform(cv2.absdiff(old, cur), np.full((1, 3), 1 / 3, np.float32)), (5, 5))
                 w = self.STEADY * np.exp(-((diff / self.STEADY_LEVELS) ** 2))
                 rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = cur + w[..., None] * (old - cur)
         self._now[1].append((rect, rest))
