@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import FacemendError, ModelError, OutputError, OutputUnwritable, output_error
 from .faces import FaceDetector
 from .images import is_image_path, restore_image, small_note, too_small_for_faces
-from .media import EncoderSettings, VideoPlan, encoder_available, join, plan
+from .media import DEINTERLACE_MODES, EncoderSettings, VideoPlan, encoder_available, join, plan
 from .morph import write_morph
 from .paths import check_paths, is_fresh, make_parent, resolve_output
 from .restore import FaceRestorer, PreviewSink
@@ -45,6 +45,7 @@ class JobOptions:
     colour_match: bool = True
     grain: bool = True  # unmask: grain matched to the skin around the painted area
     fast: bool = False  # one network pass per face: no mirror or zoom self-ensembles (TaskSpec)
+    deinterlace: str = "auto"  # video: auto | all | off (``VideoPlan.deinterlaced``)
     preview: str | None = None
     # FaceMath tasks (age, gender, morph)
     amount: float | None = None  # age: years (+ older, - younger); gender: + female, - male
@@ -64,6 +65,11 @@ class JobOptions:
             raise FacemendError(f"job option(s) {', '.join(unknown)} unknown to this worker's"
                                 " facemend (older than the submitter's): upgrade the worker")
         return cls(**options)
+
+    def __post_init__(self) -> None:
+        if self.deinterlace not in DEINTERLACE_MODES:
+            raise FacemendError(f"deinterlace must be one of {', '.join(DEINTERLACE_MODES)}, "
+                                f"not {self.deinterlace!r}")
 
     def encoder(self, *, joinable: bool = False) -> EncoderSettings:
         codec = self.codec
@@ -163,7 +169,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         log.info("%s: skipped (output %s is newer)", src, dst)
     elif kind == "video":
         opts.encoder()  # an encoder missing from this FFmpeg build: refused before any work
-        vplan = plan(src)  # validate before loading models
+        vplan = plan(src).deinterlaced(opts.deinterlace)  # validate before loading models
         engine = engine or Engine(opts)
         hooks.total(vplan.frames, "frames")
         run_video(vplan, dst, opts, engine, hooks, result)
@@ -188,7 +194,8 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
 
 
 def interlaced_note(vplan: VideoPlan) -> str:
-    return f"{vplan.path}: interlaced; deinterlaced (yadif, frame rate kept), the output is progressive"
+    which = "every frame deinterlaced (--deinterlace all" if vplan.deinterlace_all else "deinterlaced (yadif"
+    return f"{vplan.path}: interlaced; {which}, frame rate kept), the output is progressive"
 
 
 def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
@@ -248,6 +255,6 @@ def process_file(p: Path, out: Path, opts: JobOptions, engine: Engine, result: J
         faces = r.faces
     else:
         before = result.faces
-        run_video(plan(p), out, opts, engine, Hooks(), result)
+        run_video(plan(p).deinterlaced(opts.deinterlace), out, opts, engine, Hooks(), result)
         faces = result.faces - before
     result.items.append({"file": str(p), "output": str(out), "faces": faces})

@@ -83,6 +83,8 @@ def pixel_options(opts, src: str | Path | None = None) -> dict:
                    fps=float(opts.fps), crf=opts.crf)
     if src is None or is_video_path(Path(src)):
         out.update({k: getattr(opts, k) for k in VIDEO_OPTIONS})
+        if opts.deinterlace != "auto":  # records made before the option hold none: auto's
+            out["deinterlace"] = opts.deinterlace
     return out
 
 

@@ -484,18 +484,14 @@ def _comb(gray: np.ndarray) -> float:
     return float(np.abs(y[1:-1] - 0.5 * (y[:-2] + y[2:])).mean())
 
 
-@pytest.mark.parametrize("codec, name", [("mpeg2video", "tape.mpg"), ("libx264", "tv.mp4")])
-def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, codec, name):
-    """A bar moving between the two fields of each frame (as a camera records them), encoded
-    as interlaced: the output has every frame, progressive, without combing, and a queued
-    segment starting on a keyframe gets the pixels a single pass gets."""
-    from pipeline.media import iter_frames, plan
-
-    src = tmp_path / name
+def _combed_clip(src, codec: str, flagged: bool) -> float:
+    """18 frames of a bar moving between the two fields of each frame (as a camera records
+    them), encoded with its frames flagged interlaced (top field first) or not; the frames'
+    mean combing."""
     h, w = 96, 128
+    flags = {"flags": "+ildct+ilme", **({"top": "1"} if codec == "mpeg2video" else {"x264-params": "tff=1"})}
     with av.open(str(src), "w") as o:
-        v = grey_stream(o, codec, w, h, gop=6, bit_rate=4_000_000, options={"flags": "+ildct+ilme", **(
-            {"top": "1"} if codec == "mpeg2video" else {"x264-params": "tff=1"})})
+        v = grey_stream(o, codec, w, h, gop=6, bit_rate=4_000_000, options=flags if flagged else {})
         for i in range(18):
             img = np.full((h, w, 3), 60, np.uint8)
             img[0::2, 6 * i:6 * i + 16] = 220  # top field
@@ -504,20 +500,59 @@ def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, code
                 o.mux(p)
         for p in v.encode(None):
             o.mux(p)
+    with av.open(str(src)) as c:
+        return float(np.mean([_comb(f.to_ndarray(format="gray")) for f in c.decode(video=0)]))
+
+
+def _output_combing(path) -> tuple[int, float]:
+    with av.open(str(path)) as c:
+        frames = [f for f in c.decode(video=0)]
+    assert not any(f.interlaced_frame for f in frames)
+    return len(frames), float(np.mean([_comb(f.to_ndarray(format="gray")) for f in frames]))
+
+
+@pytest.mark.parametrize("codec, name", [("mpeg2video", "tape.mpg"), ("libx264", "tv.mp4")])
+def test_interlaced_source_is_deinterlaced_frame_for_frame(tmp_path, capfd, codec, name):
+    """A bar moving between the two fields of each frame (as a camera records them), encoded
+    as interlaced: the output has every frame, progressive, without combing, and a queued
+    segment starting on a keyframe gets the pixels a single pass gets."""
+    from pipeline.media import iter_frames, plan
+
+    src = tmp_path / name
+    combed = _combed_clip(src, codec, flagged=True)
     vplan = plan(src)
     assert vplan.interlaced
-    with av.open(str(src)) as c:
-        combed = np.mean([_comb(f.to_ndarray(format="gray")) for f in c.decode(video=0)])
     code, out, err = run(capfd, "submit", src, "--task", "identity", "--json")
     assert code == 0, err
     assert any("deinterlaced" in n for n in json.loads(out)["notes"])
-    with av.open(str(tmp_path / f"{src.stem}.identity.mp4")) as c:
-        frames = list(c.decode(video=0))
-    assert len(frames) == 18 and not any(f.interlaced_frame for f in frames)
-    assert np.mean([_comb(f.to_ndarray(format="gray")) for f in frames]) < combed / 4
+    n, left = _output_combing(tmp_path / f"{src.stem}.identity.mp4")
+    assert n == 18 and left < combed / 4
     single = [y for _, y in iter_frames(vplan)]
     for start in vplan.keyframes[1:]:
         assert all(np.array_equal(y, single[i]) for i, y in iter_frames(vplan, start, start + 4)), start
+
+
+def test_deinterlace_option_for_sources_whose_flags_are_wrong(tmp_path, capfd):
+    """--deinterlace all: a combed source whose interlace flags were lost is deinterlaced all the
+    same (auto leaves it combed: nothing says it is interlaced); --deinterlace off: a source
+    flagged interlaced is left as it is (progressive film flagged interlaced)."""
+    lost = tmp_path / "lost.mp4"
+    combed = _combed_clip(lost, "libx264", flagged=False)
+    flagged = tmp_path / "flagged.mp4"
+    combed_flagged = _combed_clip(flagged, "libx264", flagged=True)
+    got = {}
+    for src, mode in ((lost, "auto"), (lost, "all"), (flagged, "off")):
+        dst = tmp_path / f"{src.stem}.{mode}.mp4"
+        code, out, err = run(capfd, "submit", src, "--task", "identity", "--deinterlace", mode, "-o", dst, "--json")
+        assert code == 0, err
+        notes = json.loads(out)["notes"]
+        got[src.stem, mode] = _output_combing(dst) + (notes,)
+    n, left, notes = got["lost", "auto"]
+    assert n == 18 and left > combed / 2 and not notes
+    n, left, notes = got["lost", "all"]
+    assert n == 18 and left < combed / 4 and any("every frame deinterlaced" in x for x in notes)
+    n, left, notes = got["flagged", "off"]
+    assert n == 18 and left > combed_flagged / 2 and not any("deinterlaced" in x for x in notes)
 
 
 @pytest.mark.parametrize("out", ["clip.identity.mp4", "out.mkv", "out.mov"])

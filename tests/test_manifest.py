@@ -371,3 +371,21 @@ def test_chunk_api_two_workers_share_one_manifest(tmp_path):
     assert all(book.decide(p, mirrored_output(p, src, dst))[0] for p in files)
     bump(files[0])
     assert book.decide(files[0], mirrored_output(files[0], src, dst)) == (False, "input changed")
+
+
+def test_deinterlace_option_in_records_and_queued_options():
+    """--deinterlace changes a video's pixels, so a record made with another mode is no reason
+    to skip; records made before the option (no key) read as auto's, so an archive's records
+    stay valid. A queued job's record with a mode this facemend does not know FAILS with it."""
+    import pytest
+
+    from pipeline.errors import FacemendError
+    from pipeline.job import JobOptions
+    from pipeline.manifest import pixel_options
+
+    auto = pixel_options(JobOptions(task="denoise"), "clip.mp4")
+    assert "deinterlace" not in auto
+    assert pixel_options(JobOptions(task="denoise", deinterlace="off"), "clip.mp4") == {**auto, "deinterlace": "off"}
+    assert "deinterlace" not in pixel_options(JobOptions(task="denoise", deinterlace="all"), "photo.png")
+    with pytest.raises(FacemendError, match="deinterlace must be one of auto, all, off"):
+        JobOptions.from_dict({"task": "denoise", "deinterlace": "bob"})

@@ -72,7 +72,7 @@ def _plan(job_id: str, job: Job) -> dict:
             return {"skipped": str(src)}
         if kind == "video":
             opts.encoder(joinable=True)
-            vplan = media.plan(src)
+            vplan = media.plan(src).deinterlaced(opts.deinterlace)
             if vplan.interlaced:
                 log.warning(interlaced_note(vplan))
             ranges = split(vplan, job.segment_seconds)

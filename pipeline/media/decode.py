@@ -102,8 +102,10 @@ def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: 
     return True
 
 
-# yadif, one frame out per frame in, only frames flagged interlaced, field order from each frame
+# yadif, one frame out per frame in, field order from each frame (top first where unflagged);
+# only the frames flagged interlaced, or every frame (``VideoPlan.deinterlace_all``)
 DEINTERLACE = ("yadif", "mode=send_frame:parity=auto:deint=interlaced")
+DEINTERLACE_ALL = ("yadif", "mode=send_frame:parity=auto:deint=all")
 
 
 def _frames(c, v, vplan: VideoPlan) -> Iterator[av.VideoFrame]:
@@ -117,7 +119,7 @@ def _frames(c, v, vplan: VideoPlan) -> Iterator[av.VideoFrame]:
         return
     graph = av.filter.Graph()
     src = graph.add_buffer(template=v)
-    deint = graph.add(*DEINTERLACE)
+    deint = graph.add(*(DEINTERLACE_ALL if vplan.deinterlace_all else DEINTERLACE))
     sink = graph.add("buffersink")
     src.link_to(deint)
     deint.link_to(sink)

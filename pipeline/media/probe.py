@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts",
                     ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".3g2", ".vob", ".divx", ".asf",
                     ".ogv", ".dv", ".mxf", ".f4v"}
+
+
+DEINTERLACE_MODES = ("auto", "all", "off")  # --deinterlace (``VideoPlan.deinterlaced``)
 
 
 @dataclass
@@ -41,11 +44,24 @@ class VideoPlan:
     # output so players decode its YUV as they did the source's (0 or 2: unspecified)
     color: dict = field(default_factory=dict)
     interlaced: bool = False  # the first frame is interlaced: frames are deinterlaced on decode
+    # every frame goes through the deinterlacer, flagged interlaced or not (``deinterlaced``)
+    deinterlace_all: bool = False
     sar: str = ""  # sample (pixel) aspect ratio "num/den" where not square (anamorphic DVD, DV)
     # the demuxer gave a frame's pts twice (it guesses the pts of MPEG program stream packets
     # that carry none): frames are numbered by their order out of the decoder, from the first
     # frame on, and ``pts`` are the first frame's spaced by the frame rate
     counted: bool = False
+
+    def deinterlaced(self, mode: str) -> "VideoPlan":
+        """The plan as ``--deinterlace`` asks: ``auto`` deinterlaces the frames flagged interlaced
+        when the first one is; ``all`` every frame (a source whose flags were lost: unflagged
+        frames are taken as top field first); ``off`` none (a progressive source flagged
+        interlaced)."""
+        if mode not in DEINTERLACE_MODES:
+            raise ValueError(f"deinterlace must be one of {', '.join(DEINTERLACE_MODES)}, got {mode!r}")
+        if mode == "auto":
+            return self
+        return replace(self, interlaced=mode == "all", deinterlace_all=mode == "all")
 
     @property
     def frames(self) -> int:
