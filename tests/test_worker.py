@@ -188,6 +188,36 @@ def test_segments_between_milliseconds_keep_every_frame_time(workers, tmp_path):
     assert a["rotation"] == b["rotation"] == 90
 
 
+def test_queued_deinterlace_all_matches_the_embedded_output(workers, tmp_path):
+    """--deinterlace travels with a queued job: a combed clip whose interlace flags were lost,
+    cut into segments, comes back deinterlaced frame for frame as the embedded run writes it."""
+    import av
+    import numpy as np
+    from test_bad_inputs import _combed_clip, _output_combing
+
+    src = tmp_path / "lost.mp4"
+    combed = _combed_clip(src, "libx264", flagged=False)
+    workers.start("w1")
+    out = tmp_path / "lost.queued.mp4"
+    job = cli_json("submit", src, *FAST, "--deinterlace", "all", "-o", out, "--segment-seconds", 0.25,
+                   "--wait", timeout=300)
+    assert job["state"] == "DONE", job
+    assert len(job["parts"]) >= 2
+    ref = tmp_path / "lost.embedded.mp4"
+    emb = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", src, *FAST, "--deinterlace", "all",
+                          "-o", ref, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={k: v for k, v in env().items() if k != "FACEMEND_BROKER_URL"})
+    assert emb.returncode == 0, emb.stderr
+    n, left = _output_combing(out)
+    assert n == 18 and left < combed / 4
+
+    def gray(path):
+        with av.open(str(path)) as c:
+            return [f.to_ndarray(format="gray").astype(np.int16) for f in c.decode(video=0)]
+
+    assert all(np.abs(a - b).max() <= 2 for a, b in zip(gray(ref), gray(out)))  # two encodes
+
+
 def test_sigkill_of_a_worker_mid_segment_the_job_still_completes(workers, db, tmp_path):
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)  # 72 frames
     short = {"FACEMEND_VISIBILITY_TIMEOUT": 12, "FACEMEND_HEARTBEAT_INTERVAL": 1, "FACEMEND_HEARTBEAT_TIMEOUT": 4}
