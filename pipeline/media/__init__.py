@@ -21,7 +21,7 @@ from .probe import COLOR_TAGS, DEINTERLACE_MODES, VIDEO_EXTENSIONS, VideoPlan, i
 from .remux import MOV_EXTENSIONS, PCM_TO_AAC_EXTENSIONS, check_timing, join
 
 __all__ = ["BT601", "BT709", "BT2020", "COLOR_TAGS", "DEINTERLACE_MODES", "FCC", "MOV_EXTENSIONS",
-           "PCM_TO_AAC_EXTENSIONS", "SMPTE240M", "VIDEO_EXTENSIONS", "EncoderSettings", "VideoEncoder", "VideoPlan", "YuvMatrix",
-           "add_rgb_delta", "check_timing", "count_frames", "encoder_available", "i420_planes", "i420_to_rgb",
-           "is_video_path", "iter_frames", "join", "partial_name", "plan", "source_range", "to_i420",
-           "yuv_matrix"]
+           "PCM_TO_AAC_EXTENSIONS", "SMPTE240M", "VIDEO_EXTENSIONS", "EncoderSettings", "VideoEncoder",
+           "VideoPlan", "YuvMatrix", "add_rgb_delta", "check_timing", "count_frames", "encoder_available",
+           "i420_planes", "i420_to_rgb", "is_video_path", "iter_frames", "join", "partial_name", "plan",
+           "source_range", "to_i420", "yuv_matrix"]
