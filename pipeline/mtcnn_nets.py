@@ -9,6 +9,7 @@ the detector needs, ``nms`` and ``roi_align``, are called from torchvision's com
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def rerec(boxes):
     return boxes
 
 
+@functools.cache  # loaded once; every suppression and crop call reads it
 def vision_ops():
     """torchvision's compiled operators (``torch.ops.torchvision``), loaded from its extension
     library without importing the Python package (whose ``ops`` import ``torch._dynamo``: about

@@ -103,9 +103,8 @@ def _decode(c, v, vplan: VideoPlan, path: Path, start: int, stop: int, counted: 
 
 
 # yadif, one frame out per frame in, field order from each frame (top first where unflagged);
-# only the frames flagged interlaced, or every frame (``VideoPlan.deinterlace_all``)
-DEINTERLACE = ("yadif", "mode=send_frame:parity=auto:deint=interlaced")
-DEINTERLACE_ALL = ("yadif", "mode=send_frame:parity=auto:deint=all")
+# deint: only the frames flagged interlaced, or every frame (``VideoPlan.deinterlace_all``)
+DEINTERLACE = "mode=send_frame:parity=auto:deint={}"
 
 
 def _frames(c, v, vplan: VideoPlan) -> Iterator[av.VideoFrame]:
@@ -119,7 +118,7 @@ def _frames(c, v, vplan: VideoPlan) -> Iterator[av.VideoFrame]:
         return
     graph = av.filter.Graph()
     src = graph.add_buffer(template=v)
-    deint = graph.add(*(DEINTERLACE_ALL if vplan.deinterlace_all else DEINTERLACE))
+    deint = graph.add("yadif", DEINTERLACE.format("all" if vplan.deinterlace_all else "interlaced"))
     sink = graph.add("buffersink")
     src.link_to(deint)
     deint.link_to(sink)
