@@ -43,28 +43,29 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
         rgbs.append(i420_to_rgb(yuv, vplan.yuv_matrix))  # as the product reads it
         if len(rgbs) % batch == 0:
             t0 = time.perf_counter()
-            found += det.detect(rgbs[-batch:])
+            found += det.detect(rgbs[-batch:], floor=det.track_score)
             t += time.perf_counter() - t0
     if len(found) < len(rgbs):
         t0 = time.perf_counter()
-        found += det.detect(rgbs[len(found):])
+        found += det.detect(rgbs[len(found):], floor=det.track_score)
         t += time.perf_counter() - t0
     return found, {"frames": n, "size": f"{vplan.width}x{vplan.height}",
                    "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det
 
 
 def track(found: list, every: int, refine: str = "regions", search=None,
-          size: tuple[int, int] = (0, 0)) -> tuple[list[list], set[int], dict]:
+          size: tuple[int, int] = (0, 0), confirm_score: float = 0.0) -> tuple[list[list], set[int], dict]:
     """The tracker's final faces per frame when only every ``every``-th frame (and the last) is
     detected, as ``process_range`` does. Between two detected frames whose faces differ
     (``track.gap_regions``) ``refine`` "regions" searches the frames in between around the
     faces that appeared or vanished (``search(i, regions)`` in frames of ``size`` (h, w), as
     the pipeline), "frames" takes
-    their whole-frame detections, "none" interpolates. Returns the faces, the frames detected
+    their whole-frame detections, "none" interpolates. ``confirm_score``: the tracker's (the
+    detector's min_score, as the pipeline; ``found`` holds faces down to its track_score). Returns the faces, the frames detected
     whole or searched, and the search time."""
     from pipeline.track import FaceTracker, gap_regions
 
-    tr = FaceTracker()
+    tr = FaceTracker(confirm_score=confirm_score)
     n = len(found)
     prev: int | None = None
     detected: set[int] = set()
@@ -167,13 +168,14 @@ def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: str = 
     found, info, rgbs, det = detect_all(Path(clip), frames, **kw)
 
     def search(i: int, regions) -> list:
-        return det.detect_regions(rgbs[i], regions)
+        return det.detect_regions(rgbs[i], regions, floor=det.track_score)
 
-    ref, _, _ = track(found, 1)
+    ref, _, _ = track(found, 1, confirm_score=det.min_score)
     res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
            "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
     for k in every:
-        got, detected, timing = track(found, k, refine, search, rgbs[0].shape[:2] if rgbs else (0, 0))
+        got, detected, timing = track(found, k, refine, search, rgbs[0].shape[:2] if rgbs else (0, 0),
+                                      det.min_score)
         res["every"][str(k)] = {"detected_frames": len(detected), **timing, **compare(ref, got, detected)}
     return res
 

@@ -35,18 +35,24 @@ class FaceDetector:
 
     min_face: smallest face (px, in the original frame) to find. max_side: frames whose long
     side is larger are detected on a copy scaled to this size. min_score: faces below this
-    MTCNN confidence are dropped (it keeps cartoons and textures out). thresholds: MTCNN's
-    three stage thresholds. max_overlap: drop a face whose box lies more than this fraction
-    inside a higher-scoring face's box (1: keep all). engine: MTCNN's inference engine
-    (``models.export``; default ``$FACEMEND_ENGINE`` or auto). ``FaceDetector(**MASKED)`` is the setting
-    for faces whose lower half is covered (the unmask task), which MTCNN scores low.
+    MTCNN confidence are dropped (it keeps cartoons and textures out). track_score (video;
+    None: min_score): video frames keep faces down to this score, for the tracker to hold a face
+    whose score dips (a turned head, motion blur, a mask, heavy noise) on the track of a face it
+    confirmed at min_score nearby (``FaceTracker``'s confirm_score); a face never confirmed is
+    not restored. thresholds: MTCNN's three stage thresholds. max_overlap: drop a face whose box
+    lies more than this fraction inside a higher-scoring face's box (1: keep all). engine:
+    MTCNN's inference engine (``models.export``; default ``$FACEMEND_ENGINE`` or auto).
+    ``FaceDetector(**MASKED)`` is the setting for faces whose lower half is covered (the unmask
+    task), which MTCNN scores low.
     """
 
     # Masked faces: MTCNN's default settings find 118 of 234 UTKFace validation photos with
     # synthetic masks; lower stage thresholds find more (these: 737 of all 1,034, 71 %,
     # models.training.evaluate --task unmask --whole), but also boxes on the mask or chin below a face,
     # so a box lying mostly inside a stronger face's box is dropped (max_overlap).
-    MASKED = {"thresholds": (0.3, 0.4, 0.5), "min_score": 0.8, "max_overlap": 0.3}
+    # In video, masked faces score 0.5-0.8 in some frames and above 0.8 in others (a head that
+    # turns, a mask that hides more of the face), so tracks carry them down to track_score.
+    MASKED = {"thresholds": (0.3, 0.4, 0.5), "min_score": 0.8, "track_score": 0.5, "max_overlap": 0.3}
 
     def __init__(
         self,
@@ -55,6 +61,7 @@ class FaceDetector:
         min_face: int = 40,
         max_side: int = 960,
         min_score: float = 0.92,
+        track_score: float | None = 0.7,
         batch_size: int = 16,
         thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
         max_overlap: float = 1.0,
@@ -64,6 +71,7 @@ class FaceDetector:
         self.min_face = int(min_face)
         self.max_side = int(max_side)
         self.min_score = float(min_score)
+        self.track_score = self.min_score if track_score is None else min(float(track_score), self.min_score)
         self.batch_size = int(batch_size)
         self.max_overlap = float(max_overlap)
         from .mtcnn import FastMTCNN
@@ -82,10 +90,10 @@ class FaceDetector:
     # face found there replacing the smaller faces it holds (see _enclosing_first)
     RECHECK_BELOW = 0.95
 
-    def detect(self, frames: list[np.ndarray], border: float = 0.0) -> list[list[Face]]:
+    def detect(self, frames: list[np.ndarray], border: float = 0.0, floor: float | None = None) -> list[list[Face]]:
         """Faces in each frame (a list per frame, possibly empty). ``border``: search the frames
         inside a mid-grey border this fraction of their shorter side wide (coordinates stay the
-        frame's)."""
+        frame's). ``floor``: the lowest score kept (default min_score; video: track_score)."""
         if not frames:
             return []
         h, w = frames[0].shape[:2]
@@ -103,15 +111,16 @@ class FaceDetector:
             if pad:  # a grey frame around the picture: MTCNN finds a face cut by its edge
                 batch = np.pad(batch, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=127)
             for b, p, pt in net.detect(batch):
-                out.append(self._faces(b, p, pt, 1.0 / scale, pad))
+                out.append(self._faces(b, p, pt, 1.0 / scale, pad, floor))
         return out
 
     REGION_STEP = 32  # detect_regions pads each region to a multiple of this (detector pixels)
 
-    def detect_regions(self, frame: np.ndarray, regions: list[tuple[int, int, int, int]]) -> list[Face]:
+    def detect_regions(self, frame: np.ndarray, regions: list[tuple[int, int, int, int]],
+                       floor: float | None = None) -> list[Face]:
         """Faces inside ``regions`` (x0, y0, x1, y1 in frame pixels) of one frame, searched at the
         scale the whole frame is (``max_side``), in frame coordinates; where regions overlap and
-        find one face twice, the better-scored copy is kept."""
+        find one face twice, the better-scored copy is kept. ``floor`` as in ``detect``."""
         h, w = frame.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         net = self._mtcnn(max(12, int(round(self.min_face * scale))))
@@ -127,7 +136,7 @@ class FaceDetector:
             ph, pw = -crop.shape[0] % self.REGION_STEP, -crop.shape[1] % self.REGION_STEP
             crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), constant_values=127)
             (b, p, pt), = net.detect(crop[None])
-            for f in self._faces(b, p, pt, 1.0 / scale):
+            for f in self._faces(b, p, pt, 1.0 / scale, floor=floor):
                 f.box += (x0, y0, x0, y0)
                 f.landmarks += (x0, y0)
                 found.append(f)
@@ -158,13 +167,14 @@ class FaceDetector:
             faces = self.detect([image], border=border)[0]
         return faces
 
-    def _faces(self, boxes, probs, points, inv: float, pad: int = 0) -> list[Face]:
+    def _faces(self, boxes, probs, points, inv: float, pad: int = 0, floor: float | None = None) -> list[Face]:
+        floor = self.min_score if floor is None else floor
         boxes = (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) - pad) * inv
         points = (np.asarray(points, dtype=np.float64).reshape(-1, 5, 2) - pad) * inv
         probs = np.asarray(probs, dtype=np.float64).reshape(-1)
         faces = []
         for box, lm, p in zip(boxes, points, probs):
-            if p < self.min_score or (box[2] - box[0]) < self.min_face * 0.8:
+            if p < floor or (box[2] - box[0]) < self.min_face * 0.8:
                 continue
             faces.append(Face(box=box, landmarks=lm, score=float(p)))
         if self.max_overlap < 1.0:

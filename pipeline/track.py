@@ -11,6 +11,13 @@ track last was and where its last two detections' velocity puts it now (a face 9
 moves 35 px a frame overlaps its box of two frames before by IoU 0.14 only). Detections and
 tracks still unpaired then pair by centre distance (at most half a box width per frame of gap,
 widths within 1.5x), so that a fast face keeps its track across a detection gap.
+
+Detections may come with scores below the detector's own bar (``FaceDetector.track_score``):
+such a face is handed back only where its track holds a detection scoring at least
+``confirm_score`` within ``lookahead`` frames of it, so a face whose score dips for a few frames
+(a turned head, motion blur, a mask) stays restored, and a weak box that no confident detection
+backs is dropped. The window is bounded, so a range cut out of a longer video (with
+``lookahead`` frames of context each side) decides as the whole video does.
 """
 from __future__ import annotations
 
@@ -113,8 +120,9 @@ class FaceTracker:
     """Streaming tracker. ``add(i, faces)`` for consecutive frames, then ``pop_ready()``."""
 
     def __init__(self, *, max_gap: int = 5, radius: int = 3, sigma: float = 1.5,
-                 min_iou: float = 0.25, first: int = 0) -> None:
+                 min_iou: float = 0.25, first: int = 0, confirm_score: float = 0.0) -> None:
         self.max_gap = max_gap
+        self.confirm_score = confirm_score
         self.radius = radius
         self.sigma = sigma
         self.min_iou = min_iou
@@ -197,14 +205,20 @@ class FaceTracker:
         for i in range(self._emitted + 1, upto + 1):
             out.append((i, self._smoothed(i)))
             self._emitted = i
-        self._forget(self._emitted - self.radius)
+        self._forget(self._emitted - self.lookahead)
         return out
+
+    def _confirmed(self, t: _Track, i: int) -> bool:
+        """Whether track ``t`` holds a detection scoring ``confirm_score`` or more within
+        ``lookahead`` frames of frame ``i``."""
+        return any(not g.interpolated and g.score >= self.confirm_score
+                   for k, g in t.faces.items() if abs(k - i) <= self.lookahead)
 
     def _smoothed(self, i: int) -> list[Face]:
         faces = []
         for t in self._tracks:
             f = t.faces.get(i)
-            if f is None:
+            if f is None or not self._confirmed(t, i):
                 continue
             acc = np.zeros((5, 2))
             wsum = 0.0

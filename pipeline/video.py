@@ -239,7 +239,7 @@ class RangeRun:
         self.stop = vplan.frames if stop is None else min(stop, vplan.frames)
         ctx = FaceTracker().lookahead if context is None else context
         self.first, self.last = max(0, start - ctx), min(vplan.frames, self.stop + ctx)  # frames decoded
-        self.tracker = FaceTracker(first=self.first)
+        self.tracker = FaceTracker(first=self.first, confirm_score=detector.min_score)
         self.stats = RangeStats(start=start, stop=self.stop)
         self.clock = _Clock(self.stats.stages)
         self.matrix = vplan.yuv_matrix  # faces are read and written back in the clip's own colours
@@ -314,7 +314,8 @@ class RangeRun:
         if items:
             self.stats.detected += len(items)
             with self.clock("detect"):
-                faces = self.detector.detect([i420_to_rgb(yuv, self.matrix) for _, yuv in items])
+                faces = self.detector.detect([i420_to_rgb(yuv, self.matrix) for _, yuv in items],
+                                             floor=self.detector.track_score)
                 self.found.update(zip([i for i, _ in items], faces))
 
     def search(self, items: list[tuple[int, np.ndarray, list]]) -> None:
@@ -324,7 +325,8 @@ class RangeRun:
             self.stats.searched += len(items)
             with self.clock("detect"):
                 for i, yuv, regions in items:
-                    self.found[i] = self.detector.detect_regions(i420_to_rgb(yuv, self.matrix), regions)
+                    self.found[i] = self.detector.detect_regions(i420_to_rgb(yuv, self.matrix), regions,
+                                                                 floor=self.detector.track_score)
 
     def refine(self) -> list[tuple[int, np.ndarray, list]]:
         """The waiting frames not detected yet that lie between two detected frames whose faces

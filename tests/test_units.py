@@ -256,6 +256,28 @@ def test_tracker_keeps_a_fast_face_across_a_detection_gap():
     assert out[4][1][0].interpolated and out[4][1][0].box[0] == pytest.approx(140.0)
 
 
+def test_tracker_hands_back_weak_faces_only_near_a_confident_detection_of_their_track():
+    # a face that scores 0.99 on frame 9 only, else 0.6; a box elsewhere that never scores 0.9
+    tr = FaceTracker(confirm_score=0.9)
+    for i in range(30):
+        face = _moving_face(10.0 * i)
+        face.score = 0.99 if i == 9 else 0.6
+        weak = _moving_face(1500.0)
+        weak.score = 0.85
+        tr.add(i, [face, weak] if i % 3 == 0 else None)
+    out = dict(tr.pop_ready() + tr.pop_ready(final=True))
+    assert sorted(out) == list(range(30))
+    with_face = [i for i, fs in out.items() if fs]
+    assert with_face == list(range(3, 16))  # within lookahead (6) of frame 9
+    assert all(len(out[i]) == 1 and out[i][0].box[0] < 1000 for i in with_face)  # never the weak box
+    everything = FaceTracker()  # confirm_score 0: every detection counts, as for still images
+    for i in range(28):
+        face = _moving_face(10.0 * i)
+        face.score = 0.6
+        everything.add(i, [face] if i % 3 == 0 else None)
+    assert all(len(fs) == 1 for _, fs in everything.pop_ready(final=True))
+
+
 def test_same_faces_tells_when_faces_appear_or_vanish():
     from pipeline.track import same_faces
 
