@@ -395,6 +395,30 @@ def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     assert not mask[same].any() and all(m.any() for m in mask[~same])
 
 
+def test_unmask_training_softens_a_share_of_faces_as_video_shows_them(train_crops):
+    """--soft P: a share of unmask's training faces are softened (down-up, some motion-blurred)
+    before the mask is drawn, the target softened alike: the network learns to paint a soft face
+    where it would leave the mask. Same seed, same batch; the mask still drawn sharp."""
+    import cv2
+
+    from models.training.batches import Batches
+
+    def sharpness(imgs) -> np.ndarray:
+        return np.array([cv2.Laplacian(cv2.cvtColor(i, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for i in imgs])
+
+    plain, _, _ = Batches("unmask", train_crops, 128, 64, seed=0).next()
+    half, bad, mask = Batches("unmask", train_crops, 128, 64, seed=0, soft=0.5).next()
+    again, _, _ = Batches("unmask", train_crops, 128, 64, seed=0, soft=0.5).next()
+    every, _, _ = Batches("unmask", train_crops, 128, 64, seed=0, soft=1.0).next()
+    assert np.array_equal(half, again)
+    s_plain, s_half, s_every = (np.median(sharpness(b)) for b in (plain, half, every))
+    assert s_every < 0.4 * s_plain and s_every < s_half < s_plain
+    assert all(m.any() for m in mask)
+    soft = half
+    outside = mask == 0  # the target is the softened face: outside the mask the input is it
+    assert max(np.abs(b[o].astype(int) - c[o]).max() for b, c, o in zip(bad, soft, outside)) <= 6
+
+
 def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_path):
     """The product runs unmask on 128 x 160 crops (the square template crop and 32 rows below
     it, where the chin and the mask's lower edge are). Crops built that tall are the square ones

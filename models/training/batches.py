@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from . import data as D
-from .degrade import apply_mask, degrade
+from .degrade import apply_mask, degrade, down_up, motion_blur
 
 
 class Batches:
@@ -15,10 +15,10 @@ class Batches:
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
                  jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
-                 square: float = 0.0, edge: float = 0.0) -> None:
+                 square: float = 0.0, edge: float = 0.0, soft: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
         self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
-        self.edge = edge
+        self.edge, self.soft = edge, soft
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -32,6 +32,8 @@ class Batches:
             if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
                 y, x = self.rng.integers(0, (np.array([height, size]) - self.patch) // 8 + 1) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
+            if self.soft and self.task == "unmask" and self.rng.random() < self.soft:
+                crop = soften(crop, self.rng)  # the face as video shows it; the mask drawn sharp on it
             if self.occluders and self.task == "unmask" and self.rng.random() < self.occluders:
                 d = apply_mask(crop, self.rng, occluder=True)
             else:
@@ -48,6 +50,22 @@ class Batches:
             masks.append(mask)
         m = np.stack(masks) if masks[0] is not None else None
         return np.stack(clean), np.stack(bad), m
+
+
+SOFT = {"scale": (1.5, 4.0), "blur": 0.5, "length": (3, 9)}  # soften: down-up range, P(motion blur), px
+
+
+def soften(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A face as a video shows a small or moving one: area-down by a random factor in
+    ``SOFT["scale"]`` and bicubic back up (a 40-80 px face the pipeline enlarges to its 128 px
+    crop), and with probability ``SOFT["blur"]`` a motion blur along a random direction. Unmask
+    trains on such faces as targets, so that it paints a face of the same softness rather than
+    leaving the mask on faces softer than the sharp photos it learnt from."""
+    out = down_up(crop, float(rng.uniform(*SOFT["scale"])))
+    if rng.random() < SOFT["blur"]:
+        lo, hi = SOFT["length"]
+        out = motion_blur(out, int(rng.integers(lo, hi + 1)), float(rng.uniform(0.0, 180.0)))
+    return np.ascontiguousarray(out)
 
 
 JITTER = {"degrees": 10.0, "scale": 0.1, "shift": 0.05}  # uniform +-; shift as a crop fraction

@@ -21,7 +21,7 @@ from pytorch_msssim import ssim
 
 from ..nets import ResUNet, read_metadata
 from . import data as D
-from .batches import EDGE_FROM, JITTER
+from .batches import EDGE_FROM, JITTER, SOFT
 from .degrade import canonical
 from .loop import hardware
 
@@ -163,7 +163,11 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           if cfg.square and tall else "")
                        + (f"; p={cfg.edge} of faces cut by the photo's bottom edge at a row in"
                           f" [{EDGE_FROM:g} x width, height), reflected below it after masking"
-                          if cfg.edge else ""),
+                          if cfg.edge else "")
+                       + (f"; p={cfg.soft} of faces softened before masking, target alike (area-down"
+                          f" x{SOFT['scale'][0]:g}-{SOFT['scale'][1]:g} then bicubic up; p={SOFT['blur']:g}"
+                          f" of those motion-blurred, {SOFT['length'][0]}-{SOFT['length'][1]} px)"
+                          if cfg.soft else ""),
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),

@@ -84,6 +84,7 @@ class TrainConfig:
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
     psnr_weight: float = 0.0  # - psnr_weight * each image's PSNR (dB), batch mean: the metric itself
     edge: float = 0.0  # unmask: share of samples whose photo ends inside the crop (photo_edge)
+    soft: float = 0.0  # unmask: share of faces softened before the mask is drawn (batches.soften)
     adv_weight: float = 0.0  # unmask: + adv_weight * the hinge adversarial term (adversarial.py)
     fm_weight: float = 0.0  # unmask: + fm_weight * discriminator feature matching
     d_lr: float = 2e-4  # the discriminator's learning rate
@@ -137,7 +138,7 @@ def train(
         netcfg.__post_init__()
         net = ResUNet(netcfg).to(device)
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
-                      cfg.occluders, cfg.square, cfg.edge)
+                      cfg.occluders, cfg.square, cfg.edge, cfg.soft)
 
     def batch() -> tuple:
         clean_np, bad_np, mask_np = batches.next()
@@ -235,6 +236,10 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--edge", type=float, default=0.0,
                    help="unmask: share of training faces cut by the photo's bottom edge, the crop"
                         " filled below it by reflection after the mask is drawn (e.g. 0.5)")
+    p.add_argument("--soft", type=float, default=0.0,
+                   help="unmask: share of training faces softened as small or moving faces in video"
+                        " are (down-up x1.5-4, half of them motion-blurred) before the mask is drawn,"
+                        " the target softened alike (e.g. 0.5)")
     p.add_argument("--l2", type=float, default=0.0,
                    help="add this weight times the squared error to the loss (e.g. 10)")
     p.add_argument("--psnr", type=float, default=0.0,
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.steps <= 0 and a.minutes <= 0:
         raise SystemExit("give --steps or --minutes (or both)")
-    for flag in ("jitter", "clean", "occluders", "square", "edge"):
+    for flag in ("jitter", "clean", "occluders", "square", "edge", "soft"):
         if not 0.0 <= getattr(a, flag) <= 1.0:
             raise SystemExit(f"--{flag} {getattr(a, flag)}: a share of samples, from 0 to 1")
     cfg = TrainConfig(
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         export_every_min=a.export_every, out=a.out, export=a.export, export_dir=a.export_dir,
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
-        psnr_weight=a.psnr, edge=a.edge, adv_weight=a.adv, fm_weight=a.fm, d_lr=a.d_lr,
+        psnr_weight=a.psnr, edge=a.edge, soft=a.soft, adv_weight=a.adv, fm_weight=a.fm, d_lr=a.d_lr,
         snapshots=a.snapshots,
     )
     try:
