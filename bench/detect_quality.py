@@ -80,7 +80,7 @@ def track(found: list, every: int, refine: str = "regions", search=None,
         fill: dict = {}
         if gap and refine != "none":
             regions = gap_regions(None if prev is None else (prev, found[prev]), i, found[i], gap[0],
-                                  size[1], size[0])
+                                  size[1], size[0], confirm_score)
             if regions and refine == "frames":
                 fill = {g: found[g] for g in gap}
             elif regions:

@@ -74,18 +74,20 @@ def changed_faces(a: list[Face], b: list[Face], gap: int, min_iou: float = 0.25)
 
 
 def gap_regions(prev: tuple[int, list[Face]] | None, index: int, faces: list[Face], first_gap: int,
-                width: int, height: int) -> list[tuple[int, int, int, int]]:
+                width: int, height: int, min_score: float = 0.0) -> list[tuple[int, int, int, int]]:
     """Where to search the undetected frames ``first_gap..index-1`` that lie between the
     detected frame ``prev`` (index, faces; None: the range's first detected frame) and frame
     ``index`` with ``faces``: around each face that appeared or vanished between the two
     (``changed_faces``, ``search_regions``); none when the faces are the same. A range's first
-    detected frame has nothing before it: each of its faces may have been there before."""
+    detected frame has nothing before it: each of its faces may have been there before. Only a
+    face scoring ``min_score`` or more asks for a search (a weak one that comes and goes does
+    not); a face of either frame pairs with any of the other, weak ones included."""
     if prev is None:
         vanished, appeared, span = [], faces, index - first_gap + 1
     else:
         vanished, appeared = changed_faces(prev[1], faces, index - prev[0])
         span = index - prev[0]
-    return search_regions(vanished + appeared, span, width, height)
+    return search_regions([f for f in vanished + appeared if f.score >= min_score], span, width, height)
 
 
 def search_regions(faces: list[Face], gap: int, width: int, height: int) -> list[tuple[int, int, int, int]]:

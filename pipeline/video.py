@@ -342,7 +342,7 @@ class RangeRun:
                 continue
             if gap:
                 regions = gap_regions(self.prev, i, self.found[i], gap[0][0], self.vplan.out_width,
-                                      self.vplan.out_height)
+                                      self.vplan.out_height, self.detector.min_score)
                 refine += [(j, y, regions) for j, y in gap if regions]
             self.prev, gap = (i, self.found[i]), []
         return refine

@@ -301,6 +301,21 @@ def test_changed_faces_names_the_face_that_came_and_where_to_look_for_it():
     assert search_regions([_moving_face(-30.0)], 3, 1920, 1080)[0][0] == 0
 
 
+def test_only_a_confident_face_that_came_or_went_asks_for_a_search_between_detections():
+    from pipeline.track import gap_regions
+
+    stay, came = _moving_face(0.0), _moving_face(900.0)
+    came.score = 0.8  # under the detector's min_score, over its track_score
+    faces = [_moving_face(105.0), came]
+    assert gap_regions((0, [stay]), 3, faces, 1, 1920, 1080, min_score=0.92) == []
+    assert gap_regions((0, [stay]), 3, faces, 1, 1920, 1080) != []  # every face counts by default
+    came.score = 0.95
+    assert len(gap_regions((0, [stay]), 3, faces, 1, 1920, 1080, min_score=0.92)) == 1
+    dipped = _moving_face(105.0)  # the face that stayed, its score dipped: paired, no search
+    dipped.score = 0.75
+    assert gap_regions((0, [stay]), 3, [dipped], 1, 1920, 1080, min_score=0.92) == []
+
+
 def test_detect_regions_finds_in_a_region_the_faces_the_whole_frame_has_there():
     from conftest import VIDEOS
     from pipeline.faces import FaceDetector
