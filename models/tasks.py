@@ -45,8 +45,9 @@ class TaskSpec:
     zooms: the scales at which the pipeline crops and restores each face (a scale self-ensemble):
     1 is the aligned crop, 1.1 a crop showing the face 1/1.1 times as large about the same
     centre. The other crops' restorations are resampled into the first crop and averaged there
-    (``pipeline.align.merge_views``), so a face is pasted once. One zoom alone is no better than
-    the aligned crop: the gain is the mean of different guesses. The mirror and the zooms
+    (``pipeline.views``; for a replacing task weighted by how much each view changed its crop,
+    so a view that painted a mask over outvotes one that left it), so a face is pasted once. One
+    zoom alone is no better than the aligned crop: the gain is the mean of different guesses. The mirror and the zooms
     together are six network passes per face; ``FaceRestorer(ensemble=False)`` (the CLI's
     ``--fast``) runs one (``docs/models.md`` has the figures).
     """

@@ -358,30 +358,6 @@ def warp_replace(
     return rect, delta
 
 
-def merge_views(matrix: np.ndarray, restored: np.ndarray,
-                views: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """The mean of a face's restorations from several crops of it (``TaskSpec.zooms``), in the
-    frame of the first: ``restored`` (h, S, C) float32 is the crop ``matrix`` makes (frame ->
-    crop), ``views`` the (matrix, restored crop) of the others, each resampled (bicubic) into
-    that crop. A pixel is the mean over the views that cover it; the crop's own always does.
-    Merging in crop space leaves one paste per face, whatever the number of views."""
-    height, size = restored.shape[:2]
-    total = restored.astype(np.float32)  # a copy
-    count = np.ones((height, size), np.float32)
-    inv = cv2.invertAffineTransform(matrix)  # this crop -> frame
-    flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP  # sample a view at to_view(pixel)
-    ones = None
-    for m, rest in views:
-        to_view = _compose(m, inv)  # this crop -> the view's crop
-        total += cv2.warpAffine(np.asarray(rest, np.float32), to_view, (size, height), flags=flags,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if ones is None or ones.shape != rest.shape[:2]:
-            ones = np.ones(rest.shape[:2], np.float32)
-        count += cv2.warpAffine(ones, to_view, (size, height), flags=flags,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return total / count[..., None]
-
-
 def add_delta(image: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,
               scale: float = 1.0) -> None:
     """Add ``delta * scale`` to ``image`` (H, W[, C], integer dtype) over ``rect`` in place.

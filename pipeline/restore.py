@@ -24,6 +24,7 @@ import numpy as np
 
 from . import align, regions
 from .faces import Face
+from .views import change_weight, merge_views
 
 log = logging.getLogger(__name__)
 
@@ -314,15 +315,13 @@ class FaceRestorer:
                     restored[j] = self._matched(rest, given[j])
         return restored
 
-    @staticmethod
-    def _merged(jobs: list[AlignedCrop], restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
-        """A face's restoration: its first view's, with the other views' resampled into it and
-        averaged (``align.merge_views``)."""
-        rest = restored[first]
-        if count == 1:
-            return rest
-        return align.merge_views(jobs[first].matrix, rest,
-                                 [(jobs[j].matrix, restored[j]) for j in range(first + 1, first + count)])
+    def _merged(self, jobs: list[AlignedCrop], restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
+        """A face's restoration: its first view's, the other views' resampled into it and
+        averaged (``pipeline.views``; a replacing task's weighted by what each view changed)."""
+        js = range(first, first + count)
+        weights = [change_weight(restored[j], jobs[j].crop) for j in js] if self.replaces and count > 1 else None
+        return restored[first] if count == 1 else merge_views(
+            jobs[first].matrix, restored[first], [(jobs[j].matrix, restored[j]) for j in js[1:]], weights)
 
     @property
     def zooms(self) -> list[float]:
