@@ -59,10 +59,10 @@ def track(found: list, every: int, refine: str = "regions", search=None,
     detected, as ``process_range`` does. Between two detected frames whose faces differ
     (``track.gap_regions``) ``refine`` "regions" searches the frames in between around the
     faces that appeared or vanished (``search(i, regions)`` in frames of ``size`` (h, w), as
-    the pipeline), "frames" takes
-    their whole-frame detections, "none" interpolates. ``confirm_score``: the tracker's (the
-    detector's min_score, as the pipeline; ``found`` holds faces down to its track_score). Returns the faces, the frames detected
-    whole or searched, and the search time."""
+    the pipeline), "frames" takes their whole-frame detections, "none" interpolates.
+    ``confirm_score``: the tracker's and the searches' (the detector's min_score, as the
+    pipeline; ``found`` holds faces down to its track_score). Returns the faces, the frames
+    detected whole or searched, and the search time."""
     from pipeline.track import FaceTracker, gap_regions
 
     tr = FaceTracker(confirm_score=confirm_score)
