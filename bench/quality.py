@@ -63,6 +63,9 @@ SOURCES = (
 )
 SCENE_PHOTOS = ("facenetpt_multiface.jpg", "facerec_obama_partial_face.jpg", "facerec_two_people.jpg",
                 "pyfeat_multi_face.jpg", "pyfeat_single_face.jpg")
+# boxes (x0, y0, x1, y1) the detector takes for faces on a clean photo that are none: not scored
+# (a face restorer that rightly leaves them alone on the degraded photo would score as the input)
+NOT_FACES = {"facerec_obama_partial_face.jpg": ((359, 993, 413, 1053),)}  # a dark desk chair, 0.95
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,15 @@ def _no_broker():
 def load_source(src: Source, quick: bool, frames: int | None):
     """(kind, clean frames, faces per frame, heads per frame, writer, reader) for a source."""
     from pipeline.faces import FaceDetector
+    from pipeline.track import iou
 
     det = FaceDetector()
     path = DATA / src.path
     if path.is_dir():
         names = SCENE_PHOTOS[:1] if quick else SCENE_PHOTOS
         clean = [read_photo(path / n) for n in names]
-        faces = [det.detect_image(f) for f in clean]
+        faces = [[f for f in det.detect_image(img) if not any(iou(f.box, b) > 0.5 for b in NOT_FACES.get(n, ()))]
+                 for n, img in zip(names, clean)]
         kind = "photos"
         ctx = names
     else:

@@ -242,3 +242,20 @@ def test_unmask_colour_match_ignores_the_repainted_pixels():
     assert np.allclose((robust - restored)[0, 0], -3.0, atol=0.01)
     plain = align.match_colour(restored, original, region)
     assert np.abs((plain - restored)[0, 0] + 3.0).max() > 5  # the plain mean is pulled away
+
+
+def test_the_bench_scores_the_faces_of_its_photos_and_not_the_chair_the_detector_finds():
+    """The bench's reference heads are the faces the detector finds on the clean photos, less
+    the boxes listed as none (``NOT_FACES``): on the Obama photo a dark desk chair scores 0.95,
+    and a restorer that rightly leaves it alone on the degraded photo would score as the input."""
+    from bench.quality import NOT_FACES, SCENE_PHOTOS, SOURCES, load_source
+    from pipeline.track import iou
+
+    scenes = next(s for s in SOURCES if s.name == "scenes")
+    kind, clean, faces, heads, names = load_source(scenes, False, None)
+    assert kind == "photos" and list(names) == list(SCENE_PHOTOS)
+    by_name = dict(zip(names, faces))
+    (chair,) = NOT_FACES["facerec_obama_partial_face.jpg"]
+    obama = by_name["facerec_obama_partial_face.jpg"]
+    assert len(obama) == 1 and obama[0].width > 200 and iou(obama[0].box, chair) == 0
+    assert sum(map(len, faces)) == 15 and all(len(h) == len(f) for h, f in zip(heads, faces))
