@@ -316,12 +316,13 @@ class FaceRestorer:
         return restored
 
     def _merged(self, jobs: list[AlignedCrop], restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
-        """A face's restoration: its first view's, the other views' resampled into it and
-        averaged (``pipeline.views``; a replacing task's weighted by what each view changed)."""
+        """A face's views merged into its first (``pipeline.views``), by what each changed for a replacing task."""
+        if count == 1:
+            return restored[first]
         js = range(first, first + count)
-        weights = [change_weight(restored[j], jobs[j].crop) for j in js] if self.replaces and count > 1 else None
-        return restored[first] if count == 1 else merge_views(
-            jobs[first].matrix, restored[first], [(jobs[j].matrix, restored[j]) for j in js[1:]], weights)
+        weights = [change_weight(restored[j], jobs[j].crop) for j in js] if self.replaces else None
+        others = [(jobs[j].matrix, restored[j]) for j in js[1:]]
+        return merge_views(jobs[first].matrix, restored[first], others, weights)
 
     @property
     def zooms(self) -> list[float]:

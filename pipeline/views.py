@@ -10,8 +10,8 @@ leaves it as it was. A plain mean then leaves the mask at a third or two thirds 
 a ghost over the painted face. Its views are therefore weighted, pixel by pixel, by how much
 each changed its crop (``change_weight``): where every view painted, the result is about their
 mean; where one painted and another did not, the one that painted counts most; where none
-changed anything, it is the crop as it was (walking_1080p with masks: +0.6 dB over the heads,
-``bench.quality``).
+changed anything, it is the crop as it was (``bench.quality``, walking_1080p with masks: 24.51 dB
+over the heads, 23.85 with a plain mean).
 """
 from __future__ import annotations
 

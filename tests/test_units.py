@@ -356,12 +356,11 @@ def test_restorer_channels_last_gives_the_networks_own_output():
     assert np.abs(got - want).max() < 1e-3
 
 
-def test_zoomed_views_are_averaged_into_one_change_per_face():
-    """TaskSpec.zooms (unmask: 1, 0.9, 1.1): each face is restored from several crops of it, at
-    different zooms, and the results are averaged before one paste. A network that darkens a
-    dot at a fixed place of its crop darkens three places of the face (one per view) by a third
-    each; ``ensemble=False`` (the CLI's --fast) restores the zoom-1 crop alone; pixels outside
-    that crop stay bit-exact; each face counts once."""
+def _dot_views(task: str, **spec_changes):
+    """A flat 480 px frame holding one 200 px face; the ``task``'s spec at zooms 1, 0.8 and 1.25
+    (with ``spec_changes``) run by a network that sets a 3 x 3 dot at crop pixel (64, 30) to 10
+    (of 255). Returns the face, each view's dot in the frame and ``change(**restorer options)``:
+    the restorer's (output - 100) in channel 0, and the restorer."""
     import dataclasses
 
     import torch
@@ -370,7 +369,7 @@ def test_zoomed_views_are_averaged_into_one_change_per_face():
     from models.tasks import resolve
     from pipeline.restore import FaceRestorer
 
-    class Dot(torch.nn.Module):  # sets a 3 x 3 dot at crop pixel (64, 30) to 10 (of 255)
+    class Dot(torch.nn.Module):
         def forward(self, x):
             y = x.clone()
             y[:, :, 29:32, 63:66] = 10 / 255
@@ -379,25 +378,39 @@ def test_zoomed_views_are_averaged_into_one_change_per_face():
     frame = np.full((480, 480, 3), 100, np.uint8)
     face = Face(np.array([140.0, 140, 340, 340]), align.template(1.0) * 200 + [140, 120], 0.99)
     zooms = (1.0, 0.8, 1.25)
-    spec = dataclasses.replace(resolve("enhance"), zooms=zooms, native=False)  # an aligned, non-replacing 128 px task
+    spec = dataclasses.replace(resolve(task), zooms=zooms, **spec_changes)
     dots = [np.rint(cv2.invertAffineTransform(align.estimate_transform(align.zoomed(face.landmarks, z), 128))
                     @ [64, 30, 1]).astype(int) for z in zooms]  # each view's dot, in the frame
-    assert min(np.abs(a - b).max() for a in dots for b in dots if a is not b) >= 10
-    for ensemble in (True, False):
-        r = FaceRestorer(Restorer(spec, Dot()).eval(), colour_match=False, ensemble=ensemble)
+
+    def change(**options):
+        r = FaceRestorer(Restorer(spec, Dot()).eval(), colour_match=False, **options)
         out = frame.copy()
         for rect, delta in r.deltas([frame], [[face]])[0]:
             align.add_delta(out, rect, delta)
+        return out.astype(int)[..., 0] - 100, r
+
+    return face, dots, change
+
+
+def test_zoomed_views_are_averaged_into_one_change_per_face():
+    """TaskSpec.zooms (unmask: 1, 0.9, 1.1): each face is restored from several crops of it, at
+    different zooms, and the results are averaged before one paste. A network that darkens a
+    dot at a fixed place of its crop darkens three places of the face (one per view) by a third
+    each; ``ensemble=False`` (the CLI's --fast) restores the zoom-1 crop alone; pixels outside
+    that crop stay bit-exact; each face counts once."""
+    face, dots, run = _dot_views("enhance", native=False)  # an aligned, non-replacing 128 px task
+    assert min(np.abs(a - b).max() for a in dots for b in dots if a is not b) >= 10
+    for ensemble in (True, False):
+        change, r = run(ensemble=ensemble)
         assert r.faces_restored == 1
-        change = out.astype(int)[..., 0] - 100
         at_dots = [change[y, x] for x, y in dots]
         if ensemble:
             assert all(-36 <= c <= -24 for c in at_dots), at_dots  # (10 - 100) / 3 each
         else:
             assert at_dots[0] <= -80 and at_dots[1:] == [0, 0], at_dots
         assert (change < 0).sum() < 400  # the dots and nothing else
-        x0, y0, x1, y1 = align._frame_rect(align.estimate_transform(face.landmarks, 128), 128, frame.shape[:2])[0]
-        outside = np.ones(frame.shape[:2], bool)
+        x0, y0, x1, y1 = align._frame_rect(align.estimate_transform(face.landmarks, 128), 128, change.shape)[0]
+        outside = np.ones(change.shape, bool)
         outside[y0:y1, x0:x1] = False
         assert not change[outside].any()
 
@@ -407,31 +420,8 @@ def test_a_replacing_tasks_views_count_by_what_each_changed():
     it. Weighted by what each view changed (``pipeline.views``), the paint of a view that
     changed a place outvotes the views that left it alone: a dot one view of three paints keeps
     most of its contrast, not a third (a ghost), and pixels no view changed stay as they were."""
-    import dataclasses
-
-    import torch
-
-    from models.registry import Restorer
-    from models.tasks import resolve
-    from pipeline.restore import FaceRestorer
-
-    class Dot(torch.nn.Module):  # sets a 3 x 3 dot at crop pixel (64, 30) to 10 (of 255)
-        def forward(self, x):
-            y = x.clone()
-            y[:, :, 29:32, 63:66] = 10 / 255
-            return y
-
-    frame = np.full((480, 480, 3), 100, np.uint8)
-    face = Face(np.array([140.0, 140, 340, 340]), align.template(1.0) * 200 + [140, 120], 0.99)
-    zooms = (1.0, 0.8, 1.25)
-    spec = dataclasses.replace(resolve("unmask"), zooms=zooms, below=0, aside=0, mirror=False)
-    dots = [np.rint(cv2.invertAffineTransform(align.estimate_transform(align.zoomed(face.landmarks, z), 128))
-                    @ [64, 30, 1]).astype(int) for z in zooms]
-    r = FaceRestorer(Restorer(spec, Dot()).eval(), colour_match=False, grain=False)
-    out = frame.copy()
-    for rect, delta in r.deltas([frame], [[face]])[0]:
-        align.add_delta(out, rect, delta)
-    change = out.astype(int)[..., 0] - 100
+    _, dots, run = _dot_views("unmask", below=0, aside=0, mirror=False)
+    change, _ = run(grain=False)
     at_dots = [change[y, x] for x, y in dots]
     assert all(c <= -55 for c in at_dots), at_dots  # a plain mean: (10 - 100) / 3 = -30
     assert (np.abs(change) > 3).sum() < 400  # the dots (and the resampling's ringing) only
