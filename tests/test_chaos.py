@@ -112,10 +112,15 @@ def running_with_frames(client, job_id: str, worker: str = "") -> int | None:
     return None
 
 
-def finish(job_id: str, settings: dict, timeout: float = 150) -> dict:
+def finish(job_id: str, settings: dict, timeout: float = 150, workers: Workers | None = None) -> dict:
     p = cli("wait", job_id, "--timeout", timeout, timeout=timeout + 20, **settings)
     job = cli_json("status", job_id, **settings)
-    assert p.returncode == 0, (p.returncode, p.stderr[-1500:], job)
+    if p.returncode != 0:  # what a reader needs to see why: each part, and the workers' logs
+        parts = [{k: q.get(k) for k in ("index", "state", "attempts", "resent", "worker", "done", "error")}
+                 for q in job.get("parts", [])]
+        logs = {n: "".join(workers.log(n).splitlines(True)[-40:]) for n in workers.procs} if workers else {}
+        pytest.fail(f"cli wait exited {p.returncode}: {p.stderr[-800:]}\njob: {job.get('state')} "
+                    f"{job.get('error')!r}\nparts: {parts}\n" + "".join(f"--- {n}.log\n{t}" for n, t in logs.items()))
     return job
 
 
@@ -140,7 +145,7 @@ def test_redis_restart_mid_job_the_job_still_completes(chaos, own_redis, tmp_pat
         time.sleep(2)  # the workers see the connection go
         own_redis.start()
         t0 = time.monotonic()
-        job = finish(job_id, settings)
+        job = finish(job_id, settings, workers=workers)
         print(f"\nRedis {how}: job {job['state']}, {job['done']}/{job['total']} frames, "
               f"{time.monotonic() - t0:.1f} s after Redis came back; attempts "
               f"{[p['attempts'] for p in job['parts']]}, sent again {[p['resent'] for p in job['parts']]}")
@@ -161,7 +166,7 @@ def test_worker_killed_mid_segment_watchdog_sends_it_again(chaos, tmp_path):
     job_id = cli_json("submit", src, *SLOW, "-o", out, "--segment-seconds", 1, **settings)["id"]
     victim = wait_until(lambda: running_with_frames(client, job_id, "w1@"), 120, "w1 inside a segment") - 1
     workers.kill("w1")
-    job = finish(job_id, settings)
+    job = finish(job_id, settings, workers=workers)
     no_part_failed(job)
     seg = job["parts"][victim]
     assert seg["worker"].startswith("w2@") and seg["attempts"] == 2 and seg["resent"] == 1, seg
@@ -184,7 +189,7 @@ def test_lost_messages_are_sent_again(chaos, tmp_path):
     assert client.llen("cpu") == 1  # no worker yet: the plan's message waits; lose it
     client.delete("cpu")
     workers.start("w1", args=("--queues", "gpu,cpu"), **settings)  # not the archive queue
-    job = finish(job_id, settings)
+    job = finish(job_id, settings, workers=workers)
     no_part_failed(job)
     assert int(client.hget(f"facemend:job:{job_id}", "plan.resent") or 0) == 1
     same_media(probe(src), probe(out))
@@ -197,7 +202,7 @@ def test_lost_messages_are_sent_again(chaos, tmp_path):
     assert [p["state"] for p in rec(client, job_id)["parts"]] == ["QUEUED"] * 3
     client.delete("archive")
     workers.start("w2", args=("--queues", "archive"), **settings)
-    job = finish(job_id, settings)
+    job = finish(job_id, settings, workers=workers)
     no_part_failed(job)
     assert [p["resent"] for p in job["parts"]] == [1, 1, 1]
     assert [p["attempts"] for p in job["parts"]] == [1, 1, 1]
@@ -222,7 +227,7 @@ def test_duplicates_of_a_finished_segment_change_nothing(chaos, tmp_path):
                120, "segment 0 to finish")
     assert rec(client, job_id)["state"] == "RUNNING"
     early = app.send_task("facemend.segment", (job_id, 0), task_id=f"{job_id}-s0", queue="gpu")
-    job = finish(job_id, settings)
+    job = finish(job_id, settings, workers=workers)
     no_part_failed(job)
     assert [p["attempts"] for p in job["parts"]] == [1, 1, 1]
     stat = out.stat()
@@ -252,7 +257,7 @@ def test_a_segment_outliving_the_visibility_timeout_runs_once(chaos, tmp_path):
     workers.start("w1", "w2", **short)
     out = tmp_path / "out.mp4"
     job_id = cli_json("submit", src, *SLOW, "-o", out, "--segment-seconds", 1.5, **short)["id"]
-    job = finish(job_id, short)
+    job = finish(job_id, short, workers=workers)
     no_part_failed(job)
     assert [p["attempts"] for p in job["parts"]] == [1] * len(job["parts"])
     same_media(probe(src), probe(out))

@@ -266,6 +266,7 @@ def test_cuda_fp16_restorations_match_cpu_fp32():
     """The GPU path (torch fp16, channels-last, as the job runs it): within 0.1 dB of fp32."""
     from models.training.data import to_tensor
     from models.training.degrade import degrade_batch
+    from models.training.parity import _psnr
 
     crops = val_crops()
     for task in _tasks():
@@ -276,21 +277,29 @@ def test_cuda_fp16_restorations_match_cpu_fp32():
         with torch.inference_mode():
             x = to_tensor(bad).cuda().half().contiguous(memory_format=torch.channels_last)
             y = model(x).float().permute(0, 2, 3, 1).cpu().numpy() * 255.0
-        got = float(export._psnr(np.rint(y), crops).mean())
+        got = float(_psnr(np.rint(y), crops).mean())
         assert abs(got - ref) <= 0.1, (task, got, ref)
 
 
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_mtcnn_finds_the_same_faces_as_on_cpu():
+    """The same count of faces, each box at IoU >= 0.9 with the CPU's. Not 0.95: MTCNN's boxes
+    jump where its suppression picks another candidate, and a relative 1e-5 change of the CPU
+    networks' own outputs (fp32 summation order) already moves some of these frames' boxes
+    (50-100 px faces) to IoU 0.90-0.97; on an H200 one 36 px face is at 0.943, TF32 on or off."""
     from pipeline.faces import FaceDetector
 
     det = FaceDetector(device="cuda")
-    for frame, ref in zip(detection_frames(), torch_faces()):
+    worst = 1.0
+    for i, (frame, ref) in enumerate(zip(detection_frames(), torch_faces())):
         got = det.detect([frame])[0]
-        assert len(ref) == len(got)
+        assert len(ref) == len(got), (i, frame.shape)
         for f in ref:
-            assert max(_iou(f.box, g.box) for g in got) >= 0.95
+            iou = max(_iou(f.box, g.box) for g in got)
+            assert iou >= 0.9, (i, frame.shape, f.box, f.score, iou)
+            worst = min(worst, iou)
+    print(f"MTCNN on CUDA: worst box IoU against the CPU {worst:.3f}")
 
 
 @pytest.mark.cuda

@@ -1,7 +1,7 @@
 """The Celery application: configuration from ``Settings`` and the worker-child start-up.
 
-``celery -A worker.app worker -P prefork -c 1 -Q gpu,cpu -n gpu0@%h`` runs a worker, and so does
-``python cli.py worker``. The model is loaded in the pool child after the fork
+``python cli.py worker`` runs a worker, as does ``celery -A worker.app worker -P prefork -c 1
+-Q gpu,cpu -n gpu0@%h --without-mingle --without-gossip`` (why without: ``worker.commands``). The model is loaded in the pool child after the fork
 (``worker_process_init``): CUDA does not survive a fork.
 """
 from __future__ import annotations

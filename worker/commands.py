@@ -186,6 +186,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = replace(settings, preload_tasks=())
     configure(settings)
     level = "WARNING" if args.quiet else ("INFO", "DEBUG")[min(args.verbose, 1)]
+    # without mingle and gossip: both talk to the other workers again at every reconnection, and
+    # with them a Celery worker on Redis can come back from a broker restart connected but never
+    # consuming again (celery#8030, #8091, #10205); facemend uses neither (cancels are flags in
+    # the job record, revokes only a courtesy)
     app.worker_main(["worker", "-P", "prefork", "-c", str(args.concurrency), "-Q", queues,
+                     "--without-mingle", "--without-gossip",
                      "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])
     return 0
