@@ -419,6 +419,30 @@ def test_unmask_training_softens_a_share_of_faces_as_video_shows_them(train_crop
     assert max(np.abs(b[o].astype(int) - c[o]).max() for b, c, o in zip(bad, soft, outside)) <= 6
 
 
+def test_training_faces_at_other_scales(train_crops):
+    """--scale LO,HI: each face is rescaled before its patch is cut and degraded, as video shows
+    faces at every size and the pipeline restores a local task's face at its own scale. Patches
+    keep the preset size; halved faces carry more detail per pixel, doubled ones less; the same
+    seed gives the same batch; a bad range is one line."""
+    import cv2
+
+    from models.training.batches import Batches
+    from models.training.train import main as train_main
+
+    def detail(imgs) -> float:
+        return float(np.median([cv2.Laplacian(cv2.cvtColor(i, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+                                for i in imgs]))
+
+    got = {f: Batches("denoise", train_crops, 64, 48, seed=0, scale=(f, f)).next() for f in (0.5, 1.0, 2.0)}
+    for clean, bad, mask in got.values():
+        assert clean.shape == bad.shape == (48, 64, 64, 3) and mask is None
+    assert detail(got[0.5][0]) > 1.5 * detail(got[1.0][0]) > 1.5 * detail(got[2.0][0])
+    again = Batches("denoise", train_crops, 64, 48, seed=0, scale=(0.5, 2.0)).next()
+    assert np.array_equal(again[1], Batches("denoise", train_crops, 64, 48, seed=0, scale=(0.5, 2.0)).next()[1])
+    with pytest.raises(SystemExit, match="--scale 2,1"):
+        train_main(["--task", "denoise", "--steps", "1", "--scale", "2,1"])
+
+
 def test_unmask_trains_on_the_products_taller_crop(train_crops, detector, tmp_path):
     """The product runs unmask on 128 x 160 crops (the square template crop and 32 rows below
     it, where the chin and the mask's lower edge are). Crops built that tall are the square ones

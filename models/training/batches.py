@@ -15,10 +15,11 @@ class Batches:
 
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
                  jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
-                 square: float = 0.0, edge: float = 0.0, soft: float = 0.0) -> None:
+                 square: float = 0.0, edge: float = 0.0, soft: float = 0.0,
+                 scale: tuple[float, float] | None = None) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
         self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
-        self.edge, self.soft = edge, soft
+        self.edge, self.soft, self.scale = edge, soft, scale
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -29,8 +30,11 @@ class Batches:
         for _ in range(self.batch):
             crop = np.asarray(self.crops[self.rng.integers(len(self.crops))])[:height]
             crop = D.augment(crop, self.rng)
-            if self.patch < size:  # offsets on the 8-pixel JPEG/x4 grid
-                y, x = self.rng.integers(0, (np.array([height, size]) - self.patch) // 8 + 1) * 8
+            if self.scale:
+                crop = rescale(crop, self.rng.uniform(*np.log(self.scale)), self.patch)
+            h, w = crop.shape[:2]
+            if self.patch < min(h, w):  # offsets on the 8-pixel JPEG/x4 grid
+                y, x = self.rng.integers(0, (np.array([h, w]) - self.patch) // 8 + 1) * 8
                 crop = np.ascontiguousarray(crop[y : y + self.patch, x : x + self.patch])
             if self.soft and self.task == "unmask" and self.rng.random() < self.soft:
                 crop = soften(crop, self.rng)  # the face as video shows it; the mask drawn sharp on it
@@ -50,6 +54,17 @@ class Batches:
             masks.append(mask)
         m = np.stack(masks) if masks[0] is not None else None
         return np.stack(clean), np.stack(bad), m
+
+
+def rescale(crop: np.ndarray, log_factor: float, patch: int) -> np.ndarray:
+    """The face at another size, as video shows faces from 40 to 500 px wide and the pipeline
+    restores a local task's face at its own scale: ``crop`` resized by exp(``log_factor``)
+    (area filter down, bicubic up), never below ``patch`` pixels on its shorter side. The
+    degradation is drawn afterwards, at the new scale."""
+    h, w = crop.shape[:2]
+    f = max(float(np.exp(log_factor)), patch / min(h, w))
+    size = (max(patch, round(w * f)), max(patch, round(h * f)))
+    return cv2.resize(crop, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_CUBIC)
 
 
 SOFT = {"scale": (1.5, 4.0), "blur": 0.5, "length": (3, 9)}  # soften: down-up range, P(motion blur), px

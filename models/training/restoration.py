@@ -167,7 +167,11 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                        + (f"; p={cfg.soft} of faces softened before masking, target alike (area-down"
                           f" x{SOFT['scale'][0]:g}-{SOFT['scale'][1]:g} then bicubic up; p={SOFT['blur']:g}"
                           f" of those motion-blurred, {SOFT['length'][0]}-{SOFT['length'][1]} px)"
-                          if cfg.soft else ""),
+                          if cfg.soft else "")
+                       + (f"; each face rescaled by a log-uniform factor in [{cfg.scale[0]:g}, {cfg.scale[1]:g}]"
+                          " (area down, bicubic up) before its patch is cut and degraded"
+                          if cfg.scale else ""),
+            "precision": "bf16 autocast forward (CPU)" if cfg.bf16 else "fp32",
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"
                           if cfg.occluders and t == "unmask" else None),
