@@ -16,8 +16,11 @@ Detections may come with scores below the detector's own bar (``FaceDetector.tra
 such a face is handed back only where its track holds a detection scoring at least
 ``confirm_score`` within ``lookahead`` frames of it, so a face whose score dips for a few frames
 (a turned head, motion blur, a mask) stays restored, and a weak box that no confident detection
-backs is dropped. The window is bounded, so a range cut out of a longer video (with
-``lookahead`` frames of context each side) decides as the whole video does.
+backs is dropped. A track detected on one frame only, where the detector also looked at other
+frames within ``lookahead`` of it and did not find it again, is dropped too (``repeat``): a real
+face stays in view longer than a frame, and such a one-frame box is a pattern on a jacket or a
+wall (unmask painted a mouth there). The window is bounded, so a range cut out of a longer video
+(with ``lookahead`` frames of context each side) decides as the whole video does.
 """
 from __future__ import annotations
 
@@ -122,9 +125,12 @@ class FaceTracker:
     """Streaming tracker. ``add(i, faces)`` for consecutive frames, then ``pop_ready()``."""
 
     def __init__(self, *, max_gap: int = 5, radius: int = 3, sigma: float = 1.5,
-                 min_iou: float = 0.25, first: int = 0, confirm_score: float = 0.0) -> None:
+                 min_iou: float = 0.25, first: int = 0, confirm_score: float = 0.0,
+                 repeat: bool = True) -> None:
         self.max_gap = max_gap
         self.confirm_score = confirm_score
+        self.repeat = repeat
+        self._looked: set[int] = set()  # frames run through the detector (whole or searched)
         self.radius = radius
         self.sigma = sigma
         self.min_iou = min_iou
@@ -142,6 +148,7 @@ class FaceTracker:
         self._seen = index
         if faces is None:
             return
+        self._looked.add(index)
         live = [t for t in self._tracks if index - t.last <= self.max_gap + 1]
         pairs = self._pairs(index, live, faces)
         for ti, fi in pairs:
@@ -212,9 +219,15 @@ class FaceTracker:
 
     def _confirmed(self, t: _Track, i: int) -> bool:
         """Whether track ``t`` holds a detection scoring ``confirm_score`` or more within
-        ``lookahead`` frames of frame ``i``."""
-        return any(not g.interpolated and g.score >= self.confirm_score
-                   for k, g in t.faces.items() if abs(k - i) <= self.lookahead)
+        ``lookahead`` frames of frame ``i``, and (``repeat``) a second detection there unless
+        the detector looked at no other frame in that window."""
+        near = [k for k, g in t.faces.items() if not g.interpolated and abs(k - i) <= self.lookahead]
+        if not any(t.faces[k].score >= self.confirm_score for k in near):
+            return False
+        if not self.repeat or len(near) > 1:
+            return True
+        # found once: kept only where the detector looked at no other frame near it
+        return not any(k in self._looked and k != near[0] for k in range(i - self.lookahead, i + self.lookahead + 1))
 
     def _smoothed(self, i: int) -> list[Face]:
         faces = []
@@ -241,3 +254,4 @@ class FaceTracker:
             if t.faces:
                 keep.append(t)
         self._tracks = keep
+        self._looked = {k for k in self._looked if k >= before}

@@ -278,6 +278,29 @@ def test_tracker_hands_back_weak_faces_only_near_a_confident_detection_of_their_
     assert all(len(fs) == 1 for _, fs in everything.pop_ready(final=True))
 
 
+def test_tracker_drops_a_box_found_on_one_frame_only():
+    """A confident box on one detected frame that the detector does not find again on the
+    detected frames around it (a pattern on a jacket) is not handed back; a face found on two
+    frames is, and so is the one face of a clip too short to look twice."""
+    tr = FaceTracker(confirm_score=0.9)
+    for i in range(19):
+        faces = [_moving_face(10.0 * i)] if i % 3 == 0 else None
+        if i == 9:
+            blip = _moving_face(1500.0)
+            blip.score = 0.97
+            faces.append(blip)
+        tr.add(i, faces)
+    out = dict(tr.pop_ready() + tr.pop_ready(final=True))
+    assert all(len(fs) == 1 and fs[0].box[0] < 1000 for fs in out.values())
+    kept = FaceTracker(confirm_score=0.9, repeat=False)
+    for i in range(20):
+        kept.add(i, [_moving_face(1500.0)] if i == 9 else ([] if i % 3 == 0 else None))
+    assert [len(fs) for _, fs in kept.pop_ready(final=True)][9] == 1
+    once = FaceTracker(confirm_score=0.9)
+    once.add(0, [_moving_face(100.0)])
+    assert [len(fs) for _, fs in once.pop_ready(final=True)] == [1]
+
+
 def test_same_faces_tells_when_faces_appear_or_vanish():
     from pipeline.track import same_faces
 
