@@ -35,7 +35,9 @@ class TaskSpec:
     steady: a native task's output in a video is steadied over time (``FaceRestorer._steady``):
     for networks that remove damage drawn anew in every frame (noise), whose leftovers would
     otherwise shimmer. A network whose input does not flicker (blur, low resolution) gains
-    nothing from it and loses detail where the face moves, so it is off there.
+    nothing from it and loses detail where the face moves, so it is off there. A replacing
+    task's paint is steadied along each face's track instead (``pipeline.views.TrackSteady``):
+    what it guesses under a mask changes from frame to frame.
     mirror: the network's output is averaged with its output on the mirrored crop, mirrored back
     (a flip self-ensemble: the aligned template is left-right symmetric, and a local window
     flipped keeps its sides on the frame's 8 px grid). For unmask, whose network guesses what the
@@ -90,7 +92,7 @@ TASKS: dict[str, TaskSpec] = {
                         steady=True),
     "unmask": TaskSpec("unmask", "removes a face mask covering nose and mouth", False,
                        weights="unmask.safetensors", replaces=True, below=32, aside=16, mirror=True,
-                       zooms=(1.0, 0.9, 1.1)),
+                       zooms=(1.0, 0.9, 1.1), steady=True),
     "age": TaskSpec("age", "ages (--amount +N years) or rejuvenates (-N) faces (FaceMath)", False,
                     weights="facemath.safetensors", latent=True, default_amount=30.0),
     "gender": TaskSpec("gender", "adds (--amount > 0) or removes (< 0) female-typical features"

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import align, regions
 from .faces import Face
-from .views import change_weight, merge_views
+from .views import TrackSteady, change_weight, merge_views
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,9 @@ class FaceRestorer:
                  colour_match: bool = True, half: bool = False,
                  preview: PreviewSink | None = None, channels_last: bool | None = None,
                  zooms: tuple[float, ...] | None = None, ensemble: bool = True, grain: bool = True) -> None:
-        self.model = model
-        self.spec = model.spec
         import torch
 
-        self._torch = torch
+        self.model, self.spec, self._torch = model, model.spec, torch
         self.device = torch.device(device)
         self.batch_size = batch_size
         # FaceMath edits change colour on purpose (grey hair, skin tone): never undo that
@@ -109,7 +107,7 @@ class FaceRestorer:
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
         self.aside = getattr(self.spec, "cols_aside", 0)
-        # a native task's output steadied over a video's frames (``_steady``) where its spec asks
+        # output steadied over a video's frames where the spec asks (``_steady``; ``TrackSteady``)
         self.steadies = getattr(self.spec, "steady", True)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
@@ -122,8 +120,8 @@ class FaceRestorer:
         self.faces_restored = 0
         # local tasks: the network's input sides are multiples of this (``regions.bucket``)
         self.bucket = regions.BUCKET
-        # (frame index, [(rect, output)]) of the last video frame restored and of this one
-        self._last = self._now = None
+        # (frame index, [(rect, output)]) of the last video frame and this one; ``TrackSteady``
+        self._last, self._now, self._held = None, None, TrackSteady()
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
         # the layout tensor cores want on CUDA; same outputs. None: on for learned non-latent nets
         if channels_last is None:
@@ -135,7 +133,7 @@ class FaceRestorer:
     def reset(self) -> None:
         """Forget per-track state (a FaceMath edit's smoothed codes, the last frame's output);
         call before each video."""
-        self._last = self._now = None
+        self._last, self._now, self._held = None, None, TrackSteady()
         if getattr(self.model, "reset", None) is not None:
             self.model.reset()
 
@@ -195,6 +193,8 @@ class FaceRestorer:
                 job = jobs[first]
                 i, crop = job.image, job.crop
                 rest = self._merged(jobs, restored, first, nv)
+                if frames is not None and self.replaces and self.steadies:  # ``views.TrackSteady``
+                    rest = self._held(job.face.track, frames[i], job.matrix, rest)
                 if self.preview is not None:
                     self.preview.offer(job.face.track, crop, np.clip(np.rint(rest), 0, 255).astype(np.uint8))
                 placed = self._place(rest, given[first], job.matrix, images[i],

@@ -11,7 +11,8 @@ a ghost over the painted face. Its views are therefore weighted, pixel by pixel,
 each changed its crop (``change_weight``): where every view painted, the result is about their
 mean; where one painted and another did not, the one that painted counts most; where none
 changed anything, it is the crop as it was (``bench.quality``, walking_1080p with masks: 24.51 dB
-over the heads, 23.85 with a plain mean).
+over the heads, 23.85 with a plain mean). In a video, the merged face is then steadied along
+its track (``TrackSteady``).
 """
 from __future__ import annotations
 
@@ -56,3 +57,38 @@ def merge_views(matrix: np.ndarray, restored: np.ndarray, views: list[tuple[np.n
     # bicubic weights can undershoot at a view's edge: a pixel is never divided by less than
     # a small part of the first view's own weight
     return total / np.maximum(count, 0.01 * w0)[..., None]
+
+
+STEADY = 0.7  # TrackSteady: how much of the previous frame's crop a still pixel keeps
+STEADY_LEVELS = 10.0  # TrackSteady: the change (levels, locally averaged) at which it keeps 1/e of that
+
+
+class TrackSteady:
+    """A replacing task's face (video) blended with its track's result on the previous frame
+    where the two agree. Each frame's paint is the network's guess alone, and what it guesses
+    under a mask changes from frame to frame: the painted mouth and chin shimmer. The previous
+    frame's merged crop is resampled into this frame's crop (the two crops' matrices) and
+    blended in by ``STEADY`` where the two differ by little (a motion-adaptive recursive filter,
+    as ``FaceRestorer._steady`` for local tasks); where they differ this frame's is kept."""
+
+    def __init__(self) -> None:
+        self._prev: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    def reset(self) -> None:
+        self._prev.clear()
+
+    def __call__(self, track: int, frame: int, matrix: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        prev = self._prev.get(track)
+        if prev is not None and prev[0] == frame - 1:
+            height, size = rest.shape[:2]
+            to_prev = _compose(prev[1], cv2.invertAffineTransform(matrix))  # this crop -> the last
+            old = cv2.warpAffine(prev[2], to_prev, (size, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                 borderMode=cv2.BORDER_REPLICATE)
+            diff = cv2.blur(np.abs(old - rest).mean(axis=-1), (5, 5))
+            w = STEADY * np.exp(-((diff / STEADY_LEVELS) ** 2))
+            rest = rest + w[..., None] * (old - rest)
+        if track >= 0:
+            self._prev[track] = (frame, matrix, np.asarray(rest, np.float32))
+        for t in [t for t, v in self._prev.items() if v[0] < frame - 1]:
+            del self._prev[t]
+        return rest

@@ -438,6 +438,32 @@ def test_zoomed_views_are_averaged_into_one_change_per_face():
         assert not change[outside].any()
 
 
+def test_a_replacing_tasks_paint_is_steadied_along_its_track():
+    """views.TrackSteady: a face's paint on consecutive frames of one track is blended with the
+    previous frame's, resampled into this frame's crop (the face moved 3 px); noise that
+    changes from frame to frame shrinks, a real change (the paint differs by far) is kept, and
+    another track, a skipped frame or an untracked face is left as it came."""
+    from pipeline.views import TrackSteady
+
+    rng = np.random.default_rng(0)
+    base = np.full((64, 64, 3), 120.0, np.float32)
+    base[20:40, 20:40] = 160.0
+    steady, raw, out = TrackSteady(), [], []
+    for f in range(12):
+        m = np.array([[1.0, 0, -3.0 * f], [0, 1, 0]])  # frame -> crop: the face moved 3 px a frame
+        rest = (base + rng.normal(0, 3, base.shape)).astype(np.float32)
+        raw.append(rest)
+        out.append(steady(7, f, m, rest))
+    shimmer = lambda xs: np.mean([np.abs(b - a)[8:56, 8:56].mean() for a, b in zip(xs[4:], xs[5:])])  # noqa: E731
+    assert shimmer(out) < 0.6 * shimmer(raw)
+    assert np.abs(out[-1][20:40, 20:40] - 160).mean() < 2.5  # the square stays in place
+    changed = base + 60.0  # a real change: kept as it is
+    m = np.array([[1.0, 0, -36.0], [0, 1, 0]])
+    assert np.allclose(steady(7, 12, m, changed), changed, atol=0.01)
+    for track, frame in ((8, 13), (7, 15), (-1, 16)):  # a new track, a gap, an untracked face
+        assert np.array_equal(steady(track, frame, m, base), base)
+
+
 def test_a_replacing_tasks_views_count_by_what_each_changed():
     """unmask's views often disagree on a small face: one paints the mask over, another leaves
     it. Weighted by what each view changed (``pipeline.views``), the paint of a view that
