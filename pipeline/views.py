@@ -72,10 +72,7 @@ class TrackSteady:
     as ``FaceRestorer._steady`` for local tasks); where they differ this frame's is kept."""
 
     def __init__(self) -> None:
-        self._prev: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
-
-    def reset(self) -> None:
-        self._prev.clear()
+        self._prev: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # track: (frame, matrix, crop)
 
     def __call__(self, track: int, frame: int, matrix: np.ndarray, rest: np.ndarray) -> np.ndarray:
         prev = self._prev.get(track)
