@@ -57,11 +57,15 @@ def test_enhance_output_beats_the_x4_degraded_input(quick):
 
 
 def test_unmask_output_paints_the_mask_better_than_telea(quick):
+    """Inside the mask above Telea given the true mask; and the painted mouth, guessed anew in
+    every frame, steadied along the face's track: the heads change from frame to frame at most
+    15 % more than the clean clip's (this 6-frame cut: 1.11; unsteadied 1.23)."""
     r = quick[("unmask", "mask")]
     m = r["mask_psnr"]
     assert m["facemend"] >= m["classical"] + 1.0, m
     assert r["facemend"]["psnr"] >= r["input"]["psnr"] + 6.0, r
     assert r["facemend"]["outside_psnr"] >= 45.0
+    assert r["facemend"]["flicker"] <= 1.15 * r["clean"]["flicker"], r
 
 
 @pytest.mark.parametrize("source", ["closeup", "scenes"])
