@@ -395,6 +395,18 @@ def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     assert not mask[same].any() and all(m.any() for m in mask[~same])
 
 
+def test_local_training_keeps_a_share_of_faces_undamaged(train_crops):
+    """--clean P for a local task (enhance): a share of the faces go in undamaged and must come
+    out as they went in, so the network learns to leave a face that needs nothing alone."""
+    from models.training.batches import Batches
+
+    clean, bad, _ = Batches("enhance", train_crops, 64, 64, seed=0, clean=0.25).next()
+    same = np.array([np.array_equal(c, b) for c, b in zip(clean, bad)])
+    assert 5 <= same.sum() <= 30  # about a quarter of 64 (an x1 down-up also leaves a few alone)
+    plain, bad0, _ = Batches("enhance", train_crops, 64, 64, seed=0).next()
+    assert sum(np.array_equal(c, b) for c, b in zip(plain, bad0)) < same.sum()
+
+
 def test_unmask_training_softens_a_share_of_faces_as_video_shows_them(train_crops):
     """--soft P: a share of unmask's training faces are softened (down-up, some motion-blurred)
     before the mask is drawn, the target softened alike: the network learns to paint a soft face

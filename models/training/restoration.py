@@ -158,7 +158,7 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                        + (f"; p={cfg.jitter} alignment jitter of crop, degraded crop and mask together"
                           f" (rotation +-{JITTER['degrees']:g} deg, scale +-{JITTER['scale']:g},"
                           f" shift +-{JITTER['shift']:g} of the crop)" if cfg.jitter else "")
-                       + (f"; p={cfg.clean} of faces left unmasked (target = input)" if cfg.clean else "")
+                       + (f"; p={cfg.clean} of faces left {'unmasked' if t == 'unmask' else 'undamaged'} (target = input)" if cfg.clean else "")
                        + (f"; p={cfg.square} of batches cut to the square template crop"
                           if cfg.square and tall else "")
                        + (f"; p={cfg.edge} of faces cut by the photo's bottom edge at a row in"

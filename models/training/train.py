@@ -78,7 +78,7 @@ class TrainConfig:
     init: str = ""  # start from these weights (safetensors) instead of random
     jitter: float = 0.0  # probability of an alignment jitter per sample (see jitter_alignment)
     crops: str = ""  # crop cache folder or pack (.npz); default the UTKFace cache
-    clean: float = 0.0  # unmask: share of samples left without a mask (target = input)
+    clean: float = 0.0  # share of samples left undamaged (unmask: without a mask; target = input)
     occluders: float = 0.0  # unmask: share of masks drawn as lower-face occluders (draw_occluder)
     square: float = 0.0  # crops taller than wide: share of batches cut to the square template crop
     l2_weight: float = 0.0  # + l2_weight * squared error (weighted like the L1 term)
@@ -228,8 +228,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="probability of an alignment jitter per training sample (unmask: use 0.5"
                         " so the net copes with the off landmarks of masked faces)")
     p.add_argument("--clean", type=float, default=0.0,
-                   help="unmask: share of training faces left without a mask, so the net learns"
-                        " to leave unmasked faces alone (e.g. 0.15)")
+                   help="share of training faces left undamaged (unmask: without a mask), so the net"
+                        " learns to leave such faces alone (e.g. 0.15)")
     p.add_argument("--occluders", type=float, default=0.0,
                    help="unmask: share of masks drawn as lower-face occluders, flat-coloured"
                         " polygons over mouth and chin (models.training.degrade.draw_occluder; e.g. 0.35)")
