@@ -19,12 +19,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 
 from . import align, regions
 from .faces import Face
-from .views import TrackSteady, change_weight, merge_views
+from .views import TrackSteady, change_weight, merge_views, steady_blend
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +267,7 @@ class FaceRestorer:
             crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(crop.shape[:2]) > 1 else "edge")
         return LocalCrop(image, rect, win, np.ascontiguousarray(crop), track)
 
-    # temporal steadying of a local network's output (video): see ``_steady``
-    STEADY = 0.6  # how much of the previous frame's output a still pixel keeps
-    STEADY_LEVELS = 10.0  # the change (0..255 levels, locally averaged) at which it keeps 1/e of that
+    STEADY = 0.6  # ``_steady``: how much of the previous frame's output a still pixel keeps (``steady_blend``)
 
     def _steady(self, frame: int, rect: Rect, rest: np.ndarray) -> np.ndarray:
         """A restored region blended with the previous frame's output where the two agree.
@@ -293,9 +290,7 @@ class FaceRestorer:
                     continue
                 cur = rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
                 old = prev[oy0 - b0 : oy1 - b0, ox0 - a0 : ox1 - a0]
-                diff = cv2.blur(cv2.transform(cv2.absdiff(old, cur), np.full((1, 3), 1 / 3, np.float32)), (5, 5))
-                w = self.STEADY * np.exp(-((diff / self.STEADY_LEVELS) ** 2))
-                rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = cur + w[..., None] * (old - cur)
+                rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = steady_blend(cur, old, self.STEADY)
         self._now[1].append((rect, rest))
         return rest
 

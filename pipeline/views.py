@@ -60,7 +60,18 @@ def merge_views(matrix: np.ndarray, restored: np.ndarray, views: list[tuple[np.n
 
 
 STEADY = 0.7  # TrackSteady: how much of the previous frame's crop a still pixel keeps
-STEADY_LEVELS = 10.0  # TrackSteady: the change (levels, locally averaged) at which it keeps 1/e of that
+STEADY_LEVELS = 10.0  # the change (0..255 levels, locally averaged) at which a pixel keeps 1/e of that
+
+
+def steady_blend(cur: np.ndarray, old: np.ndarray, keep: float, levels: float = STEADY_LEVELS) -> np.ndarray:
+    """``cur`` blended with the previous frame's ``old`` (same pixels, float32 (h, w, 3)) where
+    the two agree: a motion-adaptive recursive filter, as video denoisers use. A pixel keeps
+    ``keep`` of ``old`` where their mean channel difference, averaged over 5 x 5 px, is 0, and
+    less as it grows (1/e of that at ``levels``): where the face moved or the mouth opened,
+    ``cur`` stays as it is."""
+    diff = cv2.blur(cv2.transform(cv2.absdiff(old, cur), np.full((1, 3), 1 / 3, np.float32)), (5, 5))
+    w = keep * np.exp(-((diff / levels) ** 2))
+    return cur + w[..., None] * (old - cur)
 
 
 class TrackSteady:
@@ -68,8 +79,8 @@ class TrackSteady:
     where the two agree. Each frame's paint is the network's guess alone, and what it guesses
     under a mask changes from frame to frame: the painted mouth and chin shimmer. The previous
     frame's merged crop is resampled into this frame's crop (the two crops' matrices) and
-    blended in by ``STEADY`` where the two differ by little (a motion-adaptive recursive filter,
-    as ``FaceRestorer._steady`` for local tasks); where they differ this frame's is kept."""
+    blended in where the two differ by little (``steady_blend``, keeping up to ``STEADY``, as
+    ``FaceRestorer._steady`` does for local tasks); where they differ this frame's is kept."""
 
     def __init__(self) -> None:
         self._prev: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # track: (frame, matrix, crop)
@@ -81,11 +92,9 @@ class TrackSteady:
             to_prev = _compose(prev[1], cv2.invertAffineTransform(matrix))  # this crop -> the last
             old = cv2.warpAffine(prev[2], to_prev, (size, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                  borderMode=cv2.BORDER_REPLICATE)
-            diff = cv2.blur(np.abs(old - rest).mean(axis=-1), (5, 5))
-            w = STEADY * np.exp(-((diff / STEADY_LEVELS) ** 2))
-            rest = rest + w[..., None] * (old - rest)
+            rest = steady_blend(np.asarray(rest, np.float32), old, STEADY)
         if track >= 0:
-            self._prev[track] = (frame, matrix, np.asarray(rest, np.float32))
+            self._prev[track] = (frame, matrix, rest)
         for t in [t for t, v in self._prev.items() if v[0] < frame - 1]:
             del self._prev[t]
         return rest

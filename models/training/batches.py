@@ -43,10 +43,8 @@ class Batches:
             else:
                 d = degrade(self.task, crop, self.rng)
             image, mask = d.image, d.mask
-            if self.clean and mask is not None and self.rng.random() < self.clean:
-                image, mask = crop, np.zeros_like(mask)  # a face without a mask stays as it is
-            elif self.clean and mask is None and self.rng.random() < self.clean:
-                image = crop  # an undamaged face (a local task): it must come out as it went in
+            if self.clean and self.rng.random() < self.clean:  # an undamaged (unmasked) face stays as it is
+                image, mask = crop, None if mask is None else np.zeros_like(mask)
             if self.jitter and self.rng.random() < self.jitter:
                 crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
             if self.edge and self.rng.random() < self.edge:
