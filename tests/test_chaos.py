@@ -1,7 +1,8 @@
 """Faults in the queued mode, with real processes: a Redis of its own (append-only file on),
 killed and restarted by the tests; real workers (``cli.py worker``) killed with SIGKILL; messages
 deleted from or added to the broker's queues. Short heartbeat timings are set only here
-(FACEMEND_HEARTBEAT_INTERVAL 1 s, FACEMEND_HEARTBEAT_TIMEOUT 4 s); the visibility timeout keeps
+(FACEMEND_HEARTBEAT_INTERVAL 1 s, FACEMEND_HEARTBEAT_TIMEOUT 4 s, a worker that takes no waiting
+message for FACEMEND_DEAF_SECONDS 10 s restarts itself); the visibility timeout keeps
 its default (6 h) unless a test says otherwise, so a recovery is the watchdog's work, not Redis
 handing a message back.
 
@@ -24,7 +25,7 @@ import redis
 from conftest import VIDEOS, cut, probe
 from test_worker import SLOW, Workers, cli, cli_json, same_media, wait_until
 
-FAST_BEATS = {"FACEMEND_HEARTBEAT_INTERVAL": 1, "FACEMEND_HEARTBEAT_TIMEOUT": 4}
+FAST_BEATS = {"FACEMEND_HEARTBEAT_INTERVAL": 1, "FACEMEND_HEARTBEAT_TIMEOUT": 4, "FACEMEND_DEAF_SECONDS": 10}
 
 
 class OwnRedis:
@@ -313,3 +314,31 @@ def test_records_take_a_part_once(own_redis):
     assert job.parts[0]["state"] == "DONE" and job.parts[0]["attempts"] == 2 and job.parts[0]["worker"] == "w2"
     assert store.r.sismember(store.active_key, "j")
     assert store.set_state("j", "DONE") and not store.r.sismember(store.active_key, "j")
+
+
+def test_a_worker_that_stops_taking_messages_starts_again(chaos, own_redis, tmp_path):
+    """A worker connected and alive that no longer takes messages (as Celery on Redis can be left
+    after a broker reconnection; here its consumers are cancelled through Celery's remote
+    control): idle while its queues hold a job's messages for FACEMEND_DEAF_SECONDS, it stops
+    with exit code 75 and ``cli.py worker`` starts again in the same process, which runs the job."""
+    from celery import Celery
+
+    workers, settings, client = chaos
+    settings = {**settings, "FACEMEND_DEAF_SECONDS": 3}
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 1.0)
+    workers.start("w1", args=("--queues", "gpu,cpu"), **settings)
+    control = Celery(broker=own_redis.url).control
+    node = f"w1@{socket.gethostname()}"
+    for queue in ("gpu", "cpu"):
+        assert control.cancel_consumer(queue, destination=[node], reply=True, timeout=10), queue
+    out = tmp_path / "out.mp4"
+    job_id = cli_json("submit", src, "--task", "identity", "--preset", "ultrafast", "-o", out, **settings)["id"]
+    time.sleep(1.5)
+    assert client.llen("cpu") == 1  # the deaf worker leaves the plan's message where it is
+    job = finish(job_id, settings, timeout=120, workers=workers)
+    no_part_failed(job)
+    same_media(probe(src), probe(out))
+    log = workers.log("w1")
+    assert "(its broker connection is deaf): restarting" in log, log[-3000:]
+    assert log.count("models loaded") >= 2, log[-3000:]  # started again...
+    assert workers.procs["w1"].poll() is None  # ... in the same process, still serving

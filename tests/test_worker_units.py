@@ -29,6 +29,7 @@ def test_no_broker_is_the_embedded_default():
     ("FACEMEND_HEARTBEAT_INTERVAL", "0"),
     ("FACEMEND_HEARTBEAT_TIMEOUT", "15"),  # under twice the 10 s interval
     ("FACEMEND_STALL_SECONDS", "-1"),
+    ("FACEMEND_DEAF_SECONDS", "15"),  # under twice the 10 s interval (0 turns it off)
 ])
 def test_bad_settings_name_the_variable(var, value):
     with pytest.raises(SettingsError, match=var):
@@ -379,3 +380,23 @@ def test_a_worker_loads_weights_updated_under_it(monkeypatch, tmp_path):
     second = engines.engine_for(JobOptions(task="denoise"), settings)
     assert second is not first and len(loaded) == 2 and loaded[1] == bytes(64)
     assert engines.engine_for(JobOptions(task="denoise"), settings) is second
+
+
+def test_a_worker_is_deaf_only_idle_with_messages_waiting_the_whole_time():
+    """``worker.listening.Deafness``: deaf after ``seconds`` of samples that were all idle, with
+    no task started and a message waiting; any busy sample, started task, empty queue or
+    unreadable queue starts the count again."""
+    from worker.listening import Deafness
+
+    d = Deafness(30)
+    msgs, empty = {"gpu": 2, "cpu": 0}, {"gpu": 0, "cpu": 0}
+    assert not d.observe(0, False, 5, msgs) and not d.observe(20, False, 5, msgs)
+    assert d.observe(30, False, 5, msgs)
+    assert "gpu (2)" in d.describe(30) and "cpu" not in d.describe(30)
+    for breaker in ((True, 5, msgs), (False, 6, msgs), (False, 6, empty), (False, 6, None)):
+        d = Deafness(30)
+        d.observe(0, False, 5, msgs)
+        assert not d.observe(20, *breaker)
+        started = breaker[1]
+        assert not d.observe(45, False, started, msgs)  # counting from 45 again
+        assert not d.observe(70, False, started, msgs) and d.observe(75, False, started, msgs)

@@ -121,17 +121,21 @@ _watchdog = None
 
 
 @worker_ready.connect
-def _start_watchdog(**_) -> None:
-    """In the worker's main process: the watchdog thread (``worker.watchdog``), no extra process."""
+def _start_watchdog(sender=None, **_) -> None:
+    """In the worker's main process: the watchdog thread (``worker.watchdog``), no extra process;
+    it also restarts a worker that stopped taking the messages of the queues it started on
+    (``worker.listening``)."""
     global _watchdog
     from .watchdog import Thread
 
     if _watchdog is None:
-        _watchdog = Thread(app)
+        queues = list(app.amqp.queues.consume_from or app.amqp.queues)
+        _watchdog = Thread(app, queues, getattr(sender, "hostname", "") or "")
         _watchdog.start()
         s: Settings = app.facemend_settings
-        log.info("watchdog: checks unfinished jobs every %g s (heartbeat timeout %g s, stall %g s)",
-                 s.heartbeat_interval, s.heartbeat_timeout, s.stall_seconds)
+        log.info("watchdog: checks unfinished jobs every %g s (heartbeat timeout %g s, stall %g s) and "
+                 "that this worker takes the messages of %s (deaf after %g s)", s.heartbeat_interval,
+                 s.heartbeat_timeout, s.stall_seconds, ",".join(queues), s.deaf_seconds)
 
 
 @worker_shutdown.connect

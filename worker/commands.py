@@ -193,4 +193,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app.worker_main(["worker", "-P", "prefork", "-c", str(args.concurrency), "-Q", queues,
                      "--without-mingle", "--without-gossip",
                      "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])
+    from worker.listening import deaf_stop
+
+    if deaf_stop.is_set():  # it stopped taking messages (worker.listening): start afresh, same PID
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0

@@ -96,6 +96,11 @@ class Settings:
     """FACEMEND_STALL_SECONDS: a job that makes no progress for this long while none of its parts
     waits in a queue is FAILED, the error naming what stalled. 0: never."""
 
+    deaf_seconds: float = 120.0
+    """FACEMEND_DEAF_SECONDS: a worker that holds no task and starts none for this long while a
+    queue it serves holds messages stops with exit code 75 and ``facemend worker`` starts again
+    (``worker.listening``). 0: never."""
+
     result_expires: int = 24 * 3600
     """FACEMEND_RESULT_EXPIRES: seconds Celery keeps task results."""
 
@@ -189,6 +194,9 @@ class Settings:
         if self.heartbeat_timeout < 2 * self.heartbeat_interval:
             raise SettingsError(f"FACEMEND_HEARTBEAT_TIMEOUT={self.heartbeat_timeout}: must be at least twice "
                                 f"FACEMEND_HEARTBEAT_INTERVAL={self.heartbeat_interval}")
+        if self.deaf_seconds and self.deaf_seconds < 2 * self.heartbeat_interval:
+            raise SettingsError(f"FACEMEND_DEAF_SECONDS={self.deaf_seconds}: must be 0 (never) or at least "
+                                f"twice FACEMEND_HEARTBEAT_INTERVAL={self.heartbeat_interval}")
         if self.stall_seconds < 0:
             raise SettingsError(f"FACEMEND_STALL_SECONDS={self.stall_seconds}: must be >= 0 (0: never)")
         if self.ssl_cert_reqs not in ("required", "optional", "none"):

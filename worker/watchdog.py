@@ -287,21 +287,30 @@ def for_app(app, store: JobStore | None = None) -> Watchdog:
 
 
 class Thread(threading.Thread):
-    """The watchdog of a worker: its main process sweeps every FACEMEND_HEARTBEAT_INTERVAL."""
+    """The watchdog of a worker: its main process sweeps every FACEMEND_HEARTBEAT_INTERVAL and
+    checks that the worker still takes the messages of ``queues`` (``worker.listening``; not
+    when FACEMEND_DEAF_SECONDS is 0 or no queues are given)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, queues: list[str] = (), hostname: str = "") -> None:
         super().__init__(name="facemend-watchdog", daemon=True)
         self.app = app
+        self.queues, self.hostname = list(queues), hostname
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        dog = None
-        interval = self.app.facemend_settings.heartbeat_interval
-        while not self.stopping.wait(interval):
+        from .listening import Listening
+
+        dog = listening = None
+        s: Settings = self.app.facemend_settings
+        while not self.stopping.wait(s.heartbeat_interval):
             try:
                 dog = dog or for_app(self.app)
                 for line in dog.sweep():
                     log.info("watchdog: %s", line)
+                if s.deaf_seconds and self.queues:
+                    listening = listening or Listening(dog.broker, self.queues, s.deaf_seconds)
+                    if listening.deaf() and not self.stopping.is_set():
+                        listening.restart(self.hostname)
             except redis.RedisError as e:  # Redis restarting: the next sweep tries again
                 log.info("watchdog: Redis unreachable (%s)", e)
             except Exception:
