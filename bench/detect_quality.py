@@ -39,16 +39,19 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
     found: list = []
     rgbs: list = []
     t = 0.0
+    shape = None
     for _, yuv in iter_frames(vplan, 0, n):
-        rgbs.append(i420_to_rgb(yuv, vplan.yuv_matrix))  # as the product reads it
+        shape = (yuv.shape[0] * 2 // 3, yuv.shape[1])
+        rgbs.append(i420_to_rgb(yuv, vplan.yuv_matrix, det.size_for(*shape)))  # as the product reads it
         if len(rgbs) % batch == 0:
             t0 = time.perf_counter()
-            found += det.detect(rgbs[-batch:], floor=det.track_score)
+            found += det.detect(rgbs[-batch:], floor=det.track_score, shape=shape)
             t += time.perf_counter() - t0
     if len(found) < len(rgbs):
         t0 = time.perf_counter()
-        found += det.detect(rgbs[len(found):], floor=det.track_score)
+        found += det.detect(rgbs[len(found):], floor=det.track_score, shape=shape)
         t += time.perf_counter() - t0
+    det.frame_shape = shape
     return found, {"frames": n, "size": f"{vplan.width}x{vplan.height}",
                    "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det
 
@@ -168,13 +171,13 @@ def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: str = 
     found, info, rgbs, det = detect_all(Path(clip), frames, **kw)
 
     def search(i: int, regions) -> list:
-        return det.detect_regions(rgbs[i], regions, floor=det.track_score)
+        return det.detect_regions(rgbs[i], regions, floor=det.track_score, shape=det.frame_shape)
 
     ref, _, _ = track(found, 1, confirm_score=det.min_score)
     res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
            "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
     for k in every:
-        got, detected, timing = track(found, k, refine, search, rgbs[0].shape[:2] if rgbs else (0, 0),
+        got, detected, timing = track(found, k, refine, search, det.frame_shape or (0, 0),
                                       det.min_score)
         res["every"][str(k)] = {"detected_frames": len(detected), **timing, **compare(ref, got, detected)}
     return res

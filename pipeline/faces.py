@@ -90,21 +90,33 @@ class FaceDetector:
     # face found there replacing the smaller faces it holds (see _enclosing_first)
     RECHECK_BELOW = 0.95
 
-    def detect(self, frames: list[np.ndarray], border: float = 0.0, floor: float | None = None) -> list[list[Face]]:
+    def size_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """The (width, height) the detector looks at a frame of this size at: None where it
+        looks at the frame as it is (its long side is at most ``max_side``)."""
+        scale = self.max_side / max(height, width)
+        if scale >= 1.0:
+            return None
+        return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+    def detect(self, frames: list[np.ndarray], border: float = 0.0, floor: float | None = None,
+               shape: tuple[int, int] | None = None) -> list[list[Face]]:
         """Faces in each frame (a list per frame, possibly empty). ``border``: search the frames
         inside a mid-grey border this fraction of their shorter side wide (coordinates stay the
-        frame's). ``floor``: the lowest score kept (default min_score; video: track_score)."""
+        frame's). ``floor``: the lowest score kept (default min_score; video: track_score).
+        ``shape``: (height, width) of the frames when ``frames`` are copies of them already
+        shrunk to ``size_for`` (a video's frames, shrunk as they are converted to RGB); the
+        faces are in the frames' coordinates."""
         if not frames:
             return []
-        h, w = frames[0].shape[:2]
+        h, w = shape or frames[0].shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         min_size = max(12, int(round(self.min_face * scale)))
         net = self._mtcnn(min_size)
+        size = self.size_for(h, w)
         out: list[list[Face]] = []
         for i in range(0, len(frames), self.batch_size):
             chunk = frames[i : i + self.batch_size]
-            if scale < 1.0:
-                size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+            if size is not None and chunk[0].shape[1::-1] != size:
                 chunk = [cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in chunk]
             batch = np.stack([_rgb(f) for f in chunk])
             pad = int(round(border * min(batch.shape[1:3])))
@@ -117,19 +129,26 @@ class FaceDetector:
     REGION_STEP = 32  # detect_regions pads each region to a multiple of this (detector pixels)
 
     def detect_regions(self, frame: np.ndarray, regions: list[tuple[int, int, int, int]],
-                       floor: float | None = None) -> list[Face]:
+                       floor: float | None = None, shape: tuple[int, int] | None = None) -> list[Face]:
         """Faces inside ``regions`` (x0, y0, x1, y1 in frame pixels) of one frame, searched at the
         scale the whole frame is (``max_side``), in frame coordinates; where regions overlap and
-        find one face twice, the better-scored copy is kept. ``floor`` as in ``detect``."""
-        h, w = frame.shape[:2]
+        find one face twice, the better-scored copy is kept. ``floor`` and ``shape`` (``frame``
+        is a copy shrunk to ``size_for``) as in ``detect``."""
+        h, w = shape or frame.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         net = self._mtcnn(max(12, int(round(self.min_face * scale))))
+        shrunk = shape is not None and self.size_for(h, w) is not None
         found: list[Face] = []
         for x0, y0, x1, y1 in regions:
-            crop = _rgb(frame[y0:y1, x0:x1])
-            if scale < 1.0:
-                size = (max(1, int(round((x1 - x0) * scale))), max(1, int(round((y1 - y0) * scale))))
-                crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+            if shrunk:  # the region's pixels of the shrunk copy, its corner in frame pixels
+                sx, sy = int(x0 * scale), int(y0 * scale)
+                crop = _rgb(frame[sy : int(np.ceil(y1 * scale)), sx : int(np.ceil(x1 * scale))])
+                x0, y0 = sx / scale, sy / scale
+            else:
+                crop = _rgb(frame[y0:y1, x0:x1])
+                if scale < 1.0:
+                    size = (max(1, int(round((x1 - x0) * scale))), max(1, int(round((y1 - y0) * scale))))
+                    crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
             if min(crop.shape[:2]) < 12:
                 continue
             # grey to a multiple of 32 px on the right and below: a few shapes for the engines

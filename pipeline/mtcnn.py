@@ -82,7 +82,10 @@ class FastMTCNN(torch.nn.Module):
     def detect(self, batch: np.ndarray):
         # (B, 3, H, W), contiguous: area resizing and roi_align run ~1.7x as fast as on the
         # channels-last strides the permuted (B, H, W, 3) frames have
-        imgs = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float().contiguous()
+        if self.device.type == "cpu":  # transposed in uint8 first: half the time of a float permute
+            imgs = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
+        else:
+            imgs = torch.as_tensor(batch, device=self.device).permute(0, 3, 1, 2).float().contiguous()
         n, _, h, w = imgs.shape
         m = 12.0 / self.min_face_size
         minl = min(h, w) * m

@@ -339,26 +339,58 @@ def test_only_a_confident_face_that_came_or_went_asks_for_a_search_between_detec
     assert gap_regions((0, [stay]), 3, [dipped], 1, 1920, 1080, min_score=0.92) == []
 
 
-def test_detect_regions_finds_in_a_region_the_faces_the_whole_frame_has_there():
+@pytest.mark.parametrize("shrunk", [False, True])
+def test_detect_regions_finds_in_a_region_the_faces_the_whole_frame_has_there(shrunk):
+    """In the frame itself, and in the copy shrunk to the detector's size as a video's frames
+    are converted (``shape``): the faces come back in the frame's coordinates."""
     from conftest import VIDEOS
     from pipeline.faces import FaceDetector
     from pipeline.media import i420_to_rgb, iter_frames, plan
     from pipeline.track import iou, search_regions
 
     vplan = plan(VIDEOS / "walking_1080p.mp4")
-    frame = i420_to_rgb(next(iter_frames(vplan, 0, 1))[1], vplan.yuv_matrix)
+    yuv = next(iter_frames(vplan, 0, 1))[1]
+    frame = i420_to_rgb(yuv, vplan.yuv_matrix)
     det = FaceDetector()
-    whole = det.detect([frame])[0]
+    shape = frame.shape[:2] if shrunk else None
+    looked = i420_to_rgb(yuv, vplan.yuv_matrix, det.size_for(*frame.shape[:2])) if shrunk else frame
+    whole = det.detect([looked], shape=shape)[0]
     assert len(whole) >= 4
     clear = [f for f in whole if f.score > 0.99]  # not the half-hidden face behind another
     assert len(clear) >= 4
     for face in clear:
         region = search_regions([face], 1, frame.shape[1], frame.shape[0])
-        found = det.detect_regions(frame, region)
+        found = det.detect_regions(looked, region, shape=shape)
         assert max(iou(face.box, f.box) for f in found) > 0.75  # in frame coordinates
         x0, y0, x1, y1 = region[0]
         inside = [f for f in whole if x0 <= f.box[0] and f.box[2] <= x1 and y0 <= f.box[1] and f.box[3] <= y1]
         assert len(found) >= len(inside) and len(found) < len(whole)
+
+
+def test_a_frame_converted_at_the_detectors_size_is_the_frame_shrunk():
+    """``i420_to_rgb(yuv, matrix, size)``: the planes averaged to the detector's size, then
+    converted; the same as converting the whole frame and shrinking it, up to rounding (and
+    where clipping to 0..255 comes before or after the averaging); and the detector finds the
+    same faces in it."""
+    from conftest import VIDEOS
+    from pipeline.faces import FaceDetector
+    from pipeline.media import i420_to_rgb, iter_frames, plan
+    from pipeline.track import iou
+
+    vplan = plan(VIDEOS / "walking_1080p.mp4")
+    yuvs = [y for _, y in iter_frames(vplan, 0, 24)][::6]
+    det = FaceDetector()
+    shape = (vplan.height, vplan.width)
+    size = det.size_for(*shape)
+    assert size == (960, 540) and det.size_for(540, 960) is None
+    full = [i420_to_rgb(y, vplan.yuv_matrix) for y in yuvs]
+    small = [i420_to_rgb(y, vplan.yuv_matrix, size) for y in yuvs]
+    d = np.abs(cv2.resize(full[0], size, interpolation=cv2.INTER_AREA).astype(int) - small[0])
+    assert small[0].shape == (540, 960, 3) and d.mean() < 0.3 and np.percentile(d, 99.9) <= 2
+    a, b = det.detect(full, floor=det.track_score), det.detect(small, floor=det.track_score, shape=shape)
+    assert [len(x) for x in a] == [len(x) for x in b] and sum(map(len, a)) >= 16
+    ious = [max(iou(f.box, g.box) for g in fb) for fa, fb in zip(a, b) for f in fa]
+    assert np.median(ious) > 0.95
 
 
 def test_restorer_channels_last_gives_the_networks_own_output():

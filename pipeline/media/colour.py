@@ -77,8 +77,22 @@ def yuv_matrix(color: dict, height: int) -> YuvMatrix:
     return m if not full else YuvMatrix(m.name + "-full", m.kr, m.kb, True)
 
 
-def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601) -> np.ndarray:
-    """An I420 frame as RGB uint8 (H, W, 3), chroma repeated over each 2x2 block."""
+def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An I420 frame as RGB uint8 (H, W, 3), chroma repeated over each 2x2 block. ``size``
+    (width, height), smaller than the frame: the frame area-averaged to that size, converted
+    from planes averaged to it in float and rounded once (what the detector looks at: a 1080p
+    frame at 960x540 is its chroma planes and its luma averaged 2x2, about two thirds of the
+    cost of converting it whole and shrinking the RGB; the same up to rounding and to where
+    clipping to 0..255 falls, the conversion being linear)."""
+    if size is not None and tuple(size) != (yuv.shape[1], yuv.shape[0] * 2 // 3):
+        y, u, v = i420_planes(yuv)
+        ys = cv2.resize(y.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+        uv = cv2.merge([u, v]).astype(np.float32)
+        if uv.shape[:2] != ys.shape[:2]:
+            up = size[0] > uv.shape[1] or size[1] > uv.shape[0]
+            uv = cv2.resize(uv, size, interpolation=cv2.INTER_LINEAR if up else cv2.INTER_AREA)
+        rgb = cv2.transform(cv2.merge([ys, uv]), matrix.yuv_to_rgb())
+        return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
     if matrix == BT601:  # OpenCV's own conversion (the same matrix, limited range)
         return cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420)
     y, u, v = i420_planes(yuv)
