@@ -261,9 +261,6 @@ class _TermAsInterrupt:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.heap import settle
-
-    settle()  # frames' arrays in their own mappings: memory does not creep over long clips
     parser = make_argument_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)

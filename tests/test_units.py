@@ -506,36 +506,3 @@ def test_a_replacing_tasks_views_count_by_what_each_changed():
     at_dots = [change[y, x] for x, y in dots]
     assert all(c <= -55 for c in at_dots), at_dots  # a plain mean: (10 - 100) / 3 = -30
     assert (np.abs(change) > 3).sum() < 400  # the dots (and the resampling's ringing) only
-
-
-def test_settled_heap_gives_each_large_array_its_own_mapping():
-    """``pipeline.heap.settle``: after a 16 MB block is freed, glibc would serve the next 2 MB
-    array from its heap (its mmap threshold rose to the freed block's size), where the freed
-    memory fragments and stays resident; settled, the array gets its own mapping, returned to
-    the system when freed. Each case in a fresh interpreter (the threshold is per process)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    script = """
-import ctypes, sys
-import numpy as np
-class MI2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-                                                 "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MI2
-if sys.argv[1] == "settled":
-    from pipeline.heap import settle
-    assert settle() and settle()
-big = np.ones(16 << 20, np.uint8)
-del big
-before = libc.mallinfo2().hblkhd
-a = np.ones(2 << 20, np.uint8)
-print((libc.mallinfo2().hblkhd - before) >> 20)
-"""
-    mapped = {case: int(subprocess.run([sys.executable, "-c", script, case], cwd=ROOT, check=True,
-                                       capture_output=True, text=True).stdout)
-              for case in ("plain", "settled")}
-    assert mapped == {"plain": 0, "settled": 2}

@@ -13,8 +13,6 @@ import os
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from pipeline.heap import settle as settle_heap
-
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,7 +99,6 @@ def configure(settings: Settings) -> None:
 
 
 app = make_app(Settings.from_env())
-settle_heap()  # also when started as ``celery -A worker.app worker`` (``pipeline.heap``)
 
 
 @worker_process_init.connect
