@@ -23,6 +23,8 @@ EXIT_CODES: dict[int, str] = {
     7: "broker or job store unreachable (refused, wrong password, TLS)",
     8: "no such job id (never submitted, or its record expired)",
     9: "wait --timeout expired while the job was still running",
+    75: "worker: it stopped taking its queues' messages and could not restart in place "
+        "(start it again)",
     130: "interrupted (Ctrl-C); no partial file is left at the output path",
     143: "terminated (SIGTERM); the same clean-up as Ctrl-C",
 }
