@@ -84,6 +84,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="one network pass per face: skip the task's self-ensembles (unmask: its"
                         " mirror and three zooms, its jobs about 2.5x as fast on CPU, 0.4 dB lower;"
                         " enhance: its mirror, 0.2-0.4 dB lower)")
+    p.add_argument("--strength", type=_strength, default=1.0, metavar="S",
+                   help="denoise, enhance, restore: apply this fraction of the network's change, 0 < S <= 1"
+                        " (default 1; lower keeps more of the input's own skin texture and grain)")
     p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
                    help="do not match restored faces' mean colour to the original")
     p.add_argument("--no-grain", dest="grain", action="store_false",
@@ -144,7 +147,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         task=args.task, output=str(args.output) if args.output else None, overwrite=args.overwrite,
         skip_existing=args.skip_existing, device=args.device, codec=args.codec, crf=args.crf,
         preset=args.preset, min_face=args.min_face, batch_size=args.batch_size,
-        detect_every=args.detect_every, deinterlace=args.deinterlace,
+        detect_every=args.detect_every, deinterlace=args.deinterlace, strength=args.strength,
         colour_match=args.colour_match, grain=args.grain, fast=args.fast, preview=str(args.preview) if args.preview else None,
         amount=args.amount, sharpen=args.sharpen, to=str(args.to) if args.to else None,
         frames=args.frames, fps=args.fps,
@@ -192,6 +195,23 @@ def check_facemath_args(args: argparse.Namespace) -> None:
         raise InputError(f"--amount is for --task age or gender (the task is {args.task})")
     if args.fps <= 0:
         raise InputError(f"--fps {args.fps}: must be positive")
+    if args.strength != 1.0:
+        from models.tasks import resolve
+
+        spec = resolve(args.task)
+        if not spec.native or spec.latent or spec.weights is None:
+            raise InputError(f"--strength is for --task denoise, enhance or restore (the task is {args.task})")
+
+
+def _strength(text: str) -> float:
+    """``--strength``: a number more than 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose more than 0 and at most 1")
+    return value
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The product's quality as a user gets it: degrade real clips and photos, run the CLI, score the file.
 
     python -m bench.quality [--quick] [--json] [--tasks denoise,enhance] [--sources closeup,scenes]
-        [--frames N] [--crf 0] [--out DIR] [--sheets DIR]
+        [--degradations clean,noise20] [--frames N] [--crf 0] [--out DIR] [--sheets DIR] [--strength S]
 
 For each source (``SOURCES``: real clips and photos from ``../shared/data``) the clean frames are
 decoded as the pipeline decodes them, faces are found on them (the product's detector and
@@ -94,7 +94,12 @@ CASES = (
     Case("restore", "blur2", "unsharp"),
     Case("unmask", "mask", "telea"),
     Case("identity", "noise20", "none"),
+    # an undamaged face: how much of its own texture a task takes away (the input scores 99)
+    Case("denoise", "clean", "none"),
+    Case("enhance", "clean", "none"),
+    Case("restore", "clean", "none"),
 )
+STRENGTH_TASKS = ("denoise", "enhance", "restore")  # the tasks ``--strength`` applies to
 QUICK = {("closeup", "denoise", "noise20"), ("closeup", "enhance", "down4"), ("closeup", "unmask", "mask"),
          ("closeup", "identity", "noise20"), ("closeup", "restore", "mix"), ("closeup", "denoise", "mix"),
          ("scenes", "unmask", "mask")}
@@ -104,12 +109,15 @@ QUICK = {("closeup", "denoise", "noise20"), ("closeup", "enhance", "down4"), ("c
 # running the product
 
 
-def submit(path: Path, out: Path, task: str, crf: int) -> None:
-    """``cli.py submit`` in this process, embedded (no broker)."""
+def submit(path: Path, out: Path, task: str, crf: int, strength: float = 1.0) -> None:
+    """``cli.py submit`` in this process, embedded (no broker); ``--strength`` where it is not 1
+    and the task takes it (denoise, enhance, restore)."""
     sys.path.insert(0, str(ROOT))
     import cli
 
     args = ["submit", str(path), "--task", task, "-o", str(out), "--overwrite", "-q", "--crf", str(crf)]
+    if strength != 1.0 and task in STRENGTH_TASKS:
+        args += ["--strength", str(strength)]
     with _no_broker(), contextlib.redirect_stdout(sys.stderr):  # stdout is the bench's
         rc = cli.main(args)
     if rc != 0:
@@ -150,7 +158,7 @@ def load_source(src: Source, quick: bool, frames: int | None):
 
 
 def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work: Path, crf: int,
-             sheets: Path | None = None) -> dict:
+             sheets: Path | None = None, strength: float = 1.0) -> dict:
     bad, masks = degrade(case.degradation, clean, faces)
     tag = f"{src.name}.{case.task}.{case.degradation}"
     t0 = time.perf_counter()
@@ -161,7 +169,7 @@ def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work:
         given = read_rgb_clip(given_path, len(clean))
         out_path = work / f"{tag}.out.mp4"
         t0 = time.perf_counter()
-        submit(given_path, out_path, case.task, crf)
+        submit(given_path, out_path, case.task, crf, strength)
         seconds = time.perf_counter() - t0
         out = read_rgb_clip(out_path, len(clean))
         if len(out) != len(clean):
@@ -174,7 +182,7 @@ def run_case(src: Source, case: Case, kind: str, clean, faces, heads, ctx, work:
         given = [read_photo(folder / (Path(name).stem + ".png")) for name in ctx]
         out_dir = work / f"{tag}.out"
         t0 = time.perf_counter()
-        submit(folder, out_dir, case.task, crf)
+        submit(folder, out_dir, case.task, crf, strength)
         seconds = time.perf_counter() - t0
         out = [read_photo(out_dir / (Path(name).stem + ".png")) for name in ctx]
     video = kind == "clip"
@@ -239,7 +247,7 @@ def write_sheet(path: Path, clean, given, out, heads, video: bool = True, size: 
 
 def run(quick: bool = False, tasks: list[str] | None = None, sources: list[str] | None = None,
         frames: int | None = None, crf: int = 0, out: Path | None = None, sheets: Path | None = None,
-        degradations: list[str] | None = None) -> dict:
+        degradations: list[str] | None = None, strength: float = 1.0) -> dict:
     import torch
 
     t0 = time.perf_counter()
@@ -257,9 +265,9 @@ def run(quick: bool = False, tasks: list[str] | None = None, sources: list[str] 
                 continue
             loaded = load_source(src, quick, frames)
             for case in cases:
-                rows.append(run_case(src, case, *loaded, work, crf, sheets))
+                rows.append(run_case(src, case, *loaded, work, crf, sheets, strength))
                 logging.getLogger(__name__).info("%s", rows[-1])
-    return {"rows": rows, "pooled": pooled(rows), "quick": quick, "crf": crf,
+    return {"rows": rows, "pooled": pooled(rows), "quick": quick, "crf": crf, "strength": strength,
             "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
 
 
@@ -349,6 +357,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=0, help="the output's CRF (default 0: lossless)")
     p.add_argument("--out", type=Path, help="keep the degraded inputs and outputs in this folder")
     p.add_argument("--sheets", type=Path, help="write a before/after sheet per row into this folder")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help=f"the CLI's --strength for {', '.join(STRENGTH_TASKS)} (default 1)")
     return p
 
 
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_argument_parser().parse_args(argv)
     split = lambda s: s.split(",") if s else None  # noqa: E731
     result = run(args.quick, split(args.tasks), split(args.sources), args.frames, args.crf, args.out,
-                 args.sheets, split(args.degradations))
+                 args.sheets, split(args.degradations), args.strength)
     result["command"] = "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(result) if args.json else table(result))
     return 0

@@ -89,7 +89,9 @@ def degrade(name: str, frames: list[np.ndarray], faces: list[list], rng_seed: in
     from models.training import degrade as D
 
     out, masks = [], None
-    if name.startswith("noise"):
+    if name == "clean":  # undamaged: what a task does to a face that needs nothing
+        out = [f.copy() for f in frames]
+    elif name.startswith("noise"):
         out = noisy(frames, float(name[5:]), rng_seed)
     elif name == "mix":  # old footage: upscaled SD, sensor noise, then a video encoder (D.MIX)
         ups = [D.down_up(f, D.MIX["scale"]) for f in frames]

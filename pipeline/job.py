@@ -46,6 +46,7 @@ class JobOptions:
     grain: bool = True  # unmask: grain matched to the skin around the painted area
     fast: bool = False  # one network pass per face: no mirror or zoom self-ensembles (TaskSpec)
     deinterlace: str = "auto"  # video: auto | all | off (``VideoPlan.deinterlaced``)
+    strength: float = 1.0  # denoise, enhance, restore: the fraction of the network's change applied
     preview: str | None = None
     # FaceMath tasks (age, gender, morph)
     amount: float | None = None  # age: years (+ older, - younger); gender: + female, - male
@@ -53,6 +54,14 @@ class JobOptions:
     to: str | None = None  # morph: the second face's image
     frames: int = 48  # morph: frames in the output
     fps: float = 24.0  # morph: frame rate of the output
+
+    # options added after workers may already run: a record leaves them out at these defaults,
+    # so a worker that predates one still runs the jobs that do not use it
+    LATER = {"strength": 1.0}
+
+    def record(self) -> dict:
+        """The options as a job record holds them (``asdict``, less ``LATER`` at their default)."""
+        return {k: v for k, v in asdict(self).items() if not (k in self.LATER and v == self.LATER[k])}
 
     @classmethod
     def from_dict(cls, options: dict) -> "JobOptions":
@@ -67,6 +76,8 @@ class JobOptions:
         return cls(**options)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.strength, (int, float)) and 0.0 < self.strength <= 1.0):
+            raise FacemendError(f"strength must be more than 0 and at most 1, not {self.strength!r}")
         if self.deinterlace not in DEINTERLACE_MODES:
             raise FacemendError(f"deinterlace must be one of {', '.join(DEINTERLACE_MODES)}, "
                                 f"not {self.deinterlace!r}")
@@ -144,7 +155,7 @@ class Engine:
         self.restorer = FaceRestorer(self.model, device=self.device, batch_size=opts.batch_size,
                                      colour_match=opts.colour_match, grain=opts.grain,
                                      preview=self.preview,
-                                     ensemble=not opts.fast,
+                                     ensemble=not opts.fast, strength=opts.strength,
                                      half=self.device.startswith("cuda"))
         # a task that paints over a covered lower face (unmask) must first find such faces
         self.detector = FaceDetector(device=self.device, min_face=opts.min_face, max_side=opts.detect_side,

@@ -75,6 +75,8 @@ def pixel_options(opts, src: str | Path | None = None) -> dict:
            "colour_match": bool(opts.colour_match), "fast": bool(opts.fast)}
     if spec.replaces:
         out["grain"] = bool(opts.grain)
+    if opts.strength != 1.0:  # records made before the option hold none: the whole change
+        out["strength"] = float(opts.strength)
     if spec.latent:
         out["amount"] = float(spec.default_amount if opts.amount is None else opts.amount)
         out["sharpen"] = bool(opts.sharpen)

@@ -90,9 +90,9 @@ class FaceRestorer:
     """Runs a ``models.Restorer`` over the faces of a batch of frames."""
 
     def __init__(self, model, *, device: str = "cpu", batch_size: int = 16,
-                 colour_match: bool = True, half: bool = False,
-                 preview: PreviewSink | None = None, channels_last: bool | None = None,
-                 zooms: tuple[float, ...] | None = None, ensemble: bool = True, grain: bool = True) -> None:
+                 colour_match: bool = True, half: bool = False, preview: PreviewSink | None = None,
+                 channels_last: bool | None = None, zooms: tuple[float, ...] | None = None,
+                 ensemble: bool = True, grain: bool = True, strength: float = 1.0) -> None:
         import torch
 
         self.model, self.spec, self._torch = model, model.spec, torch
@@ -103,6 +103,9 @@ class FaceRestorer:
         self.uses_tracks = getattr(model, "uses_tracks", False)
         self.replaces = getattr(self.spec, "replaces", False)
         self.grain = grain  # a replacing task's paint gets the skin's grain (``pipeline.grain``)
+        if not 0.0 < strength <= 1.0:  # the fraction of a local network's change applied
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        self.strength = float(strength)
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
         self.aside = getattr(self.spec, "cols_aside", 0)
@@ -240,6 +243,8 @@ class FaceRestorer:
                 rest = align.match_colour(rest, given, weight)
             if frames is not None and self.steadies:
                 rest = self._steady(frames[i], rect, rest)
+            if self.strength != 1.0:  # after ``_steady``, which keeps the whole output
+                rest = given + self.strength * (rest - given)
             if self.preview is not None:  # a square about the head's centre, as other tasks' tiles
                 side = min(rh, rw)
                 sy, sx = (rh - side) // 2, (rw - side) // 2

@@ -397,3 +397,31 @@ def test_facemath_tasks_run_queued(workers, tmp_path):
     assert out == tmp_path / "a.morph.mp4" and probe(out)["frames"] == 8
     opts = job["options"] if isinstance(job["options"], dict) else json.loads(job["options"])
     assert opts["to"] == str(b)  # --to made absolute for workers on other machines
+
+
+def test_queued_strength_matches_the_embedded_output_and_each_job_keeps_its_own(workers, tmp_path):
+    """--strength travels with a queued job, and one worker running a job at 0.5 then one at 1
+    gives each its own (its cached engine is not the other's)."""
+    import cv2
+    import numpy as np
+    from conftest import SCENES
+
+    src = tmp_path / "face.png"
+    cv2.imwrite(str(src), cv2.imread(str(SCENES / "pyfeat_single_face.jpg")))
+    workers.start("w1")
+    got = {}
+    for s in ("0.5", "1"):
+        job = cli_json("submit", src, "--task", "denoise", "--strength", s, "-o", tmp_path / f"q{s}.png", "--wait")
+        assert job["state"] == "DONE", job
+        emb = subprocess.run([sys.executable, str(ROOT / "cli.py"), "submit", src, "--task", "denoise",
+                              "--strength", s, "-o", tmp_path / f"e{s}.png"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300, env={k: v for k, v in env().items() if k != "FACEMEND_BROKER_URL"})
+        assert emb.returncode == 0, emb.stderr
+        q, e = (cv2.imread(str(tmp_path / f"{k}{s}.png")).astype(np.int16) for k in ("q", "e"))
+        assert np.abs(q - e).max() <= 1, s
+        got[s] = q
+    given = cv2.imread(str(src)).astype(np.int16)
+    changed = np.abs(got["1"] - given) >= 4
+    assert changed.sum() > 500
+    ratio = np.median((got["0.5"] - given)[changed] / (got["1"] - given)[changed])
+    assert 0.45 <= ratio <= 0.55, ratio

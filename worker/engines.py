@@ -25,7 +25,7 @@ def engine_for(opts: JobOptions, settings: Settings) -> Engine:
     restored with is what restored it."""
     opts = replace(opts, device=settings.device or opts.device, preview=None)
     key = (opts.task, opts.device, opts.min_face, opts.detect_side, opts.batch_size, opts.colour_match,
-           opts.grain, opts.fast, opts.amount, opts.sharpen, tuple(sorted(weights_digest(opts.task).items())))
+           opts.grain, opts.fast, opts.strength, opts.amount, opts.sharpen, tuple(sorted(weights_digest(opts.task).items())))
     if key not in _engines:
         if len(_engines) >= KEEP:
             _engines.pop(next(iter(_engines)))

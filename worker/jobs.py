@@ -55,7 +55,7 @@ def submit(src: Path, opts: JobOptions, settings: Settings, *, queue: str | None
     configure(settings)
     job_id = uuid.uuid4().hex[:16]
     opts = JobOptions(**{**asdict(opts), "output": str(dst)})
-    store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=asdict(opts),
+    store.create(job_id, kind=kind, task=opts.task, input=str(src), output=str(dst), options=opts.record(),
                  segment_seconds=settings.segment_seconds, chunk_files=settings.chunk_files,
                  queue=queue or "", records=records)
     store.update(job_id, **{"plan.queue": settings.cpu_queue})  # where the watchdog looks for it
