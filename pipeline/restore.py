@@ -23,7 +23,7 @@ import numpy as np
 
 from . import align, regions
 from .faces import Face
-from .views import TrackSteady, change_weight, merge_views, steady_blend
+from .views import RegionSteady, TrackSteady, change_weight, merge_views
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class FaceRestorer:
         # rows of context under the square crop (unmask: the chin); replacing tasks only
         self.below = getattr(self.spec, "rows_below", 0)
         self.aside = getattr(self.spec, "cols_aside", 0)
-        # output steadied over a video's frames where the spec asks (``_steady``; ``TrackSteady``)
+        # output steadied over a video's frames where the spec asks (``RegionSteady``; ``TrackSteady``)
         self.steadies = getattr(self.spec, "steady", True)
         self.half = half and self.device.type == "cuda"
         self.preview = preview
@@ -123,7 +123,7 @@ class FaceRestorer:
         # local tasks: the network's input sides are multiples of this (``regions.bucket``)
         self.bucket = regions.BUCKET
         # (frame index, [(rect, output)]) of the last video frame and this one; ``TrackSteady``
-        self._last, self._now, self._held = None, None, TrackSteady()
+        self._regions, self._held = RegionSteady(), TrackSteady()
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
         # the layout tensor cores want on CUDA; same outputs. None: on for learned non-latent nets
         if channels_last is None:
@@ -135,7 +135,7 @@ class FaceRestorer:
     def reset(self) -> None:
         """Forget per-track state (a FaceMath edit's smoothed codes, the last frame's output);
         call before each video."""
-        self._last, self._now, self._held = None, None, TrackSteady()
+        self._regions, self._held = RegionSteady(), TrackSteady()
         if getattr(self.model, "reset", None) is not None:
             self.model.reset()
 
@@ -214,7 +214,7 @@ class FaceRestorer:
         network made to the region's own pixels feathered back in the same pixel grid. Where the
         frame is smaller than the bucket, the window is the frame's side, padded by reflection to
         the network's stride, and the padding dropped. With ``frames`` (the frames' indices in a
-        video) the result is steadied over time (``_steady``) where the task asks for it."""
+        video) the result is steadied over time (``views.RegionSteady``) where the task asks for it."""
         out: list[list[tuple[Rect, np.ndarray]]] = [[] for _ in images]
         m = getattr(self.model, "multiple", 1)
         jobs: list[LocalCrop] = []
@@ -242,8 +242,8 @@ class FaceRestorer:
             if self.colour_match:
                 rest = align.match_colour(rest, given, weight)
             if frames is not None and self.steadies:
-                rest = self._steady(frames[i], rect, rest)
-            if self.strength != 1.0:  # after ``_steady``, which keeps the whole output
+                rest = self._regions(frames[i], rect, rest, job.track, faces[i])
+            if self.strength != 1.0:  # after steadying, which keeps the whole output
                 rest = given + self.strength * (rest - given)
             if self.preview is not None:  # a square about the head's centre, as other tasks' tiles
                 side = min(rh, rw)
@@ -271,33 +271,6 @@ class FaceRestorer:
         if ph or pw:  # the frame is smaller than the bucket
             crop = np.pad(crop, ((0, ph), (0, pw), (0, 0)), mode="reflect" if min(crop.shape[:2]) > 1 else "edge")
         return LocalCrop(image, rect, win, np.ascontiguousarray(crop), track)
-
-    STEADY = 0.6  # ``_steady``: how much of the previous frame's output a still pixel keeps (``steady_blend``)
-
-    def _steady(self, frame: int, rect: Rect, rest: np.ndarray) -> np.ndarray:
-        """A restored region blended with the previous frame's output where the two agree.
-
-        A network restores each frame alone, so what it leaves of the noise changes from frame
-        to frame and a face shimmers more than the clean clip does. Where the previous frame's
-        output (same pixels) differs from this one's by little, locally averaged, the two are
-        blended (a motion-adaptive recursive filter, as video denoisers do); where they differ
-        (the face moved, the mouth opened) this frame's output is kept as it is. ``reset``
-        forgets the previous frame."""
-        if self._now is None or self._now[0] != frame:  # a new frame: the current one is done
-            self._last, self._now = self._now, (frame, [])
-        last = self._last if self._last is not None and self._last[0] == frame - 1 else None
-        if last is not None:
-            rest = rest.copy()
-            x0, y0, x1, y1 = rect
-            for (a0, b0, a1, b1), prev in last[1]:
-                ox0, oy0, ox1, oy1 = max(x0, a0), max(y0, b0), min(x1, a1), min(y1, b1)
-                if ox1 <= ox0 or oy1 <= oy0:
-                    continue
-                cur = rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0]
-                old = prev[oy0 - b0 : oy1 - b0, ox0 - a0 : ox1 - a0]
-                rest[oy0 - y0 : oy1 - y0, ox0 - x0 : ox1 - x0] = steady_blend(cur, old, self.STEADY)
-        self._now[1].append((rect, rest))
-        return rest
 
     def _restore_jobs(self, jobs: list[AlignedCrop], given: list[np.ndarray], which) -> dict[int, np.ndarray]:
         """The network's (colour-matched) output for ``given[j]``, j in ``which``, in batches of

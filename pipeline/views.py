@@ -74,13 +74,71 @@ def steady_blend(cur: np.ndarray, old: np.ndarray, keep: float, levels: float = 
     return cur + w[..., None] * (old - cur)
 
 
+LOCAL_STEADY = 0.6  # RegionSteady: how much of the previous frame's output a still pixel keeps
+
+
+class RegionSteady:
+    """A local network's region (video) blended with the previous frame's output where the two
+    agree. A network restores each frame alone, so what it leaves of the noise changes from
+    frame to frame and a face shimmers more than the clean clip does. The previous frame's
+    output is moved with the face before it is compared: by the region's track's box centre
+    against the last frame's, to the nearest pixel, or by a pixel more or less either way, or
+    not at all (a still face's tracked box jitters by a pixel), whichever matches this frame's
+    output best; then blended in where the two differ by little (``steady_blend``: a
+    motion-compensated recursive filter, as video denoisers use). Where they differ (the mouth
+    opened, another face) this frame's output is kept as it is. A new instance forgets the
+    previous frame."""
+
+    def __init__(self, keep: float = LOCAL_STEADY) -> None:
+        self.keep = keep
+        self._last = self._now = None  # (frame, [(rect, output)], {track: box centre})
+
+    def __call__(self, frame: int, rect, rest: np.ndarray, track: int = -1, faces=()) -> np.ndarray:
+        """``rest``: the output (float32 (h, w, 3)) of ``rect`` (x0, y0, x1, y1) in video frame
+        ``frame``; ``track``: the region's face's track; ``faces``: the frame's faces."""
+        centres = {f.track: (f.box[:2] + f.box[2:4]) / 2 for f in faces if f.track >= 0}
+        if self._now is None or self._now[0] != frame:  # a new frame: the current one is done
+            self._last, self._now = self._now, (frame, [], centres)
+        last = self._last if self._last is not None and self._last[0] == frame - 1 else None
+        if last is not None:
+            rest = rest.copy()
+            dx, dy = (tuple(int(v) for v in np.rint(centres[track] - last[2][track]))
+                      if track in centres and track in last[2] else (0, 0))
+            shifts = [(0, 0)] + [(dx + i, dy + j) for j in (-1, 0, 1) for i in (-1, 0, 1)]
+            shift = min(shifts, key=lambda m: _mismatch(_pieces(last[1], rect, m), rest))
+            for (sy, sx), old in _pieces(last[1], rect, shift):
+                rest[sy, sx] = steady_blend(rest[sy, sx], old, self.keep)
+        self._now[1].append((rect, rest))
+        return rest
+
+
+def _pieces(previous: list, rect, shift: tuple[int, int]):
+    """(slices of ``rect``, the previous output there) for each of ``previous``'s (rect, output)
+    regions overlapping ``rect`` once moved by ``shift`` (dx, dy)."""
+    x0, y0, x1, y1 = rect
+    for (a0, b0, a1, b1), prev in previous:
+        a0, b0, a1, b1 = a0 + shift[0], b0 + shift[1], a1 + shift[0], b1 + shift[1]
+        ox0, oy0, ox1, oy1 = max(x0, a0), max(y0, b0), min(x1, a1), min(y1, b1)
+        if ox1 > ox0 and oy1 > oy0:
+            yield (slice(oy0 - y0, oy1 - y0), slice(ox0 - x0, ox1 - x0)), prev[oy0 - b0 : oy1 - b0, ox0 - a0 : ox1 - a0]
+
+
+def _mismatch(pieces, rest: np.ndarray) -> float:
+    """Mean absolute difference between ``rest`` and the previous output over ``pieces``."""
+    total, count = 0.0, 0
+    for (sy, sx), old in pieces:
+        total += float(np.abs(rest[sy, sx] - old).sum())
+        count += old.size
+    return total / count if count else np.inf
+
+
 class TrackSteady:
     """A replacing task's face (video) blended with its track's result on the previous frame
     where the two agree. Each frame's paint is the network's guess alone, and what it guesses
     under a mask changes from frame to frame: the painted mouth and chin shimmer. The previous
     frame's merged crop is resampled into this frame's crop (the two crops' matrices) and
     blended in where the two differ by little (``steady_blend``, keeping up to ``STEADY``, as
-    ``FaceRestorer._steady`` does for local tasks); where they differ this frame's is kept."""
+    ``RegionSteady`` does for local tasks); where they differ this frame's is kept."""
 
     def __init__(self) -> None:
         self._prev: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # track: (frame, matrix, crop)
