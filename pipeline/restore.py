@@ -122,7 +122,7 @@ class FaceRestorer:
         self.faces_restored = 0
         # local tasks: the network's input sides are multiples of this (``regions.bucket``)
         self.bucket = regions.BUCKET
-        # (frame index, [(rect, output)]) of the last video frame and this one; ``TrackSteady``
+        # a video's last frame's output: local regions (``RegionSteady``), replacing tasks' tracks (``TrackSteady``)
         self._regions, self._held = RegionSteady(), TrackSteady()
         # channels-last convolutions: ~1.45x faster per face on CPU (bench, 128-512 px crops),
         # the layout tensor cores want on CUDA; same outputs. None: on for learned non-latent nets
