@@ -28,10 +28,11 @@ import numpy as np
 
 
 def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: int = 960,
-               batch: int = 8) -> tuple[list, dict, list, object]:
-    """Per-frame detections of the first ``frames`` frames, timing, the frames and the detector."""
+               batch: int = 8) -> tuple[list, dict, list, object, tuple[int, int] | None]:
+    """Per-frame detections of the first ``frames`` frames, timing, the frames (at the detector's
+    size), the detector and the frames' own (height, width)."""
     from pipeline.faces import FaceDetector
-    from pipeline.media import i420_to_rgb, iter_frames, plan
+    from pipeline.media import i420_shape, i420_to_rgb, iter_frames, plan
 
     vplan = plan(clip)
     n = min(frames or vplan.frames, vplan.frames)
@@ -41,7 +42,7 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
     t = 0.0
     shape = None
     for _, yuv in iter_frames(vplan, 0, n):
-        shape = (yuv.shape[0] * 2 // 3, yuv.shape[1])
+        shape = i420_shape(yuv)
         rgbs.append(i420_to_rgb(yuv, vplan.yuv_matrix, det.size_for(*shape)))  # as the product reads it
         if len(rgbs) % batch == 0:
             t0 = time.perf_counter()
@@ -51,9 +52,8 @@ def detect_all(clip: Path, frames: int | None, *, min_face: int = 40, max_side: 
         t0 = time.perf_counter()
         found += det.detect(rgbs[len(found):], floor=det.track_score, shape=shape)
         t += time.perf_counter() - t0
-    det.frame_shape = shape
     return found, {"frames": n, "size": f"{vplan.width}x{vplan.height}",
-                   "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det
+                   "detect_s_per_frame": round(t / max(1, n), 4)}, rgbs, det, shape
 
 
 def track(found: list, every: int, refine: str = "regions", search=None,
@@ -168,16 +168,16 @@ def compare(ref: list[list], got: list[list], detected: set[int]) -> dict:
 
 
 def quality(clip: Path, frames: int | None = 60, every=(1, 2, 3), refine: str = "regions", **kw) -> dict:
-    found, info, rgbs, det = detect_all(Path(clip), frames, **kw)
+    found, info, rgbs, det, shape = detect_all(Path(clip), frames, **kw)
 
     def search(i: int, regions) -> list:
-        return det.detect_regions(rgbs[i], regions, floor=det.track_score, shape=det.frame_shape)
+        return det.detect_regions(rgbs[i], regions, floor=det.track_score, shape=shape)
 
     ref, _, _ = track(found, 1, confirm_score=det.min_score)
     res = {"input": str(clip), **info, "refine": refine, "ref_faces": sum(map(len, ref)),
            "ref_faces_per_frame": round(sum(map(len, ref)) / max(1, len(ref)), 3), "every": {}}
     for k in every:
-        got, detected, timing = track(found, k, refine, search, det.frame_shape or (0, 0),
+        got, detected, timing = track(found, k, refine, search, shape or (0, 0),
                                       det.min_score)
         res["every"][str(k)] = {"detected_frames": len(detected), **timing, **compare(ref, got, detected)}
     return res

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import Cancelled
 from .faces import FaceDetector
-from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_to_rgb, iter_frames
+from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_shape, i420_to_rgb, iter_frames
 from .restore import FaceRestorer
 from .track import FaceTracker, gap_regions
 
@@ -215,11 +215,6 @@ def process_range(
                     io_queue=io_queue, progress=progress, should_cancel=should_cancel).run()
 
 
-def _shape(yuv: np.ndarray) -> tuple[int, int]:
-    """(height, width) of an I420 frame."""
-    return yuv.shape[0] * 2 // 3, yuv.shape[1]
-
-
 class RangeRun:
     """One ``process_range``; ``loop`` reads as the steps each batch of frames takes. Frames move
     on in order: decoded into ``waiting`` (their faces are not known before the next detected
@@ -320,7 +315,7 @@ class RangeRun:
             self.stats.detected += len(items)
             with self.clock("detect"):
                 faces = self.detector.detect([self.detector_rgb(yuv) for _, yuv in items],
-                                             floor=self.detector.track_score, shape=_shape(items[0][1]))
+                                             floor=self.detector.track_score, shape=i420_shape(items[0][1]))
                 self.found.update(zip([i for i, _ in items], faces))
 
     def search(self, items: list[tuple[int, np.ndarray, list]]) -> None:
@@ -331,11 +326,11 @@ class RangeRun:
             with self.clock("detect"):
                 for i, yuv, regions in items:
                     self.found[i] = self.detector.detect_regions(self.detector_rgb(yuv), regions,
-                                                                 floor=self.detector.track_score, shape=_shape(yuv))
+                                                                 floor=self.detector.track_score, shape=i420_shape(yuv))
 
     def detector_rgb(self, yuv: np.ndarray) -> np.ndarray:
         """The frame as the detector looks at it: RGB at ``size_for`` (``i420_to_rgb``)."""
-        return i420_to_rgb(yuv, self.matrix, self.detector.size_for(*_shape(yuv)))
+        return i420_to_rgb(yuv, self.matrix, self.detector.size_for(*i420_shape(yuv)))
 
     def refine(self) -> list[tuple[int, np.ndarray, list]]:
         """The waiting frames not detected yet that lie between two detected frames whose faces

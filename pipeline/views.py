@@ -104,7 +104,7 @@ class RegionSteady:
             rest = rest.copy()
             dx, dy = (tuple(int(v) for v in np.rint(centres[track] - last[2][track]))
                       if track in centres and track in last[2] else (0, 0))
-            shifts = [(0, 0)] + [(dx + i, dy + j) for j in (-1, 0, 1) for i in (-1, 0, 1)]
+            shifts = dict.fromkeys([(0, 0)] + [(dx + i, dy + j) for j in (-1, 0, 1) for i in (-1, 0, 1)])
             shift = min(shifts, key=lambda m: _mismatch(_pieces(last[1], rect, m), rest))
             for (sy, sx), old in _pieces(last[1], rect, shift):
                 rest[sy, sx] = steady_blend(rest[sy, sx], old, self.keep)

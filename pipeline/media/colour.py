@@ -9,11 +9,16 @@ import cv2
 import numpy as np
 
 
+def i420_shape(yuv: np.ndarray) -> tuple[int, int]:
+    """(height, width) of the picture an I420 array holds (its rows: luma, then both chroma planes)."""
+    return yuv.shape[0] * 2 // 3, yuv.shape[1]
+
+
 def i420_planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Views of an I420 array's Y (H, W), U and V (H/2, W/2) planes. The chroma planes are
     packed one after the other, not row by row of the array: where H is not a multiple of 4 a
     chroma plane ends in the middle of one of the array's rows."""
-    H, W = yuv.shape[0] * 2 // 3, yuv.shape[1]
+    H, W = i420_shape(yuv)
     flat = yuv.reshape(-1)  # a view: the planes below write through to ``yuv``
     n, q = H * W, H * W // 4
     return yuv[:H], flat[n : n + q].reshape(H // 2, W // 2), flat[n + q : n + 2 * q].reshape(H // 2, W // 2)
@@ -84,7 +89,7 @@ def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601, size: tuple[int, int
     frame at 960x540 is its chroma planes and its luma averaged 2x2, about two thirds of the
     cost of converting it whole and shrinking the RGB; the same up to rounding and to where
     clipping to 0..255 falls, the conversion being linear)."""
-    if size is not None and tuple(size) != (yuv.shape[1], yuv.shape[0] * 2 // 3):
+    if size is not None and tuple(size) != i420_shape(yuv)[::-1]:
         y, u, v = i420_planes(yuv)
         ys = cv2.resize(y.astype(np.float32), size, interpolation=cv2.INTER_AREA)
         uv = cv2.merge([u, v]).astype(np.float32)
@@ -110,8 +115,7 @@ def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.nd
     Luma gets the delta at full resolution; chroma gets it averaged over 2x2 blocks. Pixels and
     chroma blocks where the delta is zero are left bit-exact.
     """
-    H = yuv.shape[0] * 2 // 3
-    W = yuv.shape[1]
+    H, W = i420_shape(yuv)
     x0, y0, x1, y1 = rect
     # grow the rectangle to even coordinates so chroma blocks are whole
     ex0, ey0 = x0 - x0 % 2, y0 - y0 % 2
