@@ -693,6 +693,26 @@ def test_unmask_paints_a_face_at_the_photos_edge_without_the_mirrored_mask():
     assert checked >= 4
 
 
+def test_a_cards_bench_rows_are_written_into_the_card_file_alone(tmp_path):
+    """bench.quality's rows move with the pipeline, not with the weights: writing them into a
+    card leaves the .safetensors file byte for byte as it was, and out of its header."""
+    from models.training.card import check_card, quality_rows, sha256_file, write_card
+
+    weights = tmp_path / "denoise.safetensors"
+    shutil.copy(WEIGHTS_DIR / "denoise.safetensors", weights)
+    shutil.copy(WEIGHTS_DIR / "denoise.json", tmp_path / "denoise.json")
+    before = weights.read_bytes()
+    row = {"source": "closeup", "task": "denoise", "degradation": "noise20", "input": {"psnr": 24.9, "faces": 12},
+           "classical": {"psnr": 32.0, "name": "nlmeans"}, "facemend": {"psnr": 34.1, "ssim": 0.9},
+           "ceiling": {"psnr": 34.0}}
+    rows = quality_rows("denoise", {"command": "python -m bench.quality --json", "rows": [row]})
+    card = json.loads(write_card(weights, {"quality": rows}).read_text())
+    assert weights.read_bytes() == before
+    assert card["quality"]["rows"][0]["facemend"] == 34.1 and card["weights_sha256"] == sha256_file(weights)
+    assert "quality" not in json.loads(read_metadata(weights)["card"])
+    assert check_card(card) == [] and list(card)[-1] == "history"
+
+
 def test_model_card_scores_are_written_into_the_card_and_the_weights_stay(tmp_path):
     """models.training.card scores a network as the product runs it, every way its card
     reports, and --write merges the figures into the card file and the card in the safetensors

@@ -14,8 +14,10 @@ network does to a face that wears no mask). ``--write`` merges them into the car
 weights and into the card embedded in the safetensors header; the tensors are unchanged.
 
 The card file beside the weights also holds ``FILE_FIELDS``: the sha256 of the .safetensors
-file as it is, and the weights' ``history`` (``write_card_file``; the training loop appends
-one entry per exported run). The header's card is the same less those two.
+file as it is, the weights' ``history`` (``write_card_file``; the training loop appends
+one entry per exported run) and ``quality`` (the output file's figures, which move with the
+pipeline, not with the weights: ``--quality`` rewrites the card file alone). The header's card
+is the same less those.
 """
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ QUALITY_ROW = ("source", "degradation", "faces", "input", "classical", "facemend
 HISTORY_WORDS = ("session", "previous", "issue", "commit ")  # words of a diary, not of a card
 # The card file's own fields, in every ``<name>.json`` beside weights but not in the card in the
 # weights' header: the sha256 of the .safetensors file as it is (a file cannot hold its own
-# hash), and ``history``: the changes that shipped these weights, oldest first, each
+# hash); ``quality``, bench/quality.py's rows, which change with the pipeline around the same
+# weights; and ``history``: the changes that shipped these weights, oldest first, each
 # {date, change, score} (score: the figure that change reached), at most HISTORY_MAX of them.
-FILE_FIELDS = ("weights_sha256", "history")
+FILE_FIELDS = ("weights_sha256", "quality", "history")
 HISTORY_ENTRY = ("date", "change", "score")
 HISTORY_MAX = 6
 
@@ -140,13 +143,16 @@ def read_card_history(card_path: Path) -> list[dict]:
 
 def file_card(card: dict, weights: Path, history: list[dict]) -> dict:
     """``card`` with the file fields: the sha256 of ``weights`` as it is now, after ``weights``,
-    and the last ``HISTORY_MAX`` entries of ``history`` at the end."""
+    ``card``'s ``quality`` where it has one, and the last ``HISTORY_MAX`` entries of ``history``
+    at the end."""
     out = {}
     for k, v in header_card(card).items():
         out[k] = v
         if k == "weights":
             out["weights_sha256"] = sha256_file(weights)
     out.setdefault("weights_sha256", sha256_file(weights))
+    if card.get("quality") is not None:
+        out["quality"] = card["quality"]
     out["history"] = list(history)[-HISTORY_MAX:]
     return out
 
@@ -228,11 +234,12 @@ def write_card(weights: Path, scores: dict) -> Path:
     if card_path.is_file():
         card = json.loads(card_path.read_text())
     card.update({k: v for k, v in scores.items() if k != "scored_in_s"})
-    net = load_net(weights)
-    extra = {k: v for k, v in meta.items() if k not in ("format", "config", "card")}
-    save_net(net, weights, metadata={**extra, "card": header_card(card)},
-             fmt=meta.get("format", "facemend-resunet"))
-    # the tensors are the same: the history stays, the file's sha256 is the new header's
+    if json.loads(meta.get("card", "{}")) != header_card(card):  # else the weights file stays as it is
+        net = load_net(weights)
+        extra = {k: v for k, v in meta.items() if k not in ("format", "config", "card")}
+        save_net(net, weights, metadata={**extra, "card": header_card(card)},
+                 fmt=meta.get("format", "facemend-resunet"))
+    # the tensors are the same: the history stays, the file's sha256 is the header's
     card_path.write_text(json.dumps(file_card(card, weights, card.get("history", [])), indent=2) + "\n")
     return card_path
 
