@@ -400,3 +400,21 @@ def test_a_worker_is_deaf_only_idle_with_messages_waiting_the_whole_time():
         started = breaker[1]
         assert not d.observe(45, False, started, msgs)  # counting from 45 again
         assert not d.observe(70, False, started, msgs) and d.observe(75, False, started, msgs)
+
+
+def test_a_gpu_worker_runs_several_pool_processes_by_default():
+    """Processes sharing a GPU add up (a job leaves it mostly idle): a worker on a CUDA device
+    runs one per 4 CPU cores, at most 4, unless -c says otherwise; a CPU worker one."""
+    import cli
+    from worker.commands import pool_size
+
+    assert [pool_size(None, "cuda:0", cpus=n) for n in (2, 4, 8, 16, 64)] == [1, 1, 2, 4, 4]
+    assert pool_size(None, "cuda", cpus=12) == 3
+    assert pool_size(None, "cpu", cpus=64) == pool_size(None, None, cpus=64) == 1
+    assert pool_size(2, "cuda:1", cpus=64) == 2 and pool_size(6, "cpu") == 6
+    parser = cli.make_argument_parser()
+    assert parser.parse_args(["worker", "--device", "cuda:0"]).concurrency is None
+    assert parser.parse_args(["worker", "-c", "3"]).concurrency == 3
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["worker", "-c", "0"])
+    assert e.value.code == 2

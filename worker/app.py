@@ -1,6 +1,6 @@
 """The Celery application: configuration from ``Settings`` and the worker-child start-up.
 
-``python cli.py worker`` runs a worker, as does ``celery -A worker.app worker -P prefork -c 1
+``python cli.py worker`` runs a worker, as does ``celery -A worker.app worker -P prefork -c 4
 -Q gpu,cpu -n gpu0@%h --without-mingle --without-gossip`` (why without: ``worker.commands``).
 The model is loaded in the pool child after the fork (``worker_process_init``): CUDA does not
 survive a fork.

@@ -36,12 +36,37 @@ def add_job_commands(sub, common: argparse.ArgumentParser) -> None:
                        parents=[common, js])
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
-    p = sub.add_parser("worker", help="run a Celery worker (prefork, one process per GPU)", parents=[common])
+    p = sub.add_parser("worker", help="run a Celery worker (prefork; one per GPU, its processes sharing it)",
+                       parents=[common])
     p.add_argument("--queues", default=None, help="queues to serve (default: gpu,cpu,archive)")
     p.add_argument("--device", help="device of this worker: cpu, cuda:0, ... (default: the job's)")
     p.add_argument("-n", "--hostname", help="node name (default: facemend-PID@%%h)")
-    p.add_argument("-c", "--concurrency", type=int, default=1, help="pool processes (default 1: one per GPU)")
+    p.add_argument("-c", "--concurrency", type=_positive, default=None,
+                   help="pool processes (default: with --device cuda*, one per 4 CPU cores, at most 4; else 1)")
     p.set_defaults(func=cmd_worker)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return n
+
+
+def pool_size(requested: int | None, device: str | None, cpus: int | None = None) -> int:
+    """A worker's pool processes: as asked; else, on a CUDA device, one per 4 CPU cores, at most
+    4; else 1. A job leaves the GPU mostly idle (its own Python thread and libx264 bound it), so
+    processes sharing one GPU add up: walking_1080p denoise on an H200 with 16 cores ran 18.3 fps
+    in one process, 30.4 in two, 39.4 in four, 46.5 in eight (about 1.2 GB of GPU memory each)."""
+    import os
+
+    if requested is not None:
+        return requested
+    if device and device.startswith("cuda"):
+        if cpus is None:  # the cores this process may run on (a container's cpuset), else all
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(4, cpus // 4))
+    return 1
 
 
 def get_settings(args: argparse.Namespace, **overrides):
@@ -190,7 +215,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # with them a Celery worker on Redis can come back from a broker restart connected but never
     # consuming again (celery#8030, #8091, #10205); facemend uses neither (cancels are flags in
     # the job record, revokes only a courtesy)
-    app.worker_main(["worker", "-P", "prefork", "-c", str(args.concurrency), "-Q", queues,
+    pool = pool_size(args.concurrency, settings.device)
+    app.worker_main(["worker", "-P", "prefork", "-c", str(pool), "-Q", queues,
                      "--without-mingle", "--without-gossip",
                      "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])
     from worker.listening import deaf_stop
