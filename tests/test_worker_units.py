@@ -402,19 +402,35 @@ def test_a_worker_is_deaf_only_idle_with_messages_waiting_the_whole_time():
         assert not d.observe(70, False, started, msgs) and d.observe(75, False, started, msgs)
 
 
-def test_a_gpu_worker_runs_several_pool_processes_by_default():
-    """Processes sharing a GPU add up (a job leaves it mostly idle): a worker on a CUDA device
-    runs one per 4 CPU cores, at most 4, unless -c says otherwise; a CPU worker one."""
-    import cli
-    from worker.commands import pool_size
+def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch):
+    """One job keeps about 4 cores busy and leaves a GPU mostly idle, so a worker runs one pool
+    process per 4 cores (1 to 4) unless -c says otherwise, and gives each child its share of the
+    cores (FACEMEND_TORCH_THREADS, which a user's setting overrides)."""
+    import os
 
-    assert [pool_size(None, "cuda:0", cpus=n) for n in (2, 4, 8, 16, 64)] == [1, 1, 2, 4, 4]
-    assert pool_size(None, "cuda", cpus=12) == 3
-    assert pool_size(None, "cpu", cpus=64) == pool_size(None, None, cpus=64) == 1
-    assert pool_size(2, "cuda:1", cpus=64) == 2 and pool_size(6, "cpu") == 6
+    import cli
+    import worker.app as wa
+    from worker import commands
+
+    assert [commands.pool_size(None, cpus=n) for n in (1, 2, 4, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
+    assert commands.pool_size(2, cpus=64) == 2 and commands.pool_size(6, cpus=2) == 6
     parser = cli.make_argument_parser()
     assert parser.parse_args(["worker", "--device", "cuda:0"]).concurrency is None
-    assert parser.parse_args(["worker", "-c", "3"]).concurrency == 3
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["worker", "-c", "0"])
     assert e.value.code == 2
+
+    seen = []
+    monkeypatch.setattr(wa.app, "worker_main", lambda argv: seen.append((argv, os.environ.get("FACEMEND_TORCH_THREADS"))))
+    monkeypatch.setattr(wa, "configure", lambda settings: None)
+    monkeypatch.setattr(commands, "cores", lambda: 16)
+    for var in ("FACEMEND_TORCH_THREADS", "FACEMEND_BROKER_URL", "FACEMEND_DEVICE"):
+        monkeypatch.delenv(var, raising=False)
+    for argv, threads in ((["--device", "cpu"], None), (["-c", "2"], None), (["-c", "1"], None), ([], "3")):
+        if threads:
+            monkeypatch.setenv("FACEMEND_TORCH_THREADS", threads)
+        else:
+            monkeypatch.delenv("FACEMEND_TORCH_THREADS", raising=False)
+        commands.cmd_worker(parser.parse_args(["worker", "--broker", "redis://127.0.0.1:6379/15", *argv]))
+    got = [(a[a.index("-c") + 1], t) for a, t in seen]
+    assert got == [("4", "4"), ("2", "8"), ("1", None), ("4", "3")], got

@@ -42,7 +42,7 @@ def add_job_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device of this worker: cpu, cuda:0, ... (default: the job's)")
     p.add_argument("-n", "--hostname", help="node name (default: facemend-PID@%%h)")
     p.add_argument("-c", "--concurrency", type=_positive, default=None,
-                   help="pool processes (default: with --device cuda*, one per 4 CPU cores, at most 4; else 1)")
+                   help="pool processes (default: one per 4 CPU cores, 1 to 4; the cores are shared out among them)")
     p.set_defaults(func=cmd_worker)
 
 
@@ -53,20 +53,22 @@ def _positive(text: str) -> int:
     return n
 
 
-def pool_size(requested: int | None, device: str | None, cpus: int | None = None) -> int:
-    """A worker's pool processes: as asked; else, on a CUDA device, one per 4 CPU cores, at most
-    4; else 1. A job leaves the GPU mostly idle (its own Python thread and libx264 bound it), so
-    processes sharing one GPU add up: walking_1080p denoise on an H200 with 16 cores ran 18.3 fps
-    in one process, 30.4 in two, 39.4 in four, 46.5 in eight (about 1.2 GB of GPU memory each)."""
+def cores() -> int:
+    """The CPU cores this process may run on (a container's cpuset), else the machine's."""
     import os
 
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pool_size(requested: int | None, cpus: int | None = None) -> int:
+    """A worker's pool processes: as asked, else one per 4 CPU cores, 1 to 4. One job keeps
+    about 4 cores busy (its Python thread, libx264's threads and the networks'), so processes
+    side by side add up, on a GPU too (one job leaves it mostly idle). walking_1080p denoise,
+    warm workers: on 16 Xeon cores without a GPU 8.3 fps in one process, 13.3 in two, 19.6 in
+    four (each with the cores shared out); with an H200 18.3, 30.4, 39.4, and 46.5 in eight."""
     if requested is not None:
         return requested
-    if device and device.startswith("cuda"):
-        if cpus is None:  # the cores this process may run on (a container's cpuset), else all
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(4, cpus // 4))
-    return 1
+    return max(1, min(4, (cpus or cores()) // 4))
 
 
 def get_settings(args: argparse.Namespace, **overrides):
@@ -203,9 +205,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["FACEMEND_BROKER_URL"] = settings.broker_url
     if args.device:
         os.environ["FACEMEND_DEVICE"] = args.device
+    pool = pool_size(args.concurrency)
+    if pool > 1 and not settings.torch_threads:  # the cores shared out among the pool's processes
+        os.environ["FACEMEND_TORCH_THREADS"] = str(max(1, cores() // pool))
     from worker.app import app, configure
 
-    settings = get_settings(args)  # again: now with FACEMEND_DEVICE
+    settings = get_settings(args)  # again: now with FACEMEND_DEVICE (and the threads)
     queues = args.queues or f"{settings.gpu_queue},{settings.cpu_queue},{settings.archive_queue}"
     if not {settings.gpu_queue, settings.archive_queue} & set(queues.split(",")):  # plan/join only: no model
         settings = replace(settings, preload_tasks=())
@@ -215,7 +220,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # with them a Celery worker on Redis can come back from a broker restart connected but never
     # consuming again (celery#8030, #8091, #10205); facemend uses neither (cancels are flags in
     # the job record, revokes only a courtesy)
-    pool = pool_size(args.concurrency, settings.device)
     app.worker_main(["worker", "-P", "prefork", "-c", str(pool), "-Q", queues,
                      "--without-mingle", "--without-gossip",
                      "-n", args.hostname or f"facemend-{os.getpid()}@%h", "-l", level])

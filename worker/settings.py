@@ -120,7 +120,8 @@ class Settings:
     """FACEMEND_PRELOAD_TASKS: models loaded when a worker child starts (comma-separated)."""
 
     torch_threads: int = 0
-    """FACEMEND_TORCH_THREADS: CPU threads per worker child (0: torch's default)."""
+    """FACEMEND_TORCH_THREADS: CPU threads per worker child (0: torch's default; ``cli.py worker``
+    with a pool of several sets it to the cores shared out among them)."""
 
     ssl_cert_reqs: str = "required"
     """FACEMEND_SSL_CERT_REQS: ``required``, ``optional`` or ``none`` for ``rediss://`` URLs."""
