@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import exit_codes_text  # light: no media or torch
 from pipeline.progress import ProgressBar
-from worker.commands import add_job_commands, get_settings, submit_queued  # light: no Celery
+from worker.commands import add_job_commands, get_settings, positive, submit_queued  # light: no Celery
 
 EXIT_CODES = exit_codes_text()
 
@@ -80,6 +80,9 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="video: auto (default) deinterlaces the frames flagged interlaced; all every frame "
                         "(a source whose flags were lost; unflagged frames taken as top field first); off none")
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
+    p.add_argument("--jobs", type=positive, default=None, metavar="N",
+                   help="a folder run in this process: N files side by side, each in its own process"
+                        " (default: one per 4 CPU cores, 1 to 4)")
     p.add_argument("--fast", action="store_true",
                    help="one network pass per face: skip the task's self-ensembles (unmask: its"
                         " mirror and three zooms, its jobs about 2.5x as fast on CPU, 0.4 dB lower;"
@@ -155,6 +158,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     check_facemath_args(args)
     settings = get_settings(args, segment_seconds=args.segment_seconds)
     if settings.queued:
+        if args.jobs is not None:
+            from pipeline.errors import InputError
+
+            raise InputError("--jobs is for a job run in this process; a queued job runs in the"
+                             " workers' pools (cli.py worker -c)")
         return submit_queued(args, opts, settings)
     hooks = Hooks()
     if settings.storage_roots:  # embedded, as a worker does: every file opened or written
@@ -165,7 +173,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     bar = ProgressBar(enabled=not (args.quiet or args.json) and sys.stderr.isatty())
     hooks.total, hooks.advance = bar.total, bar.advance
     try:
-        result = run_job(args.input, opts, hooks, records=args.manifest or None)
+        from pipeline.parallel import default_processes
+
+        result = run_job(args.input, opts, hooks, records=args.manifest or None,
+                         processes=args.jobs or default_processes())
     finally:
         bar.close()
     if args.json:

@@ -28,14 +28,14 @@ def keeps_records(dst: Path, opts: JobOptions, records: bool | None = None) -> b
 
 
 def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
-                        result: JobResult, *, records: bool | None = None) -> None:
+                        result: JobResult, *, records: bool | None = None, processes: int = 1) -> None:
     """``run_folder``; where the folder keeps records (``keeps_records``) with its manifest,
     then the morning report (``pipeline.report``) however the job ended: done, some files
     failed, stopped by an error, interrupted, or cancelled (a cancelled job that made its
     output folder leaves nothing, report included). A report that cannot be written is a
     warning; it never hides the job's own outcome."""
     if not keeps_records(dst, opts, records):
-        run_folder(src, dst, opts, engine, hooks, result)
+        run_folder(src, dst, opts, engine, hooks, result, processes=processes)
         return
     from .report import SAMPLES, build_report, write_report
 
@@ -49,7 +49,7 @@ def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, 
     status, error = "interrupted", None
     try:
         with manifest.Manifest(src, dst, opts, lock=True) as book:
-            run_folder(src, dst, opts, engine, hooks, result, book=book)
+            run_folder(src, dst, opts, engine, hooks, result, book=book, processes=processes)
         status = "partly failed" if result.failures else "done"
     except (Cancelled, manifest.FolderBusy) as e:
         status = "cancelled" if isinstance(e, Cancelled) else "busy"
@@ -74,30 +74,22 @@ def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, 
 
 
 def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
-               result: JobResult, *, book: manifest.Manifest | None = None) -> None:
+               result: JobResult, *, book: manifest.Manifest | None = None, processes: int = 1) -> None:
     """Each media file under ``src`` into its mirrored place under ``dst``. With a manifest
     (``book``), each file's outcome is recorded as soon as it is known and ``skip_existing``
     asks the manifest which files are already done; without one, a file is skipped when its
-    output is newer than it."""
+    output is newer than it. processes: files restored side by side in that many child
+    processes (``pipeline.parallel``) where more than one file is to be done."""
     files, skipped = scan_folder(src)
     for item in skipped:
         log.info("%s: skipped (%s)", item["file"], item["reason"])
     result.skipped += skipped
     hooks.total(len(files), "files")
     existed = book is not None and book.existed
+    todo: list[tuple[Path, Path, os.stat_result | None]] = []
     for p in files:
         if hooks.cancelled():
-            written = [Path(item["output"]) for item in result.items]
-            if book is not None:
-                for item in result.items:
-                    book.record(Path(item["file"]), Path(item["output"]), manifest.REMOVED,
-                                error="the job was cancelled")
-                book.close()
-                if not existed:  # no records before this run: take them back with the files
-                    shutil.rmtree(manifest.manifest_dir(dst), ignore_errors=True)
-            remove_written(written, dst)
-            raise Cancelled(f"{src}: cancelled after {result.files['processed']} files "
-                            "(the files it wrote are removed)")
+            cancel(src, dst, result, book, existed)
         out = mirrored_output(p, src, dst)
         if opts.skip_existing:
             if book is not None:
@@ -117,28 +109,63 @@ def run_folder(src: Path, dst: Path, opts: JobOptions, engine: Engine, hooks: Ho
             st = os.stat(p)
         except OSError:
             st = None
-        t0 = time.perf_counter()
+        if processes > 1:  # decided now, restored below side by side
+            todo.append((p, out, st))
+            continue
+        process_one(p, out, st, opts, engine, hooks, result, book)
+    if len(todo) == 1:
+        process_one(*todo[0], opts, engine, hooks, result, book)
+    elif todo:
+        from .parallel import run_files
+
         try:
-            hooks.check_file(p, out)  # a link in the folder may point elsewhere
-            process_file(p, out, opts, engine, result)
-            result.files["processed"] += 1
-        except (OutputUnwritable, Cancelled):  # every file after it would fail the same way
-            raise
-        except Exception as e:  # one bad file: recorded, and the job goes on with the next
-            error = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
-            if not isinstance(e, FacemendError):
-                log.debug("%s", p, exc_info=True)
-            result.files["failed"] += 1
-            result.failures.append({"file": str(p), "error": error})
-            log.info("%s", error)
-            if book is not None:
-                book.record(p, out, manifest.FAILED, error=error, stat=st,
-                            seconds=time.perf_counter() - t0)
-        else:
-            if book is not None:
-                book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st,
-                            seconds=time.perf_counter() - t0)
-        hooks.advance(1)
+            run_files(todo, opts, engine, hooks, result, book, min(processes, len(todo)))
+        except Cancelled:
+            cancel(src, dst, result, book, existed)
+
+
+def process_one(p: Path, out: Path, st: os.stat_result | None, opts: JobOptions, engine: Engine,
+                hooks: Hooks, result: JobResult, book: manifest.Manifest | None) -> None:
+    """One file of a folder job in this process, its outcome recorded; an error that would fail
+    every file after it (an unwritable output, a cancel) stops the job."""
+    t0 = time.perf_counter()
+    try:
+        hooks.check_file(p, out)  # a link in the folder may point elsewhere
+        process_file(p, out, opts, engine, result)
+        result.files["processed"] += 1
+    except (OutputUnwritable, Cancelled):  # every file after it would fail the same way
+        raise
+    except Exception as e:  # one bad file: recorded, and the job goes on with the next
+        error = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
+        if not isinstance(e, FacemendError):
+            log.debug("%s", p, exc_info=True)
+        result.files["failed"] += 1
+        result.failures.append({"file": str(p), "error": error})
+        log.info("%s", error)
+        if book is not None:
+            book.record(p, out, manifest.FAILED, error=error, stat=st,
+                        seconds=time.perf_counter() - t0)
+    else:
+        if book is not None:
+            book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st,
+                        seconds=time.perf_counter() - t0)
+    hooks.advance(1)
+
+
+def cancel(src: Path, dst: Path, result: JobResult, book: manifest.Manifest | None, existed: bool) -> None:
+    """A cancelled folder job: the files it wrote are removed, their records marked so (a
+    manifest this run made is removed with them); raises ``Cancelled``."""
+    written = [Path(item["output"]) for item in result.items]
+    if book is not None:
+        for item in result.items:
+            book.record(Path(item["file"]), Path(item["output"]), manifest.REMOVED,
+                        error="the job was cancelled")
+        book.close()
+        if not existed:  # no records before this run: take them back with the files
+            shutil.rmtree(manifest.manifest_dir(dst), ignore_errors=True)
+    remove_written(written, dst)
+    raise Cancelled(f"{src}: cancelled after {result.files['processed']} files "
+                    "(the files it wrote are removed)")
 
 
 def remove_written(outputs: list[Path], top: Path | None) -> None:

@@ -163,10 +163,11 @@ class Engine:
 
 
 def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, engine: Engine | None = None,
-            records: bool | None = None) -> JobResult:
+            records: bool | None = None, processes: int = 1) -> JobResult:
     """Process ``src`` as ``opts`` says. Raises a FacemendError subclass on bad input/output.
     ``records``: a folder job keeps its manifest and report even without ``skip_existing``
-    (``keeps_records``)."""
+    (``keeps_records``). ``processes``: a folder job's files side by side in that many child
+    processes (``pipeline.parallel``)."""
     src = Path(src)
     hooks = hooks or Hooks()
     dst = resolve_output(src, opts)
@@ -195,7 +196,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         from .folder import run_folder_reported  # pipeline.folder builds on this module
 
         engine = engine or Engine(opts)
-        run_folder_reported(src, dst, opts, engine, hooks, result, records=records)
+        run_folder_reported(src, dst, opts, engine, hooks, result, records=records, processes=processes)
     if opts.preview and engine is not None and engine.preview is not None:
         from .preview import write_preview
 

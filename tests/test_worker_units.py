@@ -410,6 +410,7 @@ def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch
 
     import cli
     import worker.app as wa
+    from pipeline import parallel
     from worker import commands
 
     assert [commands.pool_size(None, cpus=n) for n in (1, 2, 4, 8, 12, 16, 64)] == [1, 1, 1, 2, 3, 4, 4]
@@ -423,7 +424,7 @@ def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch
     seen = []
     monkeypatch.setattr(wa.app, "worker_main", lambda argv: seen.append((argv, os.environ.get("FACEMEND_TORCH_THREADS"))))
     monkeypatch.setattr(wa, "configure", lambda settings: None)
-    monkeypatch.setattr(commands, "cores", lambda: 16)
+    monkeypatch.setattr(parallel, "cores", lambda: 16)
     for var in ("FACEMEND_TORCH_THREADS", "FACEMEND_BROKER_URL", "FACEMEND_DEVICE"):
         monkeypatch.delenv(var, raising=False)
     for argv, threads in ((["--device", "cpu"], None), (["-c", "2"], None), (["-c", "1"], None), ([], "3")):

@@ -41,34 +41,28 @@ def add_job_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", default=None, help="queues to serve (default: gpu,cpu,archive)")
     p.add_argument("--device", help="device of this worker: cpu, cuda:0, ... (default: the job's)")
     p.add_argument("-n", "--hostname", help="node name (default: facemend-PID@%%h)")
-    p.add_argument("-c", "--concurrency", type=_positive, default=None,
+    p.add_argument("-c", "--concurrency", type=positive, default=None,
                    help="pool processes (default: one per 4 CPU cores, 1 to 4; the cores are shared out among them)")
     p.set_defaults(func=cmd_worker)
 
 
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return n
-
-
-def cores() -> int:
-    """The CPU cores this process may run on (a container's cpuset), else the machine's."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def positive(text: str) -> int:
+    """An option's whole number of 1 or more (``-c``, ``--jobs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose a whole number of 1 or more")
+    return value
 
 
 def pool_size(requested: int | None, cpus: int | None = None) -> int:
-    """A worker's pool processes: as asked, else one per 4 CPU cores, 1 to 4. One job keeps
-    about 4 cores busy (its Python thread, libx264's threads and the networks'), so processes
-    side by side add up, on a GPU too (one job leaves it mostly idle). walking_1080p denoise,
-    warm workers: on 16 Xeon cores without a GPU 8.3 fps in one process, 13.3 in two, 19.6 in
-    four (each with the cores shared out); with an H200 18.3, 30.4, 39.4, and 46.5 in eight."""
-    if requested is not None:
-        return requested
-    return max(1, min(4, (cpus or cores()) // 4))
+    """A worker's pool processes: as asked, else one per 4 CPU cores, 1 to 4
+    (``pipeline.parallel.default_processes``, where the measurements are)."""
+    from pipeline.parallel import default_processes
+
+    return requested if requested is not None else default_processes(cpus)
 
 
 def get_settings(args: argparse.Namespace, **overrides):
@@ -207,6 +201,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["FACEMEND_DEVICE"] = args.device
     pool = pool_size(args.concurrency)
     if pool > 1 and not settings.torch_threads:  # the cores shared out among the pool's processes
+        from pipeline.parallel import cores
+
         os.environ["FACEMEND_TORCH_THREADS"] = str(max(1, cores() // pool))
     from worker.app import app, configure
 

@@ -1,0 +1,85 @@
+"""A folder job's files side by side in several processes (``--jobs``, ``pipeline.parallel``):
+the same files, records and report as one process, a bad file failing alone, a cancel taking
+back what was written, and the option refused where it means nothing."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+from conftest import SCENES, VIDEOS, run_cli
+
+
+def frames_of(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = tmp_path / "in"
+    (src / "clips").mkdir(parents=True)
+    for name in ("pyfeat_multi_face.jpg", "facerec_two_people.jpg", "pyfeat_single_face.jpg"):
+        shutil.copy(SCENES / name, src / name)
+    shutil.copy(VIDEOS / "selfie_mp3audio.mp4", src / "clips" / "selfie.mp4")
+    (src / "broken.jpg").write_bytes(b"not an image")
+    return src
+
+
+def test_a_folder_in_two_processes_is_the_folder_one_process_makes(folder, tmp_path):
+    one = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "one", "--jobs", "1",
+                  "--manifest", "--json")
+    two = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "two", "--jobs", "2",
+                  "--manifest", "--json")
+    assert one.returncode == two.returncode == 6, two.stderr  # the broken photo fails alone
+    assert two.stderr.strip().splitlines() == [f"failed: {folder / 'broken.jpg'}: not a readable image "
+                                               "(corrupt or unsupported data)"]
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (one, two))
+    assert a["files"] == b["files"] == {"processed": 4, "skipped": 0, "failed": 1}
+    assert (a["frames"], a["faces"]) == (b["frames"], b["faces"]) and b["faces"] > 4
+    assert [i["file"] for i in b["items"]] == [i["file"] for i in a["items"]]  # in the folder's order
+    for item in b["items"]:
+        out = tmp_path / "two" / item["output"].split("/two/", 1)[1]
+        ref = tmp_path / "one" / item["output"].split("/two/", 1)[1]
+        if out.suffix == ".jpg":
+            assert out.read_bytes() == ref.read_bytes(), out
+        else:
+            assert np.array_equal(frames_of(out), frames_of(ref)), out
+    for run in ("one", "two"):  # every file recorded, and a report with its samples
+        lines = [json.loads(x) for x in (tmp_path / run / ".facemend" / "manifest.jsonl").read_text().splitlines()]
+        assert sorted((x["input"], x["outcome"]) for x in lines) == [
+            ("broken.jpg", "failed"), ("clips/selfie.mp4", "done"), ("facerec_two_people.jpg", "done"),
+            ("pyfeat_multi_face.jpg", "done"), ("pyfeat_single_face.jpg", "done")], lines
+        report = json.loads((tmp_path / run / ".facemend" / "report.json").read_text())
+        assert report["status"] == "partly failed" and report["files"]["processed"] == 4
+    assert (tmp_path / "two" / ".facemend" / "report.html").stat().st_size > 50_000  # sample tiles in it
+    again = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "two", "--jobs", "2",
+                    "--skip-existing", "--json")
+    assert again.returncode == 6  # the broken photo is tried again; the others are done
+    assert json.loads(again.stdout.strip().splitlines()[-1])["files"] == {"processed": 0, "skipped": 4, "failed": 1}
+
+
+def test_a_cancel_stops_the_processes_and_takes_back_what_they_wrote(folder, tmp_path):
+    from pipeline.errors import Cancelled
+    from pipeline.job import Hooks, JobOptions, run_job
+
+    done = []
+    hooks = Hooks(advance=done.append, cancelled=lambda: len(done) >= 1)
+    dst = tmp_path / "out"
+    with pytest.raises(Cancelled, match="the files it wrote are removed"):
+        run_job(folder, JobOptions(task="denoise", output=str(dst)), hooks, processes=2)
+    assert 1 <= len(done) < 5  # stopped after the files in hand, not after all five
+    assert not dst.exists() or not [p for p in dst.rglob("*") if p.is_file()]
+
+
+def test_jobs_is_refused_where_it_means_nothing(folder, tmp_path):
+    bad = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "o", "--jobs", "0")
+    assert bad.returncode == 2 and "--jobs" in bad.stderr and "1 or more" in bad.stderr
+    queued = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "o", "--jobs", "2",
+                     "--broker", "redis://127.0.0.1:6379/15")
+    assert queued.returncode == 3 and "Traceback" not in queued.stderr
+    assert queued.stderr.strip().splitlines() == ["facemend: error: --jobs is for a job run in this process; a queued"
+                                                  " job runs in the workers' pools (cli.py worker -c)"]
+    assert not (tmp_path / "o").exists()
