@@ -81,8 +81,8 @@ def make_argument_parser() -> argparse.ArgumentParser:
                         "(a source whose flags were lost; unflagged frames taken as top field first); off none")
     p.add_argument("--batch-size", type=int, default=16, help="faces per network batch (default 16)")
     p.add_argument("--jobs", type=positive, default=None, metavar="N",
-                   help="a folder run in this process: N files side by side, each in its own process"
-                        " (default: one per 4 CPU cores, 1 to 4)")
+                   help="a job run in this process: N processes side by side, on a folder's files or a"
+                        " long video's segments (default: one per 4 CPU cores, 1 to 4)")
     p.add_argument("--fast", action="store_true",
                    help="one network pass per face: skip the task's self-ensembles (unmask: its"
                         " mirror and three zooms, its jobs about 2.5x as fast on CPU, 0.4 dB lower;"

@@ -166,8 +166,8 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
             records: bool | None = None, processes: int = 1) -> JobResult:
     """Process ``src`` as ``opts`` says. Raises a FacemendError subclass on bad input/output.
     ``records``: a folder job keeps its manifest and report even without ``skip_existing``
-    (``keeps_records``). ``processes``: a folder job's files side by side in that many child
-    processes (``pipeline.parallel``)."""
+    (``keeps_records``). ``processes``: child processes restoring side by side
+    (``pipeline.parallel``): a folder's files, a long video's segments."""
     src = Path(src)
     hooks = hooks or Hooks()
     dst = resolve_output(src, opts)
@@ -184,7 +184,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         vplan = plan(src).deinterlaced(opts.deinterlace)  # validate before loading models
         engine = engine or Engine(opts)
         hooks.total(vplan.frames, "frames")
-        run_video(vplan, dst, opts, engine, hooks, result)
+        run_video(vplan, dst, opts, engine, hooks, result, processes)
     elif kind == "image":
         engine = engine or Engine(opts)
         hooks.total(1, "files")
@@ -210,8 +210,9 @@ def interlaced_note(vplan: VideoPlan) -> str:
     return f"{vplan.path}: interlaced; {which}, frame rate kept), the output is progressive"
 
 
-def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
-              result: JobResult) -> None:
+def video_notes(vplan: VideoPlan, engine: Engine, result: JobResult) -> None:
+    """What the result says about a video before it is restored: a padded odd size, an
+    interlaced source, frames too small for the faces asked for."""
     if (vplan.width, vplan.height) != (vplan.out_width, vplan.out_height):
         note = (f"{vplan.path}: odd frame size {vplan.width}x{vplan.height} padded to "
                 f"{vplan.out_width}x{vplan.out_height} for yuv420p")
@@ -225,7 +226,22 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
         note = small_note(vplan.path, vplan.width, vplan.height, engine.detector)
         log.warning(note)
         result.notes.append(note)
+
+
+def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hooks: Hooks,
+              result: JobResult, processes: int = 1) -> None:
+    """One video into ``dst``. processes: a long video is cut into segments restored side by
+    side in that many child processes and joined (``pipeline.parallel``), as a queued job's
+    segments are; a short one, or one asked for a ``--preview`` sheet, runs in this process."""
+    video_notes(vplan, engine, result)
     make_parent(dst)
+    if processes > 1 and not opts.preview:
+        from .parallel import run_segments, segment_ranges
+
+        ranges = segment_ranges(vplan, processes)
+        if len(ranges) > 1:
+            run_segments(vplan, ranges, dst, opts, hooks, result, min(processes, len(ranges)))
+            return
     engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
     try:
         work = tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent)

@@ -85,10 +85,30 @@ def _one(p: Path, out: Path, opts: JobOptions) -> dict:
             "pairs": pairs}
 
 
-def _child(tasks, results, opts: JobOptions, threads: int, level: int, samples: int) -> None:
-    """A child process: its models once, then the files it is handed, until ``None``. An
-    interrupt (Ctrl-C, or the parent's terminate: SIGTERM) stops the file in hand the way it
-    stops a job in one process (its temporary output removed) and ends the child quietly."""
+def _segment(vplan: dict, start: int, stop: int, part: Path, opts: JobOptions, progress, cancelled) -> dict:
+    """Frames ``start``..``stop`` of a video in a child, into ``part`` (``process_range`` with
+    the context frames a queued segment has, so the parts join as a worker's do)."""
+    from .media import VideoPlan
+    from .video import process_range
+
+    _engine.restorer.reset()  # per-video state belongs to one range
+    done = {"error": None, "stop": None}
+    try:
+        r = process_range(VideoPlan.from_dict(vplan), part, detector=_engine.detector,
+                          restorer=_engine.restorer, settings=opts.encoder(joinable=True), start=start,
+                          stop=stop, detect_every=opts.detect_every, progress=progress,
+                          should_cancel=cancelled.is_set)
+    except Exception as e:  # the video fails as a whole: its error, by kind, to the parent
+        done["stop"] = (type(e).__name__, str(e) if isinstance(e, FacemendError) else f"{type(e).__name__}: {e}")
+        return done
+    return {**done, "frames": r.frames, "faces": r.faces, "frames_with_faces": r.frames_with_faces}
+
+
+def _child(tasks, results, cancelled, opts: JobOptions, threads: int, level: int, samples: int) -> None:
+    """A child process: its models once, then the tasks it is handed (a folder's file, a
+    video's segment), until ``None``. An interrupt (Ctrl-C, or the parent's terminate: SIGTERM)
+    stops the task in hand the way it stops a job in one process (its temporary output removed)
+    and ends the child quietly."""
     import signal
 
     def interrupted(*_):
@@ -98,72 +118,77 @@ def _child(tasks, results, opts: JobOptions, threads: int, level: int, samples: 
     try:
         _start(opts, threads, level, samples)
         while (item := tasks.get()) is not None:
-            k, p, out = item
+            kind, k, *args = item
             results.put(("start", os.getpid(), k))
-            results.put(("done", k, _one(p, out, opts)))
+            if kind == "file":
+                got = _one(*args, opts)
+            else:
+                got = _segment(*args, opts, lambda n, k=k: results.put(("frames", k, n)), cancelled)
+            results.put(("done", k, got))
     except KeyboardInterrupt:
         pass
 
 
-def run_files(todo: list[tuple[Path, Path, os.stat_result | None]], opts: JobOptions, engine: Engine,
-              hooks, result: JobResult, book, processes: int) -> None:
-    """``todo`` (input, output, the input's stat) in ``processes`` child processes, each handed
-    one file at a time; each outcome goes into ``result`` and ``book`` (the manifest, or None)
-    as ``run_folder`` records it in one process. Raises ``Cancelled`` after a cancel (the files
-    in hand are finished first), the error of a file that stops the job (``OutputUnwritable``),
-    and a ``FacemendError`` naming the file whose process died. On any other way out (an
-    interrupt) the children are stopped at once, their files in hand left unwritten."""
+def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, hand, done) -> None:
+    """Tasks 0..count-1 in ``processes`` child processes, each handed one at a time, in order:
+    ``hand(k)`` gives task k's tuple, or None when it was dealt with here (refused);
+    ``done(k, outcome)`` takes its outcome and returns an exception that stops the job, or None.
+    A stop, or a cancel (``hooks.cancelled``, also passed to the children's segments), lets the
+    tasks in hand end, hands out no more, and raises. On any other way out (an interrupt, an
+    error here) the children are stopped at once. A child that dies is a ``FacemendError``
+    naming what it held."""
     import queue as queues
 
-    sink = engine.restorer.preview
     threads = int(os.environ.get("FACEMEND_TORCH_THREADS") or 0) or max(1, cores() // processes)
     level = logging.getLogger().getEffectiveLevel()
     ctx = multiprocessing.get_context("spawn")
-    tasks, results = ctx.Queue(), ctx.Queue()
-    children = [ctx.Process(target=_child, daemon=True, name=f"facemend-file-{n}",
-                            args=(tasks, results, opts, threads, level, sink.limit if sink is not None else 0))
+    tasks, results, cancelled = ctx.Queue(), ctx.Queue(), ctx.Event()
+    children = [ctx.Process(target=_child, daemon=True, name=f"facemend-{n}",
+                            args=(tasks, results, cancelled, opts, threads, level, samples))
                 for n in range(processes)]
     for c in children:
         c.start()
-    nxt, sent, held = 0, set(), {}  # the next file to hand out; those handed out; pid -> its file
+    state = {"next": 0}
+    sent, held = set(), {}  # tasks handed out and not back; pid -> the task it holds
+
+    def hand_next() -> None:
+        while state["next"] < count:
+            k = state["next"]
+            state["next"] += 1
+            item = hand(k)
+            if item is not None:
+                tasks.put(item)
+                sent.add(k)
+                return
+
     stop: BaseException | None = None
     clean = False
     try:
-        for _ in children:  # one file in hand per child
-            nxt, k = _hand_out(todo, nxt, tasks, hooks, result, book)
-            sent |= {k} - {None}
+        for _ in children:  # one task in hand per child
+            hand_next()
         while sent:
             if stop is None and hooks.cancelled():
-                stop = Cancelled(f"cancelled after {result.files['processed']} files")
+                stop = Cancelled("cancelled")
+                cancelled.set()
             try:
                 kind, a, b = results.get(timeout=0.5)
             except queues.Empty:
                 for c in children:  # none ends before it is told to (``None``)
                     if not c.is_alive():
-                        k = held.get(c.pid)
-                        what = todo[k][0] if k is not None else "a file of the folder"
-                        raise FacemendError(f"{what}: the process restoring it stopped (exit code "
-                                            f"{c.exitcode}; out of memory?); rerun with --skip-existing "
-                                            "to go on") from None
+                        raise FacemendError(f"{held.get(c.pid, 'a task')}: the process restoring it stopped "
+                                            f"(exit code {c.exitcode}; out of memory?)") from None
                 continue
-            if kind == "start":  # (pid, file index)
+            if kind == "start":  # (pid, task)
                 held[a] = b
-                continue
-            k, got = a, b  # "done": (file index, its outcome)
-            sent.discard(k)
-            held = {pid: h for pid, h in held.items() if h != k}
-            p, out, st = todo[k]
-            if got["stop"] is not None:
-                name, text = got["stop"]
-                stop = stop or (OutputUnwritable(text) if name == "OutputUnwritable" else Cancelled(text))
-            else:
-                _record(result, book, p, out, st, got)
-                if sink is not None:
-                    sink.pairs += got["pairs"][: max(0, sink.limit - len(sink.pairs))]
-                hooks.advance(1)
-            if stop is None:
-                nxt, k = _hand_out(todo, nxt, tasks, hooks, result, book)
-                sent |= {k} - {None}
+            elif kind == "frames":  # (task, frames done)
+                hooks.advance(b)
+            else:  # "done": (task, its outcome)
+                sent.discard(a)
+                held = {pid: h for pid, h in held.items() if h != a}
+                error = done(a, b)  # recorded whatever happened before: a cancel removes it
+                stop = stop or error
+                if stop is None:
+                    hand_next()
         clean = True
         if stop is not None:
             raise stop
@@ -178,26 +203,110 @@ def run_files(todo: list[tuple[Path, Path, os.stat_result | None]], opts: JobOpt
             c.join(timeout=60)
             if c.is_alive():
                 c.kill()
-        order = {str(p): k for k, (p, _, _) in enumerate(todo)}
-        result.items.sort(key=lambda item: order.get(item["file"], -1))  # the folder's order
 
 
-def _hand_out(todo, nxt: int, tasks, hooks, result: JobResult, book) -> tuple[int, int | None]:
-    """Hand the children the first file of ``todo`` from index ``nxt`` on that the job may
-    touch; one it may not (``hooks.check_file``) is recorded as failed. Returns the index to go
-    on from and the index of the file handed out (None: none was left)."""
-    while nxt < len(todo):
-        p, out, st = todo[nxt]
+def _stop_error(name: str, text: str) -> BaseException:
+    """The exception a child reported by class name: facemend's own kinds keep their exit codes."""
+    from . import errors
+
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, FacemendError):
+        try:
+            return cls(text)
+        except TypeError:
+            pass
+    return FacemendError(text) if name != "Cancelled" else Cancelled(text)
+
+
+def run_files(todo: list[tuple[Path, Path, os.stat_result | None]], opts: JobOptions, engine: Engine,
+              hooks, result: JobResult, book, processes: int) -> None:
+    """``todo`` (input, output, the input's stat) in ``processes`` child processes; each
+    outcome goes into ``result`` and ``book`` (the manifest, or None) as ``run_folder`` records
+    it in one process. Raises ``Cancelled`` after a cancel (the files in hand are finished
+    first) and the error of a file that stops the job (``OutputUnwritable``)."""
+    sink = engine.restorer.preview
+
+    def hand(k: int):
+        p, out, st = todo[k]
         try:
             hooks.check_file(p, out)  # a link in the folder may point elsewhere
         except FacemendError as e:
             _record(result, book, p, out, st, {"error": str(e), "seconds": 0.0})
             hooks.advance(1)
-            nxt += 1
-            continue
-        tasks.put((nxt, p, out))
-        return nxt + 1, nxt
-    return nxt, None
+            return None
+        return ("file", k, p, out)
+
+    def done(k: int, got: dict):
+        p, out, st = todo[k]
+        if got["stop"] is not None:
+            return _stop_error(*got["stop"])
+        _record(result, book, p, out, st, got)
+        if sink is not None:
+            sink.pairs += got["pairs"][: max(0, sink.limit - len(sink.pairs))]
+        hooks.advance(1)
+        return None
+
+    try:
+        _serve(len(todo), processes, opts, sink.limit if sink is not None else 0, hooks, hand, done)
+    finally:
+        order = {str(p): k for k, (p, _, _) in enumerate(todo)}
+        result.items.sort(key=lambda item: order.get(item["file"], -1))  # the folder's order
+
+
+SEGMENT_LEAST = 20.0  # seconds: a shorter video runs in one process
+
+
+def segment_ranges(vplan, processes: int) -> list[tuple[int, int]]:
+    """Where a video run in ``processes`` processes is cut: about three segments a process (for
+    balance, and so a cancel is not kept waiting), none shorter than ``SEGMENT_LEAST`` seconds
+    (each decodes some context frames twice). One range: not worth cutting."""
+    from fractions import Fraction
+
+    from .media import split
+
+    duration = float((vplan.pts[-1] - vplan.pts[0]) * Fraction(vplan.time_base)) if vplan.frames else 0.0
+    return split(vplan, max(SEGMENT_LEAST, duration / (3 * processes)))
+
+
+def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptions, hooks,
+                 result: JobResult, processes: int) -> None:
+    """One video's ``ranges`` in ``processes`` child processes, joined into ``dst`` with the
+    source's audio (``media.join``, as a queued job's parts are)."""
+    import tempfile
+
+    from .errors import output_error
+    from .media import join
+
+    try:
+        work = tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent)
+    except OSError as e:
+        raise output_error(dst, e) from None
+    with work as tmp:
+        parts = [Path(tmp) / f"part{k}.mp4" for k in range(len(ranges))]
+        plan_dict = vplan.to_dict()
+        got_all: dict[int, dict] = {}
+
+        def hand(k: int):
+            return ("segment", k, plan_dict, *ranges[k], parts[k])
+
+        def done(k: int, got: dict):
+            if got["stop"] is not None:
+                return _stop_error(*got["stop"])
+            got_all[k] = got
+            return None
+
+        try:
+            _serve(len(ranges), processes, opts, 0, hooks, hand, done)
+        except Cancelled:
+            raise Cancelled(f"{vplan.path}: cancelled") from None
+        except OutputUnwritable as e:  # the parts live in a temporary folder: name the output
+            text = str(e)
+            raise OutputUnwritable(f"{dst}: cannot write the output{text[text.rfind(' ('):]}") from None
+        summary = join(parts, vplan, dst)
+    for key in ("frames", "faces", "frames_with_faces"):
+        setattr(result, key, getattr(result, key) + sum(g[key] for g in got_all.values()))
+    result.notes += [f"dropped {d}" for d in summary["dropped_streams"]]
+    result.notes += [f"re-encoded {d}" for d in summary["reencoded_streams"]]
 
 
 def _record(result: JobResult, book, p: Path, out: Path, st, got: dict) -> None:

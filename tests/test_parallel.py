@@ -83,3 +83,52 @@ def test_jobs_is_refused_where_it_means_nothing(folder, tmp_path):
     assert queued.stderr.strip().splitlines() == ["facemend: error: --jobs is for a job run in this process; a queued"
                                                   " job runs in the workers' pools (cli.py worker -c)"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def long_clip(tmp_path, monkeypatch):
+    """selfie_mp3audio twice over (4.8 s, MP3 audio), cut into 1-second segments."""
+    from bench.memory import repeat_clip
+    from pipeline import parallel
+
+    src = tmp_path / "long.mp4"
+    repeat_clip(VIDEOS / "selfie_mp3audio.mp4", src, 2)
+    monkeypatch.setattr(parallel, "SEGMENT_LEAST", 1.0)
+    return src
+
+
+def test_a_long_video_is_restored_in_segments_side_by_side(long_clip, tmp_path):
+    """Its segments in two processes, joined: every frame at the source's time, the audio packet
+    for packet, the faces and the pixels of the one-process run (up to the encoder: the parts
+    are encoded without B-frames, as a queued job's are)."""
+    from conftest import probe
+
+    from pipeline import parallel
+    from pipeline.job import Hooks, JobOptions, run_job
+    from pipeline.media import plan
+
+    assert len(parallel.segment_ranges(plan(long_clip), 2)) >= 3
+    seen = []
+    two = run_job(long_clip, JobOptions(task="denoise", output=str(tmp_path / "two.mp4")),
+                  Hooks(advance=seen.append), processes=2)
+    one = run_job(long_clip, JobOptions(task="denoise", output=str(tmp_path / "one.mp4")))
+    src, a, b = probe(long_clip), probe(tmp_path / "one.mp4"), probe(tmp_path / "two.mp4")
+    assert two.frames == one.frames == src["frames"] == sum(seen) == 144
+    assert two.faces == one.faces >= 140
+    assert b["pts"] == a["pts"] == src["pts"] and b["audio"] == src["audio"]
+    x, y = frames_of(tmp_path / "one.mp4").astype(np.float32), frames_of(tmp_path / "two.mp4").astype(np.float32)
+    worst = 10 * np.log10(255.0**2 / ((x - y) ** 2).reshape(len(x), -1).mean(1).max())
+    assert worst > 40, worst
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4", "one.mp4", "two.mp4"]  # no parts left
+
+
+def test_a_cancelled_video_in_segments_leaves_nothing(long_clip, tmp_path):
+    from pipeline.errors import Cancelled
+    from pipeline.job import Hooks, JobOptions, run_job
+
+    seen = []
+    with pytest.raises(Cancelled):
+        run_job(long_clip, JobOptions(task="denoise", output=str(tmp_path / "out.mp4")),
+                Hooks(advance=seen.append, cancelled=lambda: bool(seen)), processes=2)
+    assert 0 < sum(seen) < 144
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]

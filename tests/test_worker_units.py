@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import VIDEOS, cut
-from pipeline.media import plan
+from pipeline.media import plan, split
 from worker.app import celery_config
 from worker.errors import SettingsError
-from worker.segments import part_path, split
+from worker.segments import part_path
 from worker.settings import Settings
 
 

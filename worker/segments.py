@@ -1,43 +1,17 @@
-"""Where a video is cut into segments, where each segment's part file lives, and how a finished
-part is checked and put in place (the first complete one wins).
-
-Cuts fall every ``seconds`` of presentation time, moved to a keyframe when one lies within a
-quarter segment of the target (``process_range`` seeks to the keyframe before a start anyway,
-so a cut between keyframes only costs some extra decoding). A short tail joins the last segment.
+"""Where each segment's part file lives, and how a finished part is checked and put in place
+(the first complete one wins). Where a video is cut: ``pipeline.media.split``, shared with the
+embedded run's segments (``pipeline.parallel``).
 """
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 import os
-from fractions import Fraction
 from pathlib import Path
 
-from pipeline.media import VideoPlan, count_frames
+from pipeline.media import count_frames
 
 log = logging.getLogger(__name__)
-
-
-def split(vplan: VideoPlan, seconds: float) -> list[tuple[int, int]]:
-    """Frame ranges ``[(start, stop), ...]`` covering the video in order."""
-    tb = Fraction(vplan.time_base)
-    t = [float((p - vplan.pts[0]) * tb) for p in vplan.pts]
-    keys = sorted(set(vplan.keyframes))
-    n = vplan.frames
-    cuts = [0]
-    while True:
-        pos = cuts[-1]
-        if t[-1] - t[pos] < seconds * 1.5:  # what is left fits one segment
-            break
-        want = bisect.bisect_left(t, t[pos] + seconds)
-        slack = seconds / 4
-        near = [k for k in keys if pos < k < n and abs(t[k] - t[want]) <= slack]
-        cut = min(near, key=lambda k: abs(t[k] - t[want])) if near else want
-        if cut <= pos or cut >= n:
-            break
-        cuts.append(cut)
-    return list(zip(cuts, cuts[1:] + [n]))
 
 
 def parts_dir(output: Path, job_id: str) -> Path:

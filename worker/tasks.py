@@ -32,7 +32,7 @@ from .parts import (Heartbeat, PartTask, Progress, begin_part, cleanup, fail, gu
                     part_failed, stop_requested, stopped_by_cancel, store, superseded)
 from .records import CANCELLED, DONE, FAILED, RUNNING, Job
 from .report import job_summary, report_samples, write_job_report
-from .segments import part_complete, part_path, parts_dir, publish_part, split
+from .segments import part_complete, part_path, parts_dir, publish_part
 from .storage import check_options, check_output, check_roots
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _plan(job_id: str, job: Job) -> dict:
             vplan = media.plan(src).deinterlaced(opts.deinterlace)
             if vplan.interlaced:
                 log.warning(interlaced_note(vplan))
-            ranges = split(vplan, job.segment_seconds)
+            ranges = media.split(vplan, job.segment_seconds)
             store().save_plan(job_id, vplan.to_dict())
             parts = [{"start": a, "stop": b, "task_id": f"{job_id}-s{i}"} for i, (a, b) in enumerate(ranges)]
             store().add_parts(job_id, parts, total=vplan.frames)

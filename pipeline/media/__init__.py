@@ -17,11 +17,11 @@ from .colour import (BT601, BT709, BT2020, FCC, SMPTE240M, YuvMatrix, add_rgb_de
                      i420_to_rgb, source_range, yuv_matrix)
 from .decode import iter_frames, to_i420
 from .encode import EncoderSettings, VideoEncoder, count_frames, encoder_available, partial_name
-from .probe import COLOR_TAGS, DEINTERLACE_MODES, VIDEO_EXTENSIONS, VideoPlan, is_video_path, plan
+from .probe import COLOR_TAGS, DEINTERLACE_MODES, VIDEO_EXTENSIONS, VideoPlan, is_video_path, plan, split
 from .remux import MOV_EXTENSIONS, PCM_TO_AAC_EXTENSIONS, check_timing, join
 
 __all__ = ["BT601", "BT709", "BT2020", "COLOR_TAGS", "DEINTERLACE_MODES", "FCC", "MOV_EXTENSIONS",
            "PCM_TO_AAC_EXTENSIONS", "SMPTE240M", "VIDEO_EXTENSIONS", "EncoderSettings", "VideoEncoder",
            "VideoPlan", "YuvMatrix", "add_rgb_delta", "check_timing", "count_frames", "encoder_available",
            "i420_planes", "i420_shape", "i420_to_rgb", "is_video_path", "iter_frames", "join", "partial_name", "plan",
-           "source_range", "to_i420", "yuv_matrix"]
+           "source_range", "split", "to_i420", "yuv_matrix"]

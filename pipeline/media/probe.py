@@ -1,6 +1,7 @@
 """Probe a video once: its streams, frame count, timing, rotation and colour (``plan``)."""
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
@@ -199,3 +200,27 @@ def _first_frame_info(c, v, path: Path) -> tuple[int, dict, bool]:
     except av.error.FFmpegError as e:
         raise CorruptInput(f"{path}: the first video frame cannot be decoded ({e})") from None
     raise CorruptInput(f"{path}: no video frame could be decoded")
+
+
+def split(vplan: VideoPlan, seconds: float) -> list[tuple[int, int]]:
+    """Frame ranges ``[(start, stop), ...]`` covering the video in order: cuts every ``seconds``
+    of presentation time, moved to a keyframe when one lies within a quarter segment of the
+    target (``process_range`` seeks to the keyframe before a start anyway, so a cut between
+    keyframes only costs some extra decoding); a short tail joins the last segment."""
+    tb = Fraction(vplan.time_base)
+    t = [float((p - vplan.pts[0]) * tb) for p in vplan.pts]
+    keys = sorted(set(vplan.keyframes))
+    n = vplan.frames
+    cuts = [0]
+    while True:
+        pos = cuts[-1]
+        if t[-1] - t[pos] < seconds * 1.5:  # what is left fits one segment
+            break
+        want = bisect.bisect_left(t, t[pos] + seconds)
+        slack = seconds / 4
+        near = [k for k in keys if pos < k < n and abs(t[k] - t[want]) <= slack]
+        cut = min(near, key=lambda k: abs(t[k] - t[want])) if near else want
+        if cut <= pos or cut >= n:
+            break
+        cuts.append(cut)
+    return list(zip(cuts, cuts[1:] + [n]))
