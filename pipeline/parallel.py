@@ -129,14 +129,14 @@ def _child(tasks, results, cancelled, opts: JobOptions, threads: int, level: int
         pass
 
 
-def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, hand, done) -> None:
+def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, hand, done, name) -> None:
     """Tasks 0..count-1 in ``processes`` child processes, each handed one at a time, in order:
     ``hand(k)`` gives task k's tuple, or None when it was dealt with here (refused);
-    ``done(k, outcome)`` takes its outcome and returns an exception that stops the job, or None.
-    A stop, or a cancel (``hooks.cancelled``, also passed to the children's segments), lets the
-    tasks in hand end, hands out no more, and raises. On any other way out (an interrupt, an
-    error here) the children are stopped at once. A child that dies is a ``FacemendError``
-    naming what it held."""
+    ``done(k, outcome)`` takes its outcome and returns an exception that stops the job, or None;
+    ``name(k)`` says what task k is. A stop, or a cancel (``hooks.cancelled``), hands out no
+    more, tells the segments in hand to stop (``process_range``'s ``should_cancel``), lets the
+    files in hand end, and raises. On any other way out (an interrupt, an error here) the
+    children are stopped at once. A child that dies is a ``FacemendError`` naming its task."""
     import queue as queues
 
     threads = int(os.environ.get("FACEMEND_TORCH_THREADS") or 0) or max(1, cores() // processes)
@@ -175,8 +175,9 @@ def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, ha
             except queues.Empty:
                 for c in children:  # none ends before it is told to (``None``)
                     if not c.is_alive():
-                        raise FacemendError(f"{held.get(c.pid, 'a task')}: the process restoring it stopped "
-                                            f"(exit code {c.exitcode}; out of memory?)") from None
+                        what = name(held[c.pid]) if c.pid in held else "a process restoring it"
+                        raise FacemendError(f"{what}: the process restoring it stopped (exit code "
+                                            f"{c.exitcode}; out of memory?)") from None
                 continue
             if kind == "start":  # (pid, task)
                 held[a] = b
@@ -189,6 +190,8 @@ def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, ha
                 stop = stop or error
                 if stop is None:
                     hand_next()
+                else:
+                    cancelled.set()  # a video's other segments are of no use now
         clean = True
         if stop is not None:
             raise stop
@@ -247,7 +250,8 @@ def run_files(todo: list[tuple[Path, Path, os.stat_result | None]], opts: JobOpt
         return None
 
     try:
-        _serve(len(todo), processes, opts, sink.limit if sink is not None else 0, hooks, hand, done)
+        _serve(len(todo), processes, opts, sink.limit if sink is not None else 0, hooks, hand, done,
+               lambda k: str(todo[k][0]))
     finally:
         order = {str(p): k for k, (p, _, _) in enumerate(todo)}
         result.items.sort(key=lambda item: order.get(item["file"], -1))  # the folder's order
@@ -296,7 +300,8 @@ def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptio
             return None
 
         try:
-            _serve(len(ranges), processes, opts, 0, hooks, hand, done)
+            _serve(len(ranges), processes, opts, 0, hooks, hand, done,
+                   lambda k: f"{vplan.path} (frames {ranges[k][0]} to {ranges[k][1] - 1})")
         except Cancelled:
             raise Cancelled(f"{vplan.path}: cancelled") from None
         except OutputUnwritable as e:  # the parts live in a temporary folder: name the output
