@@ -14,8 +14,8 @@ videos from ``../shared/data/videos`` besides, default 0), then:
   the job's Redis memory (``MEMORY USAGE`` summed over its keys, the most seen while it ran
   and at the end); then reruns: nothing to do, after touching 10 inputs (must process exactly
   10), after a weights change (must process all);
-- embedded: the same archive into another folder in this process (``pipeline.job.run_job``):
-  files/s, then the rerun with nothing to do.
+- embedded: the same archive into another folder in this process (``pipeline.job.run_job``,
+  in ``--jobs`` processes side by side): files/s, then the rerun with nothing to do.
 
 Prints one JSON object. The task defaults to ``identity`` (no network: the figures are the
 archive machinery's, not a model's). A weights change is simulated, as identity loads no
@@ -90,7 +90,7 @@ def start_workers(n: int, python: Path, env: dict, logs: Path) -> list[subproces
     procs = []
     for i in range(n):
         log = open(logs / f"w{i + 1}.log", "w")
-        procs.append(subprocess.Popen([str(python), str(ROOT / "cli.py"), "worker", "-n", f"w{i + 1}@%h"],
+        procs.append(subprocess.Popen([str(python), str(ROOT / "cli.py"), "worker", "-n", f"w{i + 1}@%h", "-c", "1"],
                                       cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       start_new_session=True))
     deadline = time.monotonic() + 180
@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", default=os.environ.get("FACEMEND_BENCH_REDIS", "redis://127.0.0.1:6379/14"),
                     help="Redis database of the bench, emptied first (default redis://127.0.0.1:6379/14)")
     ap.add_argument("--skip-embedded", action="store_true", help="the queued runs only")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes of the embedded run (cli.py submit --jobs; default 1, as one worker child)")
     args = ap.parse_args(argv)
     if args.files < 10:
         ap.error("--files: at least 10 (10 inputs are touched)")
@@ -209,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         r.flushdb()
     if not args.skip_embedded:
         eopts = JobOptions(task=args.task, skip_existing=True, output=str(work / f"embedded.{args.task}"))
-        e = out["embedded"] = {}
+        e = out["embedded"] = {"processes": args.jobs}
         for name in ("first", "rerun_nothing_to_do"):
             t0 = time.perf_counter()
-            res = run_job(src, JobOptions(**vars(eopts)), Hooks())
+            res = run_job(src, JobOptions(**vars(eopts)), Hooks(), processes=args.jobs)
             sec = time.perf_counter() - t0
             e[name] = {"seconds": round(sec, 2), **res.files,
                        "files_per_second": round((res.files["processed"] + res.files["skipped"]) / sec, 1)}

@@ -41,6 +41,26 @@ def default_processes(cpus: int | None = None) -> int:
     return max(1, min(MAX_DEFAULT, (cpus or cores()) // 4))
 
 
+GPU_BYTES_PER_PROCESS = 1.5 * 2**30  # a child's CUDA context and models (1.2 GB measured on an H200)
+
+
+def fit_on_device(processes: int, device: str) -> int:
+    """``processes``, or fewer where a CUDA device's free memory holds fewer children."""
+    if processes <= 1 or not str(device).startswith("cuda"):
+        return processes
+    import torch
+
+    try:
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+    except (RuntimeError, AssertionError, ValueError):
+        return processes
+    fits = max(1, int(free // GPU_BYTES_PER_PROCESS))
+    if fits < processes:
+        log.info("%s: %.1f GB free, room for %d processes side by side (of %d)", device, free / 2**30,
+                 fits, processes)
+    return min(processes, fits)
+
+
 _engine: Engine | None = None  # each child's, built once by ``_start``
 
 

@@ -879,7 +879,7 @@ def start_worker(queue_db, tmp_path):
 
     def start(**extra):
         log_path = tmp_path / f"worker{len(procs)}.log"
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"w{len(procs)}@%h"],
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"w{len(procs)}@%h", "-c", "1"],
                                 cwd=ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                                 env=queue_env(**extra), start_new_session=True)
         procs.append(proc)

@@ -132,3 +132,19 @@ def test_a_cancelled_video_in_segments_leaves_nothing(long_clip, tmp_path):
                 Hooks(advance=seen.append, cancelled=lambda: bool(seen)), processes=2)
     assert 0 < sum(seen) < 144
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
+
+
+def test_processes_on_a_gpu_are_as_many_as_its_free_memory_holds(monkeypatch):
+    import torch
+
+    from pipeline.parallel import GPU_BYTES_PER_PROCESS, fit_on_device
+
+    assert fit_on_device(4, "cpu") == 4 and fit_on_device(1, "cuda:0") == 1
+    free = {"bytes": 3.2 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free["bytes"]), 8 * 2**30))
+    assert GPU_BYTES_PER_PROCESS >= 1.2 * 2**30  # measured: 1.2 GB a process on an H200
+    assert fit_on_device(4, "cuda:0") == 2
+    free["bytes"] = 0.5 * 2**30
+    assert fit_on_device(4, "cuda") == 1  # one always runs
+    free["bytes"] = 64 * 2**30
+    assert fit_on_device(4, "cuda:1") == 4

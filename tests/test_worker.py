@@ -58,7 +58,7 @@ class Workers:
         for name in names:
             log = open(self.logs / f"{name}.log", "w")
             self.procs[name] = subprocess.Popen(
-                [sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"{name}@%h", *args], cwd=ROOT,
+                [sys.executable, str(ROOT / "cli.py"), "worker", "-n", f"{name}@%h", "-c", "1", *args], cwd=ROOT,
                 stdout=log, stderr=subprocess.STDOUT, env=env(**extra), start_new_session=True)
         deadline = time.monotonic() + timeout
         for name in names:
