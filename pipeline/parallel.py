@@ -326,7 +326,8 @@ def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptio
             raise Cancelled(f"{vplan.path}: cancelled") from None
         except OutputUnwritable as e:  # the parts live in a temporary folder: name the output
             text = str(e)
-            raise OutputUnwritable(f"{dst}: cannot write the output{text[text.rfind(' ('):]}") from None
+            why = text[text.rfind(" ("):] if " (" in text else ""
+            raise OutputUnwritable(f"{dst}: cannot write the output{why}") from None
         summary = join(parts, vplan, dst)
     for key in ("frames", "faces", "frames_with_faces"):
         setattr(result, key, getattr(result, key) + sum(g[key] for g in got_all.values()))
