@@ -19,7 +19,7 @@ from .faces import FaceDetector
 from .images import is_image_path, restore_image, small_note, too_small_for_faces
 from .media import DEINTERLACE_MODES, EncoderSettings, VideoPlan, encoder_available, join, plan
 from .morph import write_morph
-from .parallel import fit_on_device  # light: no children until asked
+from .parallel import fit_in_memory, fit_on_device  # light: no children until asked
 from .paths import check_paths, is_fresh, make_parent, resolve_output
 from .restore import FaceRestorer, PreviewSink
 from .video import process_range
@@ -185,7 +185,8 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
         vplan = plan(src).deinterlaced(opts.deinterlace)  # validate before loading models
         engine = engine or Engine(opts)
         hooks.total(vplan.frames, "frames")
-        run_video(vplan, dst, opts, engine, hooks, result, fit_on_device(processes, engine.device))
+        processes = fit_in_memory(fit_on_device(processes, engine.device), vplan.width * vplan.height / 1e6)
+        run_video(vplan, dst, opts, engine, hooks, result, processes)
     elif kind == "image":
         engine = engine or Engine(opts)
         hooks.total(1, "files")
@@ -198,7 +199,7 @@ def run_job(src: str | Path, opts: JobOptions, hooks: Hooks | None = None, *, en
 
         engine = engine or Engine(opts)
         run_folder_reported(src, dst, opts, engine, hooks, result, records=records,
-                            processes=fit_on_device(processes, engine.device))
+                            processes=fit_in_memory(fit_on_device(processes, engine.device)))
     if opts.preview and engine is not None and engine.preview is not None:
         from .preview import write_preview
 

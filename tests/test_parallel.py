@@ -148,3 +148,16 @@ def test_processes_on_a_gpu_are_as_many_as_its_free_memory_holds(monkeypatch):
     assert fit_on_device(4, "cuda") == 1  # one always runs
     free["bytes"] = 64 * 2**30
     assert fit_on_device(4, "cuda:1") == 4
+
+
+def test_processes_are_as_many_as_the_memory_available_holds(monkeypatch):
+    from pipeline import parallel
+
+    monkeypatch.setattr(parallel, "memory_available", lambda: 5 * 2**30)
+    assert parallel.fit_in_memory(4) == 2  # 1080p: about 1.9 GB a process
+    assert parallel.fit_in_memory(4, megapixels=8.3) == 1  # 4K frames: one
+    assert parallel.fit_in_memory(1) == 1
+    monkeypatch.setattr(parallel, "memory_available", lambda: 64 * 2**30)
+    assert parallel.fit_in_memory(4, megapixels=8.3) == 4
+    monkeypatch.setattr(parallel, "memory_available", lambda: None)  # not Linux: as asked
+    assert parallel.fit_in_memory(3) == 3
