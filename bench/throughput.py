@@ -2,7 +2,7 @@
 
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
         [--engine auto|torch|onnxruntime|openvino|all|E1,E2] [--detect-every K] [--io-queue N]
-        [--threads N] [--skip transcode,naive,fast,restore,networks,crop] [--repeat N]
+        [--threads N] [--skip transcode,naive,fast,restore,networks,crop] [--repeat N] [--jobs N]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
@@ -21,6 +21,9 @@ Runs, in this one process, on the same clip and the same encoder settings:
   calls interleaved so that a busy machine slows each alike (median of the rounds);
 - crop: ``pipeline.align.warp_face`` alone, ms per face on a frame of the clip's size, for faces
   of 96 to 512 px cropped to the task's crop, with the anti-aliasing shrink and without it.
+- jobs (``--jobs N``): the embedded job as users run it (``pipeline.job.run_job``) on the clip
+  repeated to a minute or more, in one process and with its segments in N processes side by
+  side (``cli.py submit --jobs``): seconds, fps and their ratio;
 - repeat (``--repeat N``): peak RSS against the clip's length: the pipeline alone on the clip and
   on the clip N times back to back (``bench.memory.repeat_clip``), each in a fresh child process
   (this command with every other mode skipped), so neither run's peak holds the other's memory;
@@ -201,6 +204,37 @@ def run_repeat(args, child: list[str], vplan, settings) -> dict:
     return out
 
 
+def run_jobs(args, n: int) -> dict:
+    """The embedded job as ``cli.py submit`` runs it, on the clip repeated to a minute or more,
+    in one process and with ``--jobs n`` (its segments side by side): seconds, fps, the ratio."""
+    import math
+    from fractions import Fraction
+
+    from bench.memory import repeat_clip
+    from pipeline.job import JobOptions, run_job
+    from pipeline.media import plan
+    from pipeline.parallel import segment_ranges
+
+    src = plan(args.input)
+    seconds = max(float((src.pts[-1] - src.pts[0]) * Fraction(src.time_base)), 1e-3)
+    reps = max(1, math.ceil(60.0 / seconds))
+    out: dict = {"repeats": reps}
+    with tempfile.TemporaryDirectory(prefix="facemend-jobs-") as tmp:
+        long = Path(tmp) / f"x{reps}{args.input.suffix}"
+        repeat_clip(args.input, long, reps)
+        out["frames"] = plan(long).frames
+        out["segments"] = len(segment_ranges(plan(long), n))
+        for k in dict.fromkeys((1, n)):
+            opts = JobOptions(task=args.task, device=args.device, preset=args.preset, crf=args.crf,
+                              codec=args.codec, output=str(Path(tmp) / f"jobs{k}{args.input.suffix}"))
+            t = time.perf_counter()
+            r = run_job(long, opts, processes=k)
+            sec = time.perf_counter() - t
+            out[f"jobs{k}"] = {"seconds": round(sec, 2), "fps": round(r.frames / sec, 3)}
+    out["ratio"] = round(out[f"jobs{n}"]["fps"] / out["jobs1"]["fps"], 3)
+    return out
+
+
 def engines_asked(value: str) -> list[str]:
     """``--engine``: one engine, a comma list, or ``all`` (torch and the installed others)."""
     from models.export import ENGINES, installed, requested
@@ -230,6 +264,8 @@ def main(argv=None) -> int:
                     help="comma list of modes to skip (transcode,naive,fast,restore,networks,crop)")
     ap.add_argument("--repeat", type=int, default=None,
                     help="also the pipeline's peak RSS on the clip and on the clip N times, each in a child process")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="also the embedded job on the clip repeated to a minute, in one process and in N side by side")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -332,6 +368,8 @@ def main(argv=None) -> int:
                                            spec.size + spec.rows_below)
     if args.repeat:
         res["repeat"] = run_repeat(args, argv_for_child(args, engines[0]), vplan, opts.encoder())
+    if args.jobs:
+        res["jobs"] = run_jobs(args, args.jobs)
     if args.json:
         print(json.dumps(res))
     else:
