@@ -1,7 +1,7 @@
 """A folder job's files side by side in several processes (``run_folder(..., processes=N)``).
 
-One job keeps about 4 CPU cores busy (its Python thread, libx264's and the networks' threads)
-and leaves a GPU mostly idle, so on a larger machine files processed side by side add up
+One job does not keep a larger machine busy (its Python thread runs detection, restoration and
+pasting one after another) and leaves a GPU mostly idle, so files processed side by side add up
 (walking_1080p denoise on 16 cores: 8.3 fps in one process, 19.6 in four; with an H200 18.3 and
 39.4). Each process is started fresh (spawn: CUDA and the engines' thread pools do not survive
 a fork), loads its own models with its share of the cores, and is handed the next file when it

@@ -403,7 +403,7 @@ def test_a_worker_is_deaf_only_idle_with_messages_waiting_the_whole_time():
 
 
 def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch):
-    """One job keeps about 4 cores busy and leaves a GPU mostly idle, so a worker runs one pool
+    """One job does not keep many cores busy and leaves a GPU mostly idle, so a worker runs one pool
     process per 4 cores (1 to 4) unless -c says otherwise, and gives each child its share of the
     cores (FACEMEND_TORCH_THREADS, which a user's setting overrides)."""
     import os
