@@ -1,11 +1,12 @@
-"""A folder job's files side by side in several processes (``run_folder(..., processes=N)``).
+"""A job's work side by side in several processes: a folder's files (``run_files``, from
+``run_folder(..., processes=N)``) or a long video's segments (``run_segments``, from ``run_video``).
 
 One job does not keep a larger machine busy (its Python thread runs detection, restoration and
-pasting one after another) and leaves a GPU mostly idle, so files processed side by side add up
+pasting one after another) and leaves a GPU mostly idle, so work side by side adds up
 (walking_1080p denoise on 16 cores: 8.3 fps in one process, 19.6 in four; with an H200 18.3 and
 39.4). Each process is started fresh (spawn: CUDA and the engines' thread pools do not survive
-a fork), loads its own models with its share of the cores, and is handed the next file when it
-is done with one. The parent keeps everything a folder job records: the manifest (each file's
+a fork), loads its own models with its share of the cores, and is handed the next file or
+segment when it is done with one. The parent keeps everything a folder job records: the manifest (each file's
 outcome as soon as it is known), the counts, the failures, the report's samples. A cancel is
 seen between files, as in one process: the files in hand are finished, no new one is handed
 out, and the caller removes what the job wrote. An interrupt (Ctrl-C, SIGTERM) stops every
