@@ -1,6 +1,8 @@
-"""A folder job's files side by side in several processes (``--jobs``, ``pipeline.parallel``):
-the same files, records and report as one process, a bad file failing alone, a cancel taking
-back what was written, and the option refused where it means nothing."""
+"""A job's work side by side in several processes (``--jobs``, ``pipeline.parallel``): a folder's
+files give the same files, records and report as one process, a bad file failing alone; a long
+video's segments join into the frames, times and audio of one process's output; a cancel takes
+back what was written; the processes fit the memory and a GPU's memory; the option is refused
+where it means nothing."""
 from __future__ import annotations
 
 import json
