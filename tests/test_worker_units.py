@@ -425,6 +425,7 @@ def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch
     monkeypatch.setattr(wa.app, "worker_main", lambda argv: seen.append((argv, os.environ.get("FACEMEND_TORCH_THREADS"))))
     monkeypatch.setattr(wa, "configure", lambda settings: None)
     monkeypatch.setattr(parallel, "cores", lambda: 16)
+    monkeypatch.setattr(commands, "gpu_memory", lambda device: None)  # whatever GPU this machine has
     for var in ("FACEMEND_TORCH_THREADS", "FACEMEND_BROKER_URL", "FACEMEND_DEVICE"):
         monkeypatch.delenv(var, raising=False)
     for argv, threads in ((["--device", "cpu"], None), (["-c", "2"], None), (["-c", "1"], None), ([], "3")):
@@ -435,3 +436,34 @@ def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch
         commands.cmd_worker(parser.parse_args(["worker", "--broker", "redis://127.0.0.1:6379/15", *argv]))
     got = [(a[a.index("-c") + 1], t) for a, t in seen]
     assert got == [("4", "4"), ("2", "8"), ("1", None), ("4", "3")], got
+
+
+def test_a_gpu_workers_pool_is_as_many_processes_as_its_gpu_memory_holds(monkeypatch):
+    """Read from nvidia-smi (the parent must not start CUDA before the fork): 1.5 GB a process
+    within nine tenths of the card; cuda:N is the N-th GPU CUDA_VISIBLE_DEVICES lets it see."""
+    import shutil
+    import subprocess
+
+    from worker import commands
+
+    asked = []
+
+    def smi(argv, **_):
+        asked.append(argv[-1])
+        return subprocess.CompletedProcess(argv, 0, stdout=f"{memory['mib']}\n", stderr="")
+
+    memory = {"mib": 4096}
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(subprocess, "run", smi)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert commands.pool_size(None, cpus=16, device="cuda:0") == 2  # a 4 GB card
+    assert commands.pool_size(None, cpus=16, device=None) == 2  # the job's device: a GPU is there
+    assert commands.pool_size(None, cpus=16, device="cpu") == 4 and asked == ["0", "0"]
+    assert commands.pool_size(3, cpus=16, device="cuda:0") == 3  # -c as given
+    memory["mib"] = 81920
+    assert commands.pool_size(None, cpus=16, device="cuda:1") == 4 and asked[-1] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert commands.gpu_memory("cuda:1") == 81920 * 2**20 and asked[-1] == "5"
+    assert commands.gpu_memory("cuda:2") is None  # not a GPU it can see
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no NVIDIA driver: cores decide
+    assert commands.pool_size(None, cpus=16, device="cuda:0") == 4

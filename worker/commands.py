@@ -57,12 +57,41 @@ def positive(text: str) -> int:
     return value
 
 
-def pool_size(requested: int | None, cpus: int | None = None) -> int:
+def pool_size(requested: int | None, cpus: int | None = None, device: str | None = None) -> int:
     """A worker's pool processes: as asked, else one per 4 CPU cores, 1 to 4
-    (``pipeline.parallel.default_processes``, where the measurements are)."""
-    from pipeline.parallel import default_processes
+    (``pipeline.parallel.default_processes``, where the measurements are), and no more than
+    nine tenths of its GPU's memory holds at 1.5 GB a process."""
+    from pipeline.parallel import GPU_BYTES_PER_PROCESS, default_processes
 
-    return requested if requested is not None else default_processes(cpus)
+    if requested is not None:
+        return requested
+    pool = default_processes(cpus)
+    total = gpu_memory(device) if pool > 1 else None
+    return pool if total is None else max(1, min(pool, int(0.9 * total // GPU_BYTES_PER_PROCESS)))
+
+
+def gpu_memory(device: str | None) -> int | None:
+    """The memory (bytes) of the GPU a worker for ``device`` (None: the job's, a GPU where there
+    is one) runs on, as nvidia-smi tells it: the worker's parent must not start CUDA before its
+    pool forks. None on a CPU device or where nvidia-smi cannot tell."""
+    import os
+    import shutil
+    import subprocess
+
+    if (device and not device.startswith("cuda")) or shutil.which("nvidia-smi") is None:
+        return None
+    index = device.split(":", 1)[1] if device and ":" in device else "0"
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:  # cuda:N is the N-th visible GPU; nvidia-smi wants its own index or UUID
+        if not index.isdigit() or int(index) >= len(visible):
+            return None
+        index = visible[int(index)]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                              "-i", index], capture_output=True, text=True, timeout=20)
+        return int(out.stdout.split()[0]) * 2**20 if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def get_settings(args: argparse.Namespace, **overrides):
@@ -199,7 +228,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     os.environ["FACEMEND_BROKER_URL"] = settings.broker_url
     if args.device:
         os.environ["FACEMEND_DEVICE"] = args.device
-    pool = pool_size(args.concurrency)
+    pool = pool_size(args.concurrency, device=os.environ.get("FACEMEND_DEVICE"))
     if pool > 1 and not settings.torch_threads:  # the cores shared out among the pool's processes
         from pipeline.parallel import cores
 
