@@ -132,24 +132,38 @@ def process_one(p: Path, out: Path, st: os.stat_result | None, opts: JobOptions,
     try:
         hooks.check_file(p, out)  # a link in the folder may point elsewhere
         process_file(p, out, opts, engine, result)
-        result.files["processed"] += 1
     except (OutputUnwritable, Cancelled):  # every file after it would fail the same way
         raise
     except Exception as e:  # one bad file: recorded, and the job goes on with the next
-        error = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
-        if not isinstance(e, FacemendError):
-            log.debug("%s", p, exc_info=True)
+        record(result, book, p, out, st, time.perf_counter() - t0, file_error(p, e))
+    else:
+        record(result, book, p, out, st, time.perf_counter() - t0)
+    hooks.advance(1)
+
+
+def file_error(p: Path, e: Exception) -> str:
+    """The one line a file's own error is recorded as (an unforeseen one's traceback is logged
+    at debug level)."""
+    if isinstance(e, FacemendError):
+        return str(e)
+    log.debug("%s", p, exc_info=e)
+    return unexpected(p, e)
+
+
+def record(result: JobResult, book: manifest.Manifest | None, p: Path, out: Path,
+           st: os.stat_result | None, seconds: float, error: str | None = None) -> None:
+    """One file's outcome into the folder's result and its manifest: done (its item is the
+    result's last) or failed with ``error``."""
+    if error is not None:
         result.files["failed"] += 1
         result.failures.append({"file": str(p), "error": error})
         log.info("%s", error)
         if book is not None:
-            book.record(p, out, manifest.FAILED, error=error, stat=st,
-                        seconds=time.perf_counter() - t0)
-    else:
-        if book is not None:
-            book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st,
-                        seconds=time.perf_counter() - t0)
-    hooks.advance(1)
+            book.record(p, out, manifest.FAILED, error=error, stat=st, seconds=seconds)
+        return
+    result.files["processed"] += 1
+    if book is not None:
+        book.record(p, out, manifest.DONE, faces=result.items[-1]["faces"], stat=st, seconds=seconds)
 
 
 def cancel(src: Path, dst: Path, result: JobResult, book: manifest.Manifest | None, existed: bool) -> None:

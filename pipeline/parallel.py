@@ -109,7 +109,7 @@ def _one(p: Path, out: Path, opts: JobOptions) -> dict:
     """One file in a child: what ``run_folder`` adds to its result for it. A file's own error
     is returned as its one line; an error that stops the whole job (an output that cannot be
     written) is returned as ``stop``."""
-    from .folder import unexpected
+    from .folder import file_error
     from .job import JobResult, process_file
 
     part = JobResult(str(p), str(out), "folder", opts.task)
@@ -120,9 +120,7 @@ def _one(p: Path, out: Path, opts: JobOptions) -> dict:
     except (OutputUnwritable, Cancelled) as e:
         done["stop"] = (type(e).__name__, str(e))
     except Exception as e:  # one bad file: it fails alone
-        done["error"] = str(e) if isinstance(e, FacemendError) else unexpected(p, e)
-        if not isinstance(e, FacemendError):
-            log.debug("%s", p, exc_info=True)
+        done["error"] = file_error(p, e)
     sink, pairs = _engine.restorer.preview, []
     if sink is not None:  # the report's samples go back to the parent
         pairs, sink.pairs = sink.pairs, []
@@ -194,13 +192,13 @@ def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, ha
                 for n in range(processes)]
     for c in children:
         c.start()
-    state = {"next": 0}
+    nxt = 0  # the next task to hand out
     sent, held = set(), {}  # tasks handed out and not back; pid -> the task it holds
 
     def hand_next() -> None:
-        while state["next"] < count:
-            k = state["next"]
-            state["next"] += 1
+        nonlocal nxt
+        while nxt < count:
+            k, nxt = nxt, nxt + 1
             item = hand(k)
             if item is not None:
                 tasks.put(item)
@@ -362,20 +360,12 @@ def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptio
 
 
 def _record(result: JobResult, book, p: Path, out: Path, st, got: dict) -> None:
-    """One file's outcome into the folder's result and manifest, as ``run_folder`` records it."""
-    from . import manifest
+    """One file's outcome from a child into the folder's result and manifest (``folder.record``)."""
+    from .folder import record
 
-    if got["error"] is not None:
-        result.files["failed"] += 1
-        result.failures.append({"file": str(p), "error": got["error"]})
-        log.info("%s", got["error"])
-        if book is not None:
-            book.record(p, out, manifest.FAILED, error=got["error"], stat=st, seconds=got["seconds"])
-        return
-    result.files["processed"] += 1
-    for key in ("frames", "faces", "frames_with_faces"):
-        setattr(result, key, getattr(result, key) + got[key])
-    result.notes += got["notes"]
-    result.items += got["items"]
-    if book is not None:
-        book.record(p, out, manifest.DONE, faces=got["items"][-1]["faces"], stat=st, seconds=got["seconds"])
+    if got["error"] is None:
+        for key in ("frames", "faces", "frames_with_faces"):
+            setattr(result, key, getattr(result, key) + got[key])
+        result.notes += got["notes"]
+        result.items += got["items"]
+    record(result, book, p, out, st, got["seconds"], got["error"])
