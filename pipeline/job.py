@@ -19,7 +19,7 @@ from .faces import FaceDetector
 from .images import is_image_path, restore_image, small_note, too_small_for_faces
 from .media import DEINTERLACE_MODES, EncoderSettings, VideoPlan, encoder_available, join, plan
 from .morph import write_morph
-from .parallel import fit_in_memory, fit_on_device  # light: no children until asked
+from .parallel import fit_in_memory, fit_on_device, work_prefix  # light: no children until asked
 from .paths import check_paths, is_fresh, make_parent, resolve_output
 from .restore import FaceRestorer, PreviewSink
 from .video import process_range
@@ -247,7 +247,7 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
             return
     engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
     try:
-        work = tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent)
+        work = tempfile.TemporaryDirectory(prefix=work_prefix(), dir=dst.parent)
     except OSError as e:
         raise output_error(dst, e) from None
     with work as tmp:

@@ -87,6 +87,25 @@ def fit_in_memory(processes: int, megapixels: float = 2.1) -> int:
     return min(processes, fits)
 
 
+def work_prefix(pid: int | None = None) -> str:
+    """The name prefix of the temporary folder a video's part is written in beside its output,
+    by this process or process ``pid``: a child that dies is cleaned up after by name."""
+    return f".facemend-{pid or os.getpid()}-"
+
+
+def remove_left(out: Path, pid: int) -> None:
+    """What process ``pid`` (a child killed while it wrote ``out``) left beside ``out``: its
+    partial file and its temporary folder. A child that is stopped cleans up itself; one that
+    is killed (the out-of-memory killer, SIGKILL) cannot."""
+    import shutil
+
+    from .media import partial_name
+
+    partial_name(out, pid).unlink(missing_ok=True)
+    for d in out.parent.glob(work_prefix(pid) + "*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 _engine: Engine | None = None  # each child's, built once by ``_start``
 
 
@@ -171,16 +190,22 @@ def _child(tasks, results, cancelled, opts: JobOptions, threads: int, level: int
             results.put(("done", k, got))
     except KeyboardInterrupt:
         pass
+    # on its way out (flushing its queue) a signal ends the child without a word: the parent
+    # that sends it is stopping and needs nothing more from it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, hand, done, name) -> None:
+def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, hand, done, name,
+           lost=None) -> None:
     """Tasks 0..count-1 in ``processes`` child processes, each handed one at a time, in order:
     ``hand(k)`` gives task k's tuple, or None when it was dealt with here (refused);
     ``done(k, outcome)`` takes its outcome and returns an exception that stops the job, or None;
     ``name(k)`` says what task k is. A stop, or a cancel (``hooks.cancelled``), hands out no
     more, tells the segments in hand to stop (``process_range``'s ``should_cancel``), lets the
     files in hand end, and raises. On any other way out (an interrupt, an error here) the
-    children are stopped at once. A child that dies is a ``FacemendError`` naming its task."""
+    children are stopped at once. A child that dies is a ``FacemendError`` naming its task;
+    ``lost(k, pid)`` first removes what it left."""
     import queue as queues
 
     threads = int(os.environ.get("FACEMEND_TORCH_THREADS") or 0) or max(1, cores() // processes)
@@ -219,6 +244,8 @@ def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, ha
             except queues.Empty:
                 for c in children:  # none ends before it is told to (``None``)
                     if not c.is_alive():
+                        if c.pid in held and lost is not None:
+                            lost(held[c.pid], c.pid)
                         what = name(held[c.pid]) if c.pid in held else "a process restoring it"
                         raise FacemendError(f"{what}: the process restoring it stopped (exit code "
                                             f"{c.exitcode}; out of memory?)") from None
@@ -295,7 +322,7 @@ def run_files(todo: list[tuple[Path, Path, os.stat_result | None]], opts: JobOpt
 
     try:
         _serve(len(todo), processes, opts, sink.limit if sink is not None else 0, hooks, hand, done,
-               lambda k: str(todo[k][0]))
+               lambda k: str(todo[k][0]), lambda k, pid: remove_left(todo[k][1], pid))
     finally:
         order = {str(p): k for k, (p, _, _) in enumerate(todo)}
         result.items.sort(key=lambda item: order.get(item["file"], -1))  # the folder's order

@@ -76,6 +76,34 @@ def test_a_cancel_stops_the_processes_and_takes_back_what_they_wrote(folder, tmp
     assert not dst.exists() or not [p for p in dst.rglob("*") if p.is_file()]
 
 
+def test_a_killed_process_fails_the_job_with_one_line_and_leaves_no_temporary_files(folder, tmp_path):
+    """The out-of-memory killer takes a child as it writes the video: the job stops (exit 1)
+    with one line naming that file, and nothing half-written stays beside the outputs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    dst = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "submit", folder, "--task", "denoise",
+                             "--output", dst, "--jobs", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((dst / "clips").glob(".facemend-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    work = list((dst / "clips").glob(".facemend-*"))
+    assert work, "the video was never started"
+    os.kill(int(work[0].name.split("-")[1]), signal.SIGKILL)  # .facemend-PID-...: the child writing it
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"facemend: error: {folder / 'clips' / 'selfie.mp4'}: the process "
+                                                   "restoring it stopped (exit code -9"), err
+    left = [p.name for p in dst.rglob("*") if p.name.startswith(".facemend-") or ".partial." in p.name]
+    assert left == [] and not (dst / "clips" / "selfie.mp4").exists()
+
+
 def test_jobs_is_refused_where_it_means_nothing(folder, tmp_path):
     bad = run_cli("submit", folder, "--task", "denoise", "--output", tmp_path / "o", "--jobs", "0")
     assert bad.returncode == 2 and "--jobs" in bad.stderr and "1 or more" in bad.stderr

@@ -48,11 +48,11 @@ def encoder_available(codec: str) -> bool:
         return False
 
 
-def partial_name(path: Path) -> Path:
-    """Temporary sibling used while ``path`` is being written (renamed when complete). Its stem
-    is shortened where the name would pass the file system's 255 bytes (the output's own name
-    may be up to that long)."""
-    tail = f".partial.{os.getpid()}{path.suffix}"
+def partial_name(path: Path, pid: int | None = None) -> Path:
+    """Temporary sibling used while ``path`` is being written (renamed when complete) by this
+    process (or process ``pid``). Its stem is shortened where the name would pass the file
+    system's 255 bytes (the output's own name may be up to that long)."""
+    tail = f".partial.{pid or os.getpid()}{path.suffix}"
     stem = path.stem
     while len(f".{stem}{tail}".encode()) > 255 and stem:
         stem = stem[:-1]
