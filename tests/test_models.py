@@ -323,6 +323,39 @@ def test_alignment_jitter_moves_face_and_mask_together(train_crops):
     assert moved >= 8  # the mask is off its template place in most draws
 
 
+def test_a_small_face_is_softened_with_its_mask_by_one_draw(train_crops, monkeypatch):
+    """``--small``: a face in a video frame is enlarged to the crop with the mask on it, so the
+    clean face, the masked face and the mask are softened by the same draw: the two faces still
+    agree away from the mask, the mask's edges are as soft as the face, and the share asked
+    for comes out softened."""
+    from models.training.batches import Batches, soften_together
+
+    def lap(img) -> float:  # high-frequency energy
+        return float(cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
+
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        crop = train_crops[seed % len(train_crops)]
+        d = degrade("unmask", crop, rng)
+        clean, bad, mask = soften_together(rng, crop, d.image, d.mask)
+        assert clean.shape == crop.shape and bad.shape == crop.shape and mask.shape == d.mask.shape
+        far = cv2.dilate((d.mask > 0).astype(np.uint8), np.ones((25, 25), np.uint8)) == 0
+        assert np.abs(clean.astype(int) - bad.astype(int)).max(axis=2)[far].max() <= 2, seed  # one draw
+        assert lap(clean) < 0.7 * lap(crop) and lap(bad) < 0.7 * lap(d.image), seed  # softened
+        assert 0 < ((mask > 0) & (mask < 255)).sum() > ((d.mask > 0) & (d.mask < 255)).sum(), seed  # soft edges
+    from models.training import batches
+
+    calls = []
+
+    def counted(rng, *images):
+        calls.append(len(images))
+        return soften_together(rng, *images)
+
+    monkeypatch.setattr(batches, "soften_together", counted)
+    Batches("unmask", train_crops, 128, 64, seed=0, small=0.5).next()
+    assert 16 <= len(calls) <= 48 and set(calls) == {3}  # about half the faces, each with its mask
+
+
 def test_photo_edge_reflects_the_masked_face_below_the_photos_last_row(train_crops):
     """A face at a photo's bottom edge, as the product crops it: warp_face fills the crop below
     the photo by reflection, and the mask, being on the photo, is reflected with it. photo_edge

@@ -16,10 +16,10 @@ class Batches:
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
                  jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
                  square: float = 0.0, edge: float = 0.0, soft: float = 0.0,
-                 scale: tuple[float, float] | None = None) -> None:
+                 scale: tuple[float, float] | None = None, small: float = 0.0) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
         self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
-        self.edge, self.soft, self.scale = edge, soft, scale
+        self.edge, self.soft, self.scale, self.small = edge, soft, scale, small
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -45,6 +45,8 @@ class Batches:
             image, mask = d.image, d.mask
             if self.clean and self.rng.random() < self.clean:  # an undamaged (unmasked) face stays as it is
                 image, mask = crop, None if mask is None else np.zeros_like(mask)
+            if self.small and self.task == "unmask" and self.rng.random() < self.small:
+                crop, image, mask = soften_together(self.rng, crop, image, mask)  # a small face, mask and all
             if self.jitter and self.rng.random() < self.jitter:
                 crop, image, mask = jitter_alignment(crop, image, mask, self.rng)
             if self.edge and self.rng.random() < self.edge:
@@ -76,11 +78,25 @@ def soften(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     crop), and with probability ``SOFT["blur"]`` a motion blur along a random direction. Unmask
     trains on such faces as targets, so that it paints a face of the same softness rather than
     leaving the mask on faces softer than the sharp photos it learnt from."""
-    out = down_up(crop, float(rng.uniform(*SOFT["scale"])))
+    return soften_together(rng, crop)[0]
+
+
+def soften_together(rng: np.random.Generator, *images: np.ndarray | None) -> list[np.ndarray | None]:
+    """``soften`` with one draw applied to each of ``images`` (None stays None): a face, the same
+    face with a mask drawn on it and the mask's alpha, softened as a small face in a video frame
+    is with whatever covers it, so the mask's edges and straps are as soft as the face."""
+    scale = float(rng.uniform(*SOFT["scale"]))
+    blur = None
     if rng.random() < SOFT["blur"]:
         lo, hi = SOFT["length"]
-        out = motion_blur(out, int(rng.integers(lo, hi + 1)), float(rng.uniform(0.0, 180.0)))
-    return np.ascontiguousarray(out)
+        blur = (int(rng.integers(lo, hi + 1)), float(rng.uniform(0.0, 180.0)))
+    out = []
+    for img in images:
+        if img is not None:
+            img = down_up(img, scale)
+            img = np.ascontiguousarray(img if blur is None else motion_blur(img, *blur))
+        out.append(img)
+    return out
 
 
 JITTER = {"degrees": 10.0, "scale": 0.1, "shift": 0.05}  # uniform +-; shift as a crop fraction

@@ -134,14 +134,22 @@ def whole_photos(data: Path | None, limit: int | None) -> tuple[np.ndarray, str]
 def mask_photo(photo: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
                size: int = D.CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """``photo`` (H, W, 3 uint8) with a synthetic face mask over the face at ``landmarks``: the
-    mask is drawn in the face's aligned crop, as in training, and warped onto the photo. Returns
-    (masked photo, alpha (H, W) float32)."""
+    mask is drawn in the face's aligned crop, as in training, and warped onto the photo. A face
+    smaller than the crop gets the mask area-filtered down to its size first, as a camera
+    integrates over each pixel: warped straight down, a thin strap would come out dashed and a
+    fine weave as moire. Returns (masked photo, alpha (H, W) float32)."""
     from pipeline import align
 
     from .degrade import draw_mask
 
     m = align.estimate_transform(landmarks, size)  # photo -> aligned crop
     colour, alpha = draw_mask(size, rng)
+    k = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))  # crop pixels per photo pixel
+    if k > 1.0:
+        small = max(1, round(size / k))
+        colour = cv2.resize(colour, (small, small), interpolation=cv2.INTER_AREA)
+        alpha = cv2.resize(alpha, (small, small), interpolation=cv2.INTER_AREA)
+        m = np.diag([small / size, small / size]) @ m  # photo -> the shrunken crop
     h, w = photo.shape[:2]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP  # sample the crop at m(photo pixel)
     alpha = cv2.warpAffine(alpha, m, (w, h), flags=flags, borderValue=0)

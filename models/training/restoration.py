@@ -168,6 +168,9 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           f" x{SOFT['scale'][0]:g}-{SOFT['scale'][1]:g} then bicubic up; p={SOFT['blur']:g}"
                           f" of those motion-blurred, {SOFT['length'][0]}-{SOFT['length'][1]} px)"
                           if cfg.soft else "")
+                       + (f"; p={cfg.small} of faces softened with the mask drawn on them, target alike"
+                          f" (the same draws: a small face in a video frame, enlarged to the crop)"
+                          if cfg.small else "")
                        + (f"; each face rescaled by a log-uniform factor in [{cfg.scale[0]:g}, {cfg.scale[1]:g}]"
                           " (area down, bicubic up) before its patch is cut and degraded"
                           if cfg.scale else ""),

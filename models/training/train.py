@@ -85,6 +85,7 @@ class TrainConfig:
     psnr_weight: float = 0.0  # - psnr_weight * each image's PSNR (dB), batch mean: the metric itself
     edge: float = 0.0  # unmask: share of samples whose photo ends inside the crop (photo_edge)
     soft: float = 0.0  # unmask: share of faces softened before the mask is drawn (batches.soften)
+    small: float = 0.0  # unmask: share of faces softened with the mask drawn on them (batches.soften_together)
     scale: tuple = ()  # (lo, hi): each face rescaled by a log-uniform factor first (batches.rescale)
     bf16: bool = False  # CPU: the forward pass in bfloat16 autocast (AVX-512 BF16 / AMX)
     adv_weight: float = 0.0  # unmask: + adv_weight * the hinge adversarial term (adversarial.py)
@@ -140,7 +141,7 @@ def train(
         netcfg.__post_init__()
         net = ResUNet(netcfg).to(device)
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
-                      cfg.occluders, cfg.square, cfg.edge, cfg.soft, tuple(cfg.scale) or None)
+                      cfg.occluders, cfg.square, cfg.edge, cfg.soft, tuple(cfg.scale) or None, cfg.small)
 
     def batch() -> tuple:
         clean_np, bad_np, mask_np = batches.next()
@@ -243,6 +244,10 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="unmask: share of training faces softened as small or moving faces in video"
                         " are (down-up x1.5-4, half of them motion-blurred) before the mask is drawn,"
                         " the target softened alike (e.g. 0.5)")
+    p.add_argument("--small", type=float, default=0.0,
+                   help="unmask: share of training faces softened together with the mask drawn on"
+                        " them, as a small face in a video frame is enlarged to the crop with its mask"
+                        " (the same draws as --soft; e.g. 0.5)")
     p.add_argument("--scale", default="",
                    help="LO,HI: each training face rescaled by a factor drawn log-uniformly in [LO, HI]"
                         " before its patch is cut and degraded, as video shows faces at any size"
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.steps <= 0 and a.minutes <= 0:
         raise SystemExit("give --steps or --minutes (or both)")
-    for flag in ("jitter", "clean", "occluders", "square", "edge", "soft"):
+    for flag in ("jitter", "clean", "occluders", "square", "edge", "soft", "small"):
         if not 0.0 <= getattr(a, flag) <= 1.0:
             raise SystemExit(f"--{flag} {getattr(a, flag)}: a share of samples, from 0 to 1")
     cfg = TrainConfig(
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device, threads=a.threads, net=json.loads(a.net), init=a.init, jitter=a.jitter,
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
         psnr_weight=a.psnr, edge=a.edge, soft=a.soft, adv_weight=a.adv, fm_weight=a.fm, d_lr=a.d_lr,
-        snapshots=a.snapshots, scale=_scale(a.scale), bf16=a.bf16,
+        snapshots=a.snapshots, scale=_scale(a.scale), bf16=a.bf16, small=a.small,
     )
     try:
         train(cfg)
