@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,44 @@ from .paths import is_fresh, mirrored_output, scan_folder
 from .restore import PreviewSink
 
 log = logging.getLogger(__name__)
+
+
+LEFT_AFTER = 3600.0  # seconds: a temporary file or folder nothing has changed for this long is a dead writer's
+# what a writer leaves when it is killed mid-file: ``media.partial_name``'s ``.NAME.partial.PID[.EXT]``
+# and a video's temporary folder, ``parallel.work_prefix`` + tempfile's 8 characters
+LEFTOVER = re.compile(r"\.(.+\.partial\.\d+(\.\w+)?|facemend-\d+-[a-z0-9_]{8})")
+
+
+def sweep_leftovers(root: Path, older: float = LEFT_AFTER) -> int:
+    """Remove under ``root`` what writers killed mid-file left (the out-of-memory killer, a
+    power cut, a worker's SIGKILL): partial files and videos' temporary folders that nothing has
+    changed for ``older`` seconds (a live writer changes its own all the time). The records
+    folder (``.facemend``) and a queued job's parts (``.facemend-JOB``) are not touched.
+    Returns how many were removed."""
+    now, removed = time.time(), 0
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != manifest.DIR_NAME]
+        for name in [d for d in dirs if LEFTOVER.fullmatch(d)]:
+            path = Path(top) / name
+            try:
+                newest = max([path.stat().st_mtime] + [q.stat().st_mtime for q in path.rglob("*")])
+            except OSError:
+                continue
+            dirs.remove(name)
+            if now - newest > older:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        for name in files:
+            path = Path(top) / name
+            try:
+                if LEFTOVER.fullmatch(name) and now - path.stat().st_mtime > older:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an earlier run that was killed", root, removed)
+    return removed
 
 
 def keeps_records(dst: Path, opts: JobOptions, records: bool | None = None) -> bool:
@@ -49,6 +88,7 @@ def run_folder_reported(src: Path, dst: Path, opts: JobOptions, engine: Engine, 
     status, error = "interrupted", None
     try:
         with manifest.Manifest(src, dst, opts, lock=True) as book:
+            sweep_leftovers(dst)  # the folder is this run's now (the lock)
             run_folder(src, dst, opts, engine, hooks, result, book=book, processes=processes)
         status = "partly failed" if result.failures else "done"
     except (Cancelled, manifest.FolderBusy) as e:

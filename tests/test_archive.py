@@ -116,8 +116,12 @@ def test_worker_killed_mid_run_then_the_job_and_a_rerun_do_exactly_what_is_missi
     done = Counter(r["input"] for r in records(dst) if r["outcome"] == "done")
     assert set(done) == {str(p.relative_to(src)) for p in src.rglob("*.jpg")}
     assert set(done.values()) == {1}  # none done twice
+    left = dst / ".photo.partial.424242.jpg"  # a file a worker killed mid-write left, a day ago
+    left.write_bytes(b"half written")
+    os.utime(left, (left.stat().st_atime, left.stat().st_mtime - 86400))
     rerun = cli_json("submit", src, "--task", "identity", "--skip-existing", "--wait", **FAST_BEAT)
     assert counts(rerun) == (0, 160, 0), rerun
+    assert not left.exists()  # the queued job's end removed it
 
 
 def test_a_cancelled_queued_folder_job_writes_its_report_and_records_what_it_removed(workers, db, tmp_path):

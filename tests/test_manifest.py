@@ -214,6 +214,16 @@ def test_killed_run_then_rerun_does_exactly_what_is_missing(tmp_path, capfd):
     first = records(dst)
     assert len(first) == 2 and all(x["outcome"] == "done" for x in first)
     assert not (dst / ".facemend" / "report.json").exists()  # killed: no report, records kept
+    # what writers killed mid-file leave (an hour and more ago), what a live writer has, and a
+    # queued video job's parts folder: the rerun removes the first two only
+    old = [dst / ".face2.partial.99999.jpg", dst / "sub" / ".facemend-99999-abcd_123" / "part0.mp4"]
+    kept = [dst / ".scene.partial.88888.jpg", dst / ".facemend-0123456789abcdef" / "seg00000.mp4"]
+    for path in old + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    for path in old + kept[1:]:
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - 3700))
+    os.utime(old[1].parent, (0, old[1].stat().st_mtime))
     code, r, _ = run(capfd, "submit", src, "--task", "identity", "--skip-existing")
     assert code == 0
     done_before = {x["input"] for x in first}
@@ -221,9 +231,10 @@ def test_killed_run_then_rerun_does_exactly_what_is_missing(tmp_path, capfd):
     assert {Path(i["file"]).relative_to(src).as_posix() for i in r["items"]}.isdisjoint(done_before)
     every = records(dst)
     assert sorted(x["input"] for x in every) == ["face1.jpg", "face2.jpg", "scene.jpg", "sub/face0.jpg"]
-    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*.jpg")) == [
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*.jpg") if not p.name.startswith(".")) == [
         "face1.jpg", "face2.jpg", "scene.jpg", "sub/face0.jpg"]
-    assert not [p for p in dst.rglob("*") if "partial" in p.name or p.name.startswith(".facemend-")]
+    assert sorted(p for p in dst.rglob("*") if "partial" in p.name or p.name.startswith(".facemend-")) == [
+        kept[1].parent, kept[0]]
 
 
 def test_report_counts_failures_and_faces_and_a_new_task_redoes_all(tmp_path, capfd):

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import manifest
-from pipeline.folder import keeps_records
+from pipeline.folder import keeps_records, sweep_leftovers
 from pipeline.job import JobOptions, JobResult
 from pipeline.restore import PreviewSink
 
@@ -96,6 +96,7 @@ def write_job_report(job: Job, folder: Path, summary: dict, failures: list, note
     opts = JobOptions.from_dict(job.options)
     if not keeps_records(Path(job.output), opts, job.records):
         return None
+    sweep_leftovers(Path(job.output))  # what workers killed mid-file in this or an earlier run left
     h = store().r.hmget(store().key(job.id), "ignored", "ignored_count")
     result = JobResult(job.input, job.output, "folder", job.task, faces=summary["faces"],
                        files={k: summary[k] for k in ("processed", "skipped", "failed")},
