@@ -427,7 +427,8 @@ def test_a_worker_runs_one_pool_process_per_4_cores_sharing_them_out(monkeypatch
     monkeypatch.setattr(parallel, "cores", lambda: 16)
     monkeypatch.setattr(commands, "gpu_memory", lambda device: None)  # whatever GPU this machine has
     for var in ("FACEMEND_TORCH_THREADS", "FACEMEND_BROKER_URL", "FACEMEND_DEVICE"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # recorded, so that what cmd_worker sets is undone afterwards
+        monkeypatch.delenv(var)
     for argv, threads in ((["--device", "cpu"], None), (["-c", "2"], None), (["-c", "1"], None), ([], "3")):
         if threads:
             monkeypatch.setenv("FACEMEND_TORCH_THREADS", threads)
