@@ -8,18 +8,17 @@ and model, ``run_job`` does the rest with progress and cancel hooks (a folder's 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import FacemendError, ModelError, OutputError, OutputUnwritable, output_error
+from .errors import FacemendError, ModelError, OutputError, OutputUnwritable
 from .faces import FaceDetector
 from .images import is_image_path, restore_image, small_note, too_small_for_faces
 from .media import DEINTERLACE_MODES, EncoderSettings, VideoPlan, encoder_available, join, plan
 from .morph import write_morph
-from .parallel import fit_in_memory, fit_on_device, work_prefix  # light: no children until asked
+from .parallel import fit_in_memory, fit_on_device, work_dir  # light: no children until asked
 from .paths import check_paths, is_fresh, make_parent, resolve_output
 from .restore import FaceRestorer, PreviewSink
 from .video import process_range
@@ -246,11 +245,7 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
             run_segments(vplan, ranges, dst, opts, hooks, result, min(processes, len(ranges)))
             return
     engine.restorer.reset()  # a FaceMath edit's per-track state belongs to one video
-    try:
-        work = tempfile.TemporaryDirectory(prefix=work_prefix(), dir=dst.parent)
-    except OSError as e:
-        raise output_error(dst, e) from None
-    with work as tmp:
+    with work_dir(dst) as tmp:
         part = Path(tmp) / "part0.mp4"
         try:
             stats = process_range(vplan, part, detector=engine.detector, restorer=engine.restorer,
@@ -263,6 +258,11 @@ def run_video(vplan: VideoPlan, dst: Path, opts: JobOptions, engine: Engine, hoo
     result.frames += stats.frames
     result.faces += stats.faces
     result.frames_with_faces += stats.frames_with_faces
+    add_join_notes(result, summary)
+
+
+def add_join_notes(result: JobResult, summary: dict) -> None:
+    """What ``media.join`` did to the source's other streams, as the result's notes."""
     result.notes += [f"dropped {d}" for d in summary["dropped_streams"]]
     result.notes += [f"re-encoded {d}" for d in summary["reencoded_streams"]]
 

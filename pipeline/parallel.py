@@ -93,6 +93,25 @@ def work_prefix(pid: int | None = None) -> str:
     return f".facemend-{pid or os.getpid()}-"
 
 
+def work_dir(dst: Path):
+    """The temporary folder beside ``dst`` that a video's parts are written in, named for this
+    process (``work_prefix``); a folder that cannot be made is ``dst``'s output error."""
+    import tempfile
+
+    from .errors import output_error
+
+    try:
+        return tempfile.TemporaryDirectory(prefix=work_prefix(), dir=dst.parent)
+    except OSError as e:
+        raise output_error(dst, e) from None
+
+
+def share_of_cores(processes: int) -> int:
+    """Torch threads for each of ``processes`` processes side by side: ``FACEMEND_TORCH_THREADS``
+    where set, else the cores shared out."""
+    return int(os.environ.get("FACEMEND_TORCH_THREADS") or 0) or max(1, cores() // processes)
+
+
 def remove_left(out: Path, pid: int) -> None:
     """What process ``pid`` (a child killed while it wrote ``out``) left beside ``out``: its
     partial file and its temporary folder. A child that is stopped cleans up itself; one that
@@ -208,7 +227,7 @@ def _serve(count: int, processes: int, opts: JobOptions, samples: int, hooks, ha
     ``lost(k, pid)`` first removes what it left."""
     import queue as queues
 
-    threads = int(os.environ.get("FACEMEND_TORCH_THREADS") or 0) or max(1, cores() // processes)
+    threads = share_of_cores(processes)
     level = logging.getLogger().getEffectiveLevel()
     ctx = multiprocessing.get_context("spawn")
     tasks, results, cancelled = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -347,16 +366,10 @@ def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptio
                  result: JobResult, processes: int) -> None:
     """One video's ``ranges`` in ``processes`` child processes, joined into ``dst`` with the
     source's audio (``media.join``, as a queued job's parts are)."""
-    import tempfile
-
-    from .errors import output_error
+    from .job import add_join_notes
     from .media import join
 
-    try:
-        work = tempfile.TemporaryDirectory(prefix=".facemend-", dir=dst.parent)
-    except OSError as e:
-        raise output_error(dst, e) from None
-    with work as tmp:
+    with work_dir(dst) as tmp:
         parts = [Path(tmp) / f"part{k}.mp4" for k in range(len(ranges))]
         plan_dict = vplan.to_dict()
         got_all: dict[int, dict] = {}
@@ -382,8 +395,7 @@ def run_segments(vplan, ranges: list[tuple[int, int]], dst: Path, opts: JobOptio
         summary = join(parts, vplan, dst)
     for key in ("frames", "faces", "frames_with_faces"):
         setattr(result, key, getattr(result, key) + sum(g[key] for g in got_all.values()))
-    result.notes += [f"dropped {d}" for d in summary["dropped_streams"]]
-    result.notes += [f"re-encoded {d}" for d in summary["reencoded_streams"]]
+    add_join_notes(result, summary)
 
 
 def _record(result: JobResult, book, p: Path, out: Path, st, got: dict) -> None:

@@ -230,9 +230,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["FACEMEND_DEVICE"] = args.device
     pool = pool_size(args.concurrency, device=os.environ.get("FACEMEND_DEVICE"))
     if pool > 1 and not settings.torch_threads:  # the cores shared out among the pool's processes
-        from pipeline.parallel import cores
+        from pipeline.parallel import share_of_cores
 
-        os.environ["FACEMEND_TORCH_THREADS"] = str(max(1, cores() // pool))
+        os.environ["FACEMEND_TORCH_THREADS"] = str(share_of_cores(pool))
     from worker.app import app, configure
 
     settings = get_settings(args)  # again: now with FACEMEND_DEVICE (and the threads)
