@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -212,4 +213,34 @@ def crops(imgs: torch.Tensor, rois: np.ndarray, size: int) -> torch.Tensor:
     for each roi (image index, x1, y1, x2, y2 in pixel edges) a ``size`` x ``size`` crop whose
     every bin averages 2x2 bilinear samples."""
     r = torch.as_tensor(np.asarray(rois), dtype=imgs.dtype, device=imgs.device)
-    return vision_ops().roi_align(imgs, r, 1.0, size, size, 2, True)
+    parts = torch.get_num_threads() if imgs.device.type == "cpu" and len(r) >= 2 * _CROPS_MIN else 1
+    if parts < 2:
+        return vision_ops().roi_align(imgs, r, 1.0, size, size, 2, True)
+    # torchvision's CPU roi_align runs in one thread: the rois in one share per thread, side by
+    # side, this thread cutting the first (each crop depends on its own roi alone: the same result)
+    first, *rest = r.tensor_split(min(parts, len(r) // _CROPS_MIN))
+    jobs = [_crop_pool(len(rest)).submit(vision_ops().roi_align, imgs, s, 1.0, size, size, 2, True) for s in rest]
+    return torch.cat([vision_ops().roi_align(imgs, first, 1.0, size, size, 2, True)] + [j.result() for j in jobs])
+
+
+_CROPS_MIN = 32  # rois per thread, at least: fewer are not worth a hand-over
+
+
+@functools.cache
+def _crop_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="facemend-crops", initializer=_one_omp_thread)
+
+
+def _one_omp_thread() -> None:
+    """One OpenMP thread for torch's parallel loops in this thread. A thread outside torch's
+    own that runs a parallel loop gets an OpenMP team of its own, whose threads then compete
+    with the main thread's: torch's eager networks ran 1.7x as long after the crop threads had
+    cut one batch (the per-face loop of ``bench.throughput``). Only a runtime already loaded is
+    touched (GNU OpenMP, which torch's Linux wheels use); elsewhere this does nothing."""
+    import ctypes
+    import os
+
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_set_num_threads(1)
+    except (OSError, AttributeError):
+        pass

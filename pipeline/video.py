@@ -15,13 +15,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from .errors import Cancelled
 from .faces import FaceDetector
-from .media import EncoderSettings, VideoEncoder, VideoPlan, add_rgb_delta, i420_shape, i420_to_rgb, iter_frames
+from .media import (EncoderSettings, RgbView, VideoEncoder, VideoPlan, add_rgb_delta, i420_shape, i420_to_rgb,
+                    iter_frames)
 from .restore import FaceRestorer
 from .track import FaceTracker, gap_regions
 
@@ -369,7 +371,10 @@ class RangeRun:
         idx = [i for i, _ in ready if self.start <= i < self.stop]
         faces = {i: fs for i, fs in ready}
         with_faces = [i for i in idx if faces[i]]
-        rgbs = [i420_to_rgb(self.pending[i], self.matrix) for i in with_faces]
+        # a local network reads a window about each head: only those pixels are converted
+        rgb = partial(RgbView, matrix=self.matrix) if getattr(self.restorer, "local", False) else \
+            partial(i420_to_rgb, matrix=self.matrix)
+        rgbs = [rgb(self.pending[i]) for i in with_faces]
         with self.clock("restore"):
             deltas = self.restorer.deltas(rgbs, [faces[i] for i in with_faces], frames=with_faces,
                                           aspect=self.vplan.pixel_aspect)  # anamorphic: faces as shown

@@ -100,6 +100,16 @@ def test_mtcnn_nets_and_box_helpers_are_facenet_pytorchs():
     rois = np.array([[0, 0, 0, 30, 30], [1, 10, 5, 90, 60], [0, 40, 20, 52, 31]], np.float64)
     assert torch.equal(mn.crops(imgs, rois, 24),
                        roi_align(imgs, torch.tensor(rois, dtype=torch.float32), (24, 24), 1.0, 2, True))
+    # hundreds of rois: cut in shares on the CPU threads side by side, the same crops in order
+    xy = rng.uniform(0, 60, (700, 2))
+    many = np.concatenate([rng.integers(0, 2, (700, 1)), xy, xy + rng.uniform(4, 30, (700, 2))], 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three shares, whatever this machine has
+    try:
+        split = mn.crops(imgs, many, 24)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, roi_align(imgs, torch.tensor(many, dtype=torch.float32), (24, 24), 1.0, 2, True))
 
 
 def test_detection_starts_without_torchvision_python_package():

@@ -393,6 +393,29 @@ def test_a_frame_converted_at_the_detectors_size_is_the_frame_shrunk():
     assert np.median(ious) > 0.95
 
 
+@pytest.mark.parametrize("matrix", ["bt601", "bt709", "bt709-full"])
+def test_an_rgb_view_converts_a_rectangle_to_what_the_whole_frame_has_there(matrix):
+    """``RgbView``: a local network's windows read from the I420 frame one rectangle at a time
+    must hold exactly the pixels of the whole frame's conversion, at any offset (odd ones cut
+    through chroma blocks) and size, the frame's edges included."""
+    from conftest import VIDEOS
+    from pipeline.media import BT601, BT709, RgbView, YuvMatrix, i420_to_rgb, iter_frames, plan
+
+    m = {"bt601": BT601, "bt709": BT709, "bt709-full": YuvMatrix("bt709-full", BT709.kr, BT709.kb, True)}[matrix]
+    (_, yuv), = iter_frames(plan(VIDEOS / "selfie_mp3audio.mp4"), 10, 11)
+    full, view = i420_to_rgb(yuv, m), RgbView(yuv, m)
+    H, W = full.shape[:2]
+    assert view.shape == full.shape and np.array_equal(np.asarray(view), full)
+    rng = np.random.default_rng(1)
+    rects = [(0, H, 0, W), (1, 2, 1, 2), (H - 3, H, W - 5, W), (7, 7, 3, 9)]
+    rects += [(*sorted(rng.integers(0, H + 1, 2)), *sorted(rng.integers(0, W + 1, 2))) for _ in range(60)]
+    for y0, y1, x0, x1 in rects:
+        assert np.array_equal(view[y0:y1, x0:x1, :3], full[y0:y1, x0:x1, :3]), (y0, y1, x0, x1)
+        assert np.array_equal(view[y0:y1, x0:x1], full[y0:y1, x0:x1])
+    with pytest.raises(TypeError):
+        view[::2, :]
+
+
 def test_restorer_channels_last_gives_the_networks_own_output():
     import torch
 

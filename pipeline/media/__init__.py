@@ -13,8 +13,8 @@ Rooms: ``probe`` (``plan``: one demux pass), ``decode`` (``iter_frames``), ``col
 planes, the clip's Y'CbCr matrix, RGB changes written back), ``encode`` (``VideoEncoder``, one
 part), ``remux`` (``join``: parts plus the source's audio and subtitles, and its timing checks).
 """
-from .colour import (BT601, BT709, BT2020, FCC, SMPTE240M, YuvMatrix, add_rgb_delta, i420_planes, i420_shape,
-                     i420_to_rgb, source_range, yuv_matrix)
+from .colour import (BT601, BT709, BT2020, FCC, SMPTE240M, RgbView, YuvMatrix, add_rgb_delta, i420_planes,
+                     i420_shape, i420_to_rgb, source_range, yuv_matrix)
 from .decode import iter_frames, to_i420
 from .encode import EncoderSettings, VideoEncoder, count_frames, encoder_available, partial_name
 from .probe import COLOR_TAGS, DEINTERLACE_MODES, VIDEO_EXTENSIONS, VideoPlan, is_video_path, plan, split
@@ -22,6 +22,6 @@ from .remux import MOV_EXTENSIONS, PCM_TO_AAC_EXTENSIONS, check_timing, join
 
 __all__ = ["BT601", "BT709", "BT2020", "COLOR_TAGS", "DEINTERLACE_MODES", "FCC", "MOV_EXTENSIONS",
            "PCM_TO_AAC_EXTENSIONS", "SMPTE240M", "VIDEO_EXTENSIONS", "EncoderSettings", "VideoEncoder",
-           "VideoPlan", "YuvMatrix", "add_rgb_delta", "check_timing", "count_frames", "encoder_available",
-           "i420_planes", "i420_shape", "i420_to_rgb", "is_video_path", "iter_frames", "join", "partial_name", "plan",
-           "source_range", "split", "to_i420", "yuv_matrix"]
+           "RgbView", "VideoPlan", "YuvMatrix", "add_rgb_delta", "check_timing", "count_frames",
+           "encoder_available", "i420_planes", "i420_shape", "i420_to_rgb", "is_video_path", "iter_frames", "join",
+           "partial_name", "plan", "source_range", "split", "to_i420", "yuv_matrix"]

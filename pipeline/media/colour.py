@@ -107,6 +107,44 @@ def i420_to_rgb(yuv: np.ndarray, matrix: YuvMatrix = BT601, size: tuple[int, int
     return cv2.transform(cv2.merge([y, uv]), matrix.yuv_to_rgb())
 
 
+class RgbView:
+    """An I420 frame read as RGB one rectangle at a time: ``shape`` is the RGB frame's and
+    ``view[y0:y1, x0:x1]`` (optionally ``, :3``) converts those pixels only, to the values
+    ``i420_to_rgb`` gives them in the whole frame. A local network reads a window about each
+    head: a few percent of a 1080p frame, whose whole conversion took an eighth of a video job's
+    restore loop. ``np.asarray(view)`` converts the whole frame."""
+
+    ndim, dtype = 3, np.dtype(np.uint8)
+
+    def __init__(self, yuv: np.ndarray, matrix: YuvMatrix = BT601) -> None:
+        self.yuv, self.matrix = yuv, matrix
+        self.shape = (*i420_shape(yuv), 3)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if not isinstance(key, tuple) or len(key) < 2 or not all(isinstance(k, slice) for k in key[:2]):
+            raise TypeError("RgbView takes [rows, columns(, channels)] slices")
+        H, W = self.shape[:2]
+        (y0, y1, sy), (x0, x1, sx) = key[0].indices(H), key[1].indices(W)
+        if sy != 1 or sx != 1:
+            raise TypeError("RgbView takes slices without a step")
+        y1, x1 = max(y0, y1), max(x0, x1)
+        # whole chroma blocks: the rectangle grown to even edges (I420 frames have even sides)
+        ey0, ex0, ey1, ex1 = y0 - y0 % 2, x0 - x0 % 2, min(H, y1 + y1 % 2), min(W, x1 + x1 % 2)
+        if ey1 <= ey0 or ex1 <= ex0:
+            rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        else:
+            Y, U, V = i420_planes(self.yuv)
+            cy, cx = slice(ey0 // 2, ey1 // 2), slice(ex0 // 2, ex1 // 2)
+            part = np.concatenate([Y[ey0:ey1, ex0:ex1].ravel(), U[cy, cx].ravel(), V[cy, cx].ravel()])
+            rgb = i420_to_rgb(part.reshape((ey1 - ey0) * 3 // 2, ex1 - ex0), self.matrix)
+            rgb = rgb[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]
+        return rgb[(slice(None), slice(None), *key[2:])] if len(key) > 2 else rgb
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rgb = i420_to_rgb(self.yuv, self.matrix)
+        return rgb if dtype is None else rgb.astype(dtype)
+
+
 def add_rgb_delta(yuv: np.ndarray, rect: tuple[int, int, int, int], delta: np.ndarray,
                   matrix: YuvMatrix = BT601) -> None:
     """Add an RGB delta (h, w, 3 float32) over ``rect`` (x0, y0, x1, y1) to an I420 frame in place,
