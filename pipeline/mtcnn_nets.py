@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def crops(imgs: torch.Tensor, rois: np.ndarray, size: int) -> torch.Tensor:
     # torchvision's CPU roi_align runs in one thread: the rois in one share per thread, side by
     # side, this thread cutting the first (each crop depends on its own roi alone: the same result)
     first, *rest = r.tensor_split(min(parts, len(r) // _CROPS_MIN))
-    jobs = [_crop_pool(len(rest)).submit(vision_ops().roi_align, imgs, s, 1.0, size, size, 2, True) for s in rest]
+    jobs = [_crop_pool(len(rest), os.getpid()).submit(vision_ops().roi_align, imgs, s, 1.0, size, size, 2, True) for s in rest]
     return torch.cat([vision_ops().roi_align(imgs, first, 1.0, size, size, 2, True)] + [j.result() for j in jobs])
 
 
@@ -227,7 +228,9 @@ _CROPS_MIN = 32  # rois per thread, at least: fewer are not worth a hand-over
 
 
 @functools.cache
-def _crop_pool(threads: int) -> ThreadPoolExecutor:
+def _crop_pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """``threads`` helper threads of process ``pid`` (a forked child gets its own: the
+    parent's pool has no threads there)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="facemend-crops", initializer=_one_omp_thread)
 
 
@@ -238,7 +241,6 @@ def _one_omp_thread() -> None:
     cut one batch (the per-face loop of ``bench.throughput``). Only a runtime already loaded is
     touched (GNU OpenMP, which torch's Linux wheels use); elsewhere this does nothing."""
     import ctypes
-    import os
 
     try:
         ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_set_num_threads(1)
