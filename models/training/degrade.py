@@ -7,9 +7,10 @@ to [0, 255] like a real decoded frame.
 Tasks:
 - denoise: 45 %: Gaussian noise (sigma uniform in [0, 50] / 255), sometimes low-frequency chroma
   noise, sometimes JPEG (quality 30-95); 55 %: compression after mild sensor noise (half the
-  time, sigma up to 15) or none: JPEG quality 10-60 (20 %) or a real video encoder (35 %,
-  ``video_codec``: libx264 CRF 30-45, MPEG-2 or MPEG-4 at quantiser 6-31), its block grid at a
-  random offset.
+  time, sigma up to 15) or none: JPEG quality 10-60 (20 %) or a real video encoder (35 %): of
+  those, 60 % a predicted frame of a short drifting clip through libx264 at CRF 30-45
+  (``video_clip_frame``), 40 % one intra frame (``video_codec``: libx264 CRF 30-45, MPEG-2 or
+  MPEG-4 at quantiser 6-31); the block grid at a random offset.
 - enhance (alias deblur): downscale x1-x4 (INTER_AREA) and back up (bicubic), sometimes Gaussian
   or motion blur, sometimes JPEG.
 - restore: what archive footage has, several at once, in the order they happen to a picture:
