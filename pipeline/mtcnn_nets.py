@@ -220,8 +220,9 @@ def crops(imgs: torch.Tensor, rois: np.ndarray, size: int) -> torch.Tensor:
     # torchvision's CPU roi_align runs in one thread: the rois in one share per thread, side by
     # side, this thread cutting the first (each crop depends on its own roi alone: the same result)
     first, *rest = r.tensor_split(min(parts, len(r) // _CROPS_MIN))
-    jobs = [_crop_pool(len(rest), os.getpid()).submit(vision_ops().roi_align, imgs, s, 1.0, size, size, 2, True) for s in rest]
-    return torch.cat([vision_ops().roi_align(imgs, first, 1.0, size, size, 2, True)] + [j.result() for j in jobs])
+    pool, align = _crop_pool(len(rest), os.getpid()), vision_ops().roi_align
+    jobs = [pool.submit(align, imgs, s, 1.0, size, size, 2, True) for s in rest]
+    return torch.cat([align(imgs, first, 1.0, size, size, 2, True)] + [j.result() for j in jobs])
 
 
 _CROPS_MIN = 32  # rois per thread, at least: fewer are not worth a hand-over
