@@ -185,29 +185,6 @@ def test_video_codec_degradation_is_a_real_encode_deterministic_per_seed(codec, 
     assert not np.array_equal(hard, video_codec(crop, np.random.default_rng(2), codec, q_hard))
 
 
-def test_a_predicted_frame_of_a_moving_clip_is_a_real_encode_deterministic_per_seed(train_crops):
-    """``video_clip_frame``: the crop coded by libx264 from the drifting frames around it (a
-    P- or B-frame), as a face in a compressed video is: deterministic per seed, the crop's own
-    frame (aligned with it, not moved), and harder hit than one intra frame at the same CRF."""
-    from models.training.degrade import video_clip_frame, video_codec
-
-    crop = np.ascontiguousarray(train_crops[0][:64, :64])
-
-    def psnr(x):
-        return 10 * np.log10(255.0**2 / np.mean((x.astype(float) - crop) ** 2))
-
-    clip = [video_clip_frame(crop, np.random.default_rng(s), 40) for s in range(6)]
-    intra = [video_codec(crop, np.random.default_rng(s), "libx264", 40) for s in range(6)]
-    assert all(c.shape == crop.shape and c.dtype == np.uint8 for c in clip)
-    assert np.array_equal(clip[0], video_clip_frame(crop, np.random.default_rng(0), 40))
-    assert not np.array_equal(clip[0], clip[1])
-    assert 18 < np.mean([psnr(c) for c in clip]) < np.mean([psnr(c) for c in intra]) - 1
-    # aligned with the crop: moved one pixel, the result matches it worse
-    moved = [np.roll(c, 1, axis=1) for c in clip]
-    assert np.mean([psnr(c) for c in clip]) > np.mean([psnr(m) for m in moved]) + 1
-    assert psnr(video_clip_frame(crop, np.random.default_rng(0), 30)) > psnr(clip[0])
-
-
 def test_denoise_training_mixes_noise_jpeg_and_video_codecs(train_crops):
     """About half of denoise's training inputs are compressed (JPEG or a video codec) rather
     than noisy: their error is blocky (low-frequency), a pure noise input's is not."""

@@ -7,10 +7,9 @@ to [0, 255] like a real decoded frame.
 Tasks:
 - denoise: 45 %: Gaussian noise (sigma uniform in [0, 50] / 255), sometimes low-frequency chroma
   noise, sometimes JPEG (quality 30-95); 55 %: compression after mild sensor noise (half the
-  time, sigma up to 15) or none: JPEG quality 10-60 (20 %) or a real video encoder (35 %): of
-  those, 60 % a predicted frame of a short drifting clip through libx264 at CRF 30-45
-  (``video_clip_frame``), 40 % one intra frame (``video_codec``: libx264 CRF 30-45, MPEG-2 or
-  MPEG-4 at quantiser 6-31); the block grid at a random offset.
+  time, sigma up to 15) or none: JPEG quality 10-60 (20 %) or a real video encoder (35 %,
+  ``video_codec``: libx264 CRF 30-45, MPEG-2 or MPEG-4 at quantiser 6-31), its block grid at a
+  random offset.
 - enhance (alias deblur): downscale x1-x4 (INTER_AREA) and back up (bicubic), sometimes Gaussian
   or motion blur, sometimes JPEG.
 - restore: what archive footage has, several at once, in the order they happen to a picture:
@@ -145,50 +144,6 @@ def video_codec(img: np.ndarray, rng: np.random.Generator, codec: str | None = N
     return np.ascontiguousarray(out[oy : oy + h, ox : ox + w])
 
 
-def video_clip_frame(img: np.ndarray, rng: np.random.Generator, quality: float | None = None,
-                     frames: int = 5) -> np.ndarray:
-    """``img`` as a predicted frame of a short moving clip through libx264 (CRF ``quality``,
-    default U[30, 45]; preset medium, fast or veryfast, B-frames on) and back. The clip's other
-    frames are ``img`` drifting by up to 1.5 px a frame (sub-pixel, a little jitter, reflected
-    borders), so the encoder codes it from its neighbours as it codes a face in a video: the
-    P- and B-frame smear, lost texture and quantisation of a compressed clip, which one intra
-    frame (``video_codec``) does not have. The frame returned is ``img``'s own, never the clip's
-    first (intra) one; the block grid lands at a random offset."""
-    import av
-
-    if quality is None:
-        quality = rng.uniform(30, 45)
-    k = int(rng.integers(1, frames))  # which frame is ``img``: a predicted one
-    drift = rng.uniform(-1.5, 1.5, 2)
-    oy, ox = (int(v) for v in rng.integers(0, 16, size=2))
-    h, w = img.shape[:2]
-    ph, pw = oy + h, ox + w
-    ph, pw = ph + (-ph) % 16, pw + (-pw) % 16
-    ctx = av.CodecContext.create("libx264", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = pw, ph, "yuv420p"
-    ctx.time_base = Fraction(1, 25)
-    ctx.thread_count = 1
-    ctx.options = {"crf": f"{quality:.1f}", "preset": str(rng.choice(["medium", "fast", "veryfast"]))}
-    packets = []
-    for j in range(frames):
-        f = img
-        if j != k:
-            dx, dy = (j - k) * drift + rng.normal(0, 0.3, 2)
-            f = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, dy]]), (w, h), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_REFLECT101)
-        big = cv2.copyMakeBorder(f, oy, ph - h - oy, ox, pw - w - ox, cv2.BORDER_REFLECT101)
-        frame = av.VideoFrame.from_ndarray(big, format="rgb24").reformat(format="yuv420p")
-        frame.pts = j
-        packets += ctx.encode(frame)
-    packets += ctx.encode(None)
-    dec = av.CodecContext.create("h264", "r")
-    out = [f for p in packets for f in dec.decode(p)] + list(dec.decode(None))
-    if len(out) != frames:  # the encoder gave fewer frames back: the intra-frame encode instead
-        return video_codec(img, rng, codec="libx264", quality=quality)
-    got = sorted(out, key=lambda f: f.pts)[k].to_ndarray(format="rgb24")
-    return np.ascontiguousarray(got[oy : oy + h, ox : ox + w])
-
-
 def jpeg_anywhere(img: np.ndarray, quality: int, rng: np.random.Generator) -> np.ndarray:
     """``jpeg`` with its 8 x 8 block grid shifted by a random 0..7 pixels (reflected border), as
     it lands on a face cut from a frame at any offset."""
@@ -232,8 +187,6 @@ def apply_mask(img: np.ndarray, rng: np.random.Generator, occluder: bool = False
 # ---------------------------------------------------------------------------------------------
 # task degradations
 
-# denoise: the share of its video-codec samples coded as a predicted frame of a moving clip
-DENOISE_CLIP_SHARE = 0.6
 MIX = {"scale": 2.0, "sigma": 10.0, "codec": "libx264", "crf": 32.0}  # restore's fixed evaluation
 
 
@@ -290,8 +243,6 @@ def degrade(task: str, img: np.ndarray, rng: np.random.Generator) -> Degraded:
                 out = chroma_noise(out, rng.uniform(2, 10), rng)
         if kind < 0.65:
             return Degraded(jpeg_anywhere(out, int(rng.integers(10, 61)), rng))
-        if rng.random() < DENOISE_CLIP_SHARE:
-            return Degraded(video_clip_frame(out, rng))
         return Degraded(video_codec(out, rng))
     if task == "enhance":
         out = img
