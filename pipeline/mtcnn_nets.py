@@ -215,7 +215,7 @@ def crops(imgs: torch.Tensor, rois: np.ndarray, size: int) -> torch.Tensor:
     every bin averages 2x2 bilinear samples."""
     r = torch.as_tensor(np.asarray(rois), dtype=imgs.dtype, device=imgs.device)
     parts = torch.get_num_threads() if imgs.device.type == "cpu" and len(r) >= 2 * _CROPS_MIN else 1
-    if parts < 2:
+    if parts < 2 or _gomp() is None:
         return vision_ops().roi_align(imgs, r, 1.0, size, size, 2, True)
     # torchvision's CPU roi_align runs in one thread: the rois in one share per thread, side by
     # side, this thread cutting the first (each crop depends on its own roi alone: the same result)
@@ -231,19 +231,21 @@ _CROPS_MIN = 32  # rois per thread, at least: fewer are not worth a hand-over
 @functools.cache
 def _crop_pool(threads: int, pid: int) -> ThreadPoolExecutor:
     """``threads`` helper threads of process ``pid`` (a forked child gets its own: the
-    parent's pool has no threads there)."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="facemend-crops", initializer=_one_omp_thread)
+    parent's pool has no threads there), each held to one OpenMP thread. A thread outside
+    torch's own that runs a parallel loop gets an OpenMP team of its own, whose threads then
+    compete with the main thread's: torch's eager networks ran 1.7x as long after such threads
+    had cut one batch (the per-face loop of ``bench.throughput``)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="facemend-crops",
+                              initializer=lambda: _gomp().omp_set_num_threads(1))
 
 
-def _one_omp_thread() -> None:
-    """One OpenMP thread for torch's parallel loops in this thread. A thread outside torch's
-    own that runs a parallel loop gets an OpenMP team of its own, whose threads then compete
-    with the main thread's: torch's eager networks ran 1.7x as long after the crop threads had
-    cut one batch (the per-face loop of ``bench.throughput``). Only a runtime already loaded is
-    touched (GNU OpenMP, which torch's Linux wheels use); elsewhere this does nothing."""
+@functools.cache
+def _gomp():
+    """GNU OpenMP as torch loaded it (its Linux wheels), or None: the crops are then cut in this
+    thread alone, as no helper thread could be held to one OpenMP thread."""
     import ctypes
 
     try:
-        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_set_num_threads(1)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return None
