@@ -416,6 +416,29 @@ def test_an_rgb_view_converts_a_rectangle_to_what_the_whole_frame_has_there(matr
         view[::2, :]
 
 
+def test_a_local_network_given_rgb_views_restores_the_frames_as_given_them_whole():
+    """A video's local task reads each frame through an ``RgbView`` (only the heads' windows
+    converted): every head's region and change must be what the whole converted frame gives,
+    in a crowd whose windows run to the frame's edges and overlap."""
+    import models
+    from conftest import VIDEOS
+    from pipeline.faces import FaceDetector
+    from pipeline.media import RgbView, i420_to_rgb, iter_frames, plan
+    from pipeline.restore import FaceRestorer
+
+    vplan = plan(VIDEOS / "walking_1080p.mp4")
+    yuvs = [y for _, y in iter_frames(vplan, 30, 32)]
+    full = [i420_to_rgb(y, vplan.yuv_matrix) for y in yuvs]
+    faces = FaceDetector().detect(full)
+    rest = FaceRestorer(models.load("denoise"))
+    assert rest.local and sum(map(len, faces)) >= 6
+    whole = rest.deltas(full, faces)
+    viewed = rest.deltas([RgbView(y, vplan.yuv_matrix) for y in yuvs], faces)
+    assert [[r for r, _ in fs] for fs in viewed] == [[r for r, _ in fs] for fs in whole]
+    assert all(np.array_equal(a, b) for fa, fb in zip(viewed, whole) for (_, a), (_, b) in zip(fa, fb))
+    assert sum(len(fs) for fs in whole) >= 3 and any(np.abs(d).max() > 2 for fs in whole for _, d in fs)
+
+
 def test_restorer_channels_last_gives_the_networks_own_output():
     import torch
 
