@@ -3,6 +3,7 @@
     python -m bench.throughput --input CLIP [--task denoise] [--device cpu|cuda] [--frames N] [--json]
         [--engine auto|torch|onnxruntime|openvino|all|E1,E2] [--detect-every K] [--io-queue N]
         [--threads N] [--skip transcode,naive,fast,restore,networks,crop] [--repeat N] [--jobs N]
+        [--rounds N]
 
 Runs, in this one process, on the same clip and the same encoder settings:
 - transcode: decode + encode + audio remux only (the physical floor);
@@ -29,7 +30,10 @@ Runs, in this one process, on the same clip and the same encoder settings:
   (this command with every other mode skipped), so neither run's peak holds the other's memory;
   with ``--frames F`` the clip is its first F frames (re-encoded with the run's settings).
 Prints fps, the ratios pipeline/transcode and pipeline/naive (per engine), peak RSS and
-per-stage times. The naive loop always runs in torch fp32, as the anchors do.
+per-stage times. ``--rounds N`` runs transcode, pipeline(s) and naive N times in turn and
+reports each fps and ratio as the median over the rounds (the runs' spread on a shared machine
+is about a tenth), every round's figures under ``rounds``, and the stages and memory of the
+round whose pipeline ran at the median speed. The naive loop always runs in torch fp32, as the anchors do.
 """
 from __future__ import annotations
 
@@ -244,6 +248,56 @@ def engines_asked(value: str) -> list[str]:
     return [requested(e) for e in value.split(",") if e.strip()]
 
 
+def run_round(args, vplan, opts, engines, built, tmp: Path, stop: int, skip: set) -> tuple[dict, dict]:
+    """One round of the modes not skipped, one after another: (runs, peak RSS per run)."""
+    engine = built[engines[0]][0]
+    runs, rss = {}, {}
+    if "transcode" not in skip:
+        with RssPeak() as peak:
+            runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
+        rss["transcode"] = (peak.peak, peak.growth)
+    for e in engines:
+        name = "pipeline" if len(engines) == 1 else f"pipeline[{e}]"
+        en = built[e][0]
+        with RssPeak() as peak:
+            runs[name] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
+        rss[name] = (peak.peak, peak.growth)
+        restorer = en.restorer
+        if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
+            restorer.ensemble = False  # as JobOptions(fast=True) builds it
+            try:
+                runs[name.replace("pipeline", "fast")] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
+            finally:
+                restorer.ensemble = True
+    if "naive" not in skip:
+        with RssPeak() as peak:
+            runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
+        rss["naive"] = (peak.peak, peak.growth)
+    return runs, rss
+
+
+def ratios_of(fps: dict) -> dict:
+    """pipeline/transcode, fast/pipeline and pipeline/naive (per engine) from one round's fps."""
+    ratios = {}
+    for name in [k for k in fps if k.startswith("pipeline")]:
+        tag = name[len("pipeline"):]
+        if "transcode" in fps:
+            ratios[f"pipeline{tag}_over_transcode"] = round(fps[name] / fps["transcode"], 3)
+        if f"fast{tag}" in fps:
+            ratios[f"fast{tag}_over_pipeline{tag}"] = round(fps[f"fast{tag}"] / fps[name], 3)
+        if "naive" in fps:
+            ratios[f"pipeline{tag}_over_naive"] = round(fps[name] / fps["naive"], 3)
+    return ratios
+
+
+def _median(dicts) -> dict:
+    """Key by key, the median of the values the dicts hold for it."""
+    import statistics
+
+    dicts = list(dicts)
+    return {k: round(statistics.median(d[k] for d in dicts if k in d), 3) for k in dicts[0]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, type=Path)
@@ -266,8 +320,12 @@ def main(argv=None) -> int:
                     help="also the pipeline's peak RSS on the clip and on the clip N times, each in a child process")
     ap.add_argument("--jobs", type=int, default=None,
                     help="also the embedded job on the clip repeated to a minute, in one process and in N side by side")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run transcode, pipeline and naive this many times in turn; medians are reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
 
     from pipeline.job import Engine, JobOptions
     from pipeline.media import plan
@@ -308,8 +366,6 @@ def main(argv=None) -> int:
         import torch
 
         res["device_name"] = torch.cuda.get_device_name()
-    runs = {}
-    rss = {}
     with tempfile.TemporaryDirectory(prefix="facemend-bench-") as tmp:
         tmp = Path(tmp)
         if engine.device.startswith("cuda"):  # CUDA's start and cuDNN's first plans: not timed
@@ -317,38 +373,16 @@ def main(argv=None) -> int:
                 run_pipeline(vplan, opts, en, tmp, min(stop, 8), args.io_queue)
             if "naive" not in skip:
                 run_naive(vplan, opts, engine, tmp, min(stop, 8))
-        if "transcode" not in skip:
-            with RssPeak() as peak:
-                runs["transcode"] = run_transcode(vplan, opts.encoder(), tmp, stop)
-            rss["transcode"] = (peak.peak, peak.growth)
-        for k, e in enumerate(engines):
-            name = "pipeline" if len(engines) == 1 else f"pipeline[{e}]"
-            en = built[e][0]
-            with RssPeak() as peak:
-                runs[name] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
-            rss[name] = (peak.peak, peak.growth)
-            restorer = en.restorer
-            if "fast" not in skip and (len(restorer.zooms) > 1 or getattr(restorer.spec, "mirror", False)):
-                restorer.ensemble = False  # as JobOptions(fast=True) builds it
-                try:
-                    runs[name.replace("pipeline", "fast")] = run_pipeline(vplan, opts, en, tmp, stop, args.io_queue)
-                finally:
-                    restorer.ensemble = True
-        if "naive" not in skip:
-            with RssPeak() as peak:
-                runs["naive"] = run_naive(vplan, opts, engine, tmp, stop)
-            rss["naive"] = (peak.peak, peak.growth)
-    fps = {k: round(v["frames"] / v["seconds"], 3) for k, v in runs.items()}
-    res["fps"] = fps
-    ratios = res["ratios"] = {}
-    for name in [k for k in fps if k.startswith("pipeline")]:
-        tag = name[len("pipeline"):]
-        if "transcode" in fps:
-            ratios[f"pipeline{tag}_over_transcode"] = round(fps[name] / fps["transcode"], 3)
-        if f"fast{tag}" in fps:
-            ratios[f"fast{tag}_over_pipeline{tag}"] = round(fps[f"fast{tag}"] / fps[name], 3)
-        if "naive" in fps:
-            ratios[f"pipeline{tag}_over_naive"] = round(fps[name] / fps["naive"], 3)
+        rounds = [run_round(args, vplan, opts, engines, built, tmp, stop, skip) for _ in range(args.rounds)]
+    per_round = [({k: v["frames"] / v["seconds"] for k, v in rr.items()}, rr, rs) for rr, rs in rounds]
+    # the round whose pipeline ran at the median speed gives the stages and memory; fps and
+    # ratios are each the median over the rounds (runs minutes apart swing by a tenth)
+    _f, runs, rss = sorted(per_round, key=lambda x: x[0].get("pipeline", 0))[len(per_round) // 2]
+    res["fps"] = _median({k: round(v, 3) for k, v in f.items()} for f, _r, _s in per_round)
+    res["ratios"] = _median(ratios_of(f) for f, _r, _s in per_round)
+    if args.rounds > 1:
+        res["rounds"] = [{"fps": {k: round(v, 3) for k, v in f.items()}, "ratios": ratios_of(f)}
+                         for f, _r, _s in per_round]
     res["stages"] = {k: v.get("stages") for k, v in runs.items() if v.get("stages")}
     res["faces"] = {k: v.get("faces") for k, v in runs.items() if "faces" in v}
     res["detected_frames"] = {k: v["detected_frames"] for k, v in runs.items() if "detected_frames" in v}

@@ -386,3 +386,25 @@ def test_detect_every_3_segments_see_the_faces_of_one_pass(tmp_path):
     for i, (a, b) in enumerate(zip(one, two)):
         assert a.shape == b.shape, f"frame {i}: {len(a)} faces in one pass, {len(b)} in segments"
         assert np.abs(a - b).max() < 0.5, f"frame {i}: landmarks moved by {np.abs(a - b).max():.2f} px"
+
+
+def test_the_throughput_bench_reports_the_median_of_its_rounds(capsys):
+    """``bench.throughput --rounds N``: the transcode and the pipeline run N times in turn; each
+    fps and ratio reported is the median over the rounds, every round's figures are kept."""
+    import json
+    import statistics
+
+    from conftest import VIDEOS
+
+    from bench.throughput import main
+
+    assert main(["--input", str(VIDEOS / "selfie_mp3audio.mp4"), "--frames", "12", "--rounds", "3",
+                 "--skip", "naive,restore,networks,crop,fast", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rounds = res["rounds"]
+    assert len(rounds) == 3 and all(r["fps"]["pipeline"] > 0 and r["fps"]["transcode"] > 0 for r in rounds)
+    for key in ("pipeline", "transcode"):
+        assert res["fps"][key] == round(statistics.median(r["fps"][key] for r in rounds), 3)
+    ratio = "pipeline_over_transcode"
+    assert res["ratios"][ratio] == round(statistics.median(r["ratios"][ratio] for r in rounds), 3)
+    assert res["faces"]["pipeline"] >= 12 and res["stages"]["pipeline"]["detect"] > 0
