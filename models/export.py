@@ -9,12 +9,13 @@ Engines, by name (``--engine``, ``FACEMEND_ENGINE``):
 - ``torch``: the PyTorch module as it is (on CUDA: fp16, the pipeline's GPU path);
 - ``onnxruntime``: the module exported to ONNX (fp32) and run by ONNX Runtime;
 - ``openvino``: the same ONNX file compiled by OpenVINO: the restoration networks in bf16 on a
-  CPU that computes bf16 natively (AVX-512 BF16, AMX), f32 elsewhere and for MTCNN (a detector
-  thresholds its scores: it stays exact); ``FACEMEND_OPENVINO_PRECISION=f32`` keeps every
-  network in f32;
+  CPU that computes bf16 natively (AVX-512 BF16, AMX); elsewhere with the convolutions their
+  int8 plan names in int8 (``models.quantize``) and the rest in f32; MTCNN in f32 everywhere (a
+  detector thresholds its scores: it stays exact). ``FACEMEND_OPENVINO_PRECISION=f32`` keeps
+  every network in f32, ``int8`` takes the int8 plans on a bf16 CPU too;
 - ``auto``: on CUDA torch; on CPU the first installed of ``cpu_order()`` (restoration networks:
-  OpenVINO first on a bf16 CPU, ONNX Runtime first elsewhere) or ``MTCNN_CPU_ORDER`` (fastest
-  first, as measured by ``bench.throughput --engine``), else torch.
+  OpenVINO first, ONNX Runtime first where OpenVINO is held to f32) or ``MTCNN_CPU_ORDER``
+  (fastest first, as measured by ``bench.throughput --engine``), else torch.
 
 The ONNX file is exported once per network and weights, with dynamic batch, height and width,
 and cached under ``cache_dir()`` (``$FACEMEND_CACHE/onnx``, default ``~/.cache/facemend/onnx``)
@@ -50,6 +51,11 @@ CPU_ORDER = ("onnxruntime", "openvino")
 # against 14.0 ms per 128 px face at batch 16, 34 against 80 ms per 320x256 head at batch 1),
 # within 0.01 dB of torch fp32 on validation crops (models.training.parity)
 BF16_CPU_ORDER = ("openvino", "onnxruntime")
+# Elsewhere (AVX2, AVX-512 without bf16) OpenVINO runs each restoration network's int8 plan
+# (models.quantize): denoise on a 2-core AVX2 AMD EPYC, 128 px faces at batch 8, 7.5 against
+# 13.3 ms a face in f32 (ONNX Runtime f32: 11 % slower than OpenVINO f32 there), within 0.05 dB
+# of f32 on validation faces (models.training.quantize)
+INT8_CPU_ORDER = ("openvino", "onnxruntime")
 MTCNN_CPU_ORDER = ("openvino", "onnxruntime")
 EXPORT_VERSION = "1"  # part of the cache key: bump when the export itself changes
 OPSET = 17
@@ -73,12 +79,12 @@ def installed(name: str) -> bool:
     return importlib.util.find_spec(module) is not None and importlib.util.find_spec("onnx") is not None
 
 
-PRECISIONS = ("auto", "f32", "bf16")
+PRECISIONS = ("auto", "f32", "bf16", "int8")
 
 
 def openvino_precision() -> str:
-    """``$FACEMEND_OPENVINO_PRECISION``: ``auto`` (bf16 for the restoration networks where the
-    CPU has it), ``f32`` or ``bf16``."""
+    """``$FACEMEND_OPENVINO_PRECISION``: ``auto`` (the restoration networks in bf16 where the CPU
+    has it, else in their int8 plans), ``f32``, ``bf16`` or ``int8`` (the plans on any CPU)."""
     name = (os.environ.get("FACEMEND_OPENVINO_PRECISION") or "auto").strip().lower()
     if name not in PRECISIONS:
         raise ValueError(f"FACEMEND_OPENVINO_PRECISION={name!r}: choose one of {', '.join(PRECISIONS)}")
@@ -105,9 +111,10 @@ def bf16_cpu() -> bool:
 
 def cpu_order() -> tuple[str, ...]:
     """The restoration networks' CPU engines, fastest first, on this machine."""
-    if bf16_cpu() and openvino_precision() != "f32":
-        return BF16_CPU_ORDER
-    return CPU_ORDER
+    asked = openvino_precision()
+    if asked == "f32":
+        return CPU_ORDER
+    return BF16_CPU_ORDER if bf16_cpu() and asked != "int8" else INT8_CPU_ORDER
 
 
 def resolve(engine: str | None, device: str | torch.device = "cpu", order=None) -> str:
@@ -188,7 +195,7 @@ class OrtRunner:
     engine = "onnxruntime"
     precision = "f32"
 
-    def __init__(self, path: Path, device: torch.device, bf16: bool = False) -> None:
+    def __init__(self, path: Path, device: torch.device, bf16: bool = False, int8=None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -224,11 +231,13 @@ class OrtRunner:
 
 class OpenVinoRunner(OrtRunner):
     """An ONNX file compiled by OpenVINO for the CPU: in bf16 when ``bf16`` (the network's
-    outputs tolerate it), the CPU has it and ``openvino_precision()`` allows it, else f32."""
+    outputs tolerate it), the CPU has it and ``openvino_precision()`` allows it; else with its
+    int8 plan (``int8``: a callable giving the plan or None) where one is shipped and allowed;
+    else f32."""
 
     engine = "openvino"
 
-    def __init__(self, path: Path, device: torch.device, bf16: bool = False) -> None:  # noqa: D107
+    def __init__(self, path: Path, device: torch.device, bf16: bool = False, int8=None) -> None:  # noqa: D107
         if device.type != "cpu":
             raise RuntimeError("the openvino engine runs on CPU only")
         import openvino as ov
@@ -236,8 +245,14 @@ class OpenVinoRunner(OrtRunner):
         core = ov.Core()
         asked = openvino_precision()
         self.precision = "bf16" if (asked == "bf16" or (asked == "auto" and bf16)) and bf16_cpu() else "f32"
+        plan = int8() if int8 is not None and self.precision == "f32" and asked in ("auto", "int8") else None
+        if plan:
+            from .quantize import qdq_onnx
+
+            path, self.precision = qdq_onnx(path, plan), "int8"
         self.compiled = core.compile_model(str(path), "CPU", {
-            "INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": _threads(),
+            "INFERENCE_PRECISION_HINT": "f32" if self.precision == "int8" else self.precision,
+            "INFERENCE_NUM_THREADS": _threads(),
             "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
         self.device = device
@@ -258,11 +273,12 @@ RUNNERS = {"onnxruntime": OrtRunner, "openvino": OpenVinoRunner}
 
 
 def runner(module: torch.nn.Module, name: str, engine: str | None, device: str | torch.device,
-           sample: torch.Tensor, order=None, bf16: bool = False):
+           sample: torch.Tensor, order=None, bf16: bool = False, int8=None):
     """A callable running ``module`` with ``engine`` on ``device`` (see the module doc), or None
     when torch runs it (asked for, ``auto``'s choice from ``order``, or the fallback after one
     warning). bf16: the network may run in bf16 where the engine and CPU can (its parity with
-    fp32 is tested: the restoration networks)."""
+    fp32 is tested: the restoration networks); int8: a callable giving its int8 plan
+    (``models.quantize``) or None, used by OpenVINO where bf16 is not."""
     device = torch.device(device)
     choice = resolve(engine, device, order)
     if choice == "torch":
@@ -275,7 +291,7 @@ def runner(module: torch.nn.Module, name: str, engine: str | None, device: str |
         import copy
 
         path = export_onnx(copy.deepcopy(module).to("cpu"), name, sample.to("cpu", torch.float32))
-        return RUNNERS[choice](path, device, bf16=bf16)
+        return RUNNERS[choice](path, device, bf16=bf16, int8=int8)
     except Exception as e:  # noqa: BLE001 - any failure of an optional engine: torch still works
         warn_once(f"engine {choice!r} could not run {name} ({type(e).__name__}: {e}): "
                   "running it in torch")
@@ -288,5 +304,5 @@ def engine_of(run) -> str:
 
 
 def precision_of(run) -> str:
-    """The precision a ``runner`` result computes in on CPU: f32 or bf16."""
+    """The precision a ``runner`` result computes in on CPU: f32, bf16 or int8."""
     return "f32" if run is None else run.precision

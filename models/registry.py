@@ -33,7 +33,8 @@ class Restorer(nn.Module):
 
     @property
     def precision(self) -> str:
-        """What the engine computes in on CPU: f32, or bf16 (OpenVINO on a bf16 CPU)."""
+        """What the engine computes in on CPU: f32, bf16 (OpenVINO on a bf16 CPU) or int8
+        (OpenVINO with the network's int8 plan elsewhere)."""
         from .export import precision_of
 
         return precision_of(self.run)
@@ -96,8 +97,13 @@ def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
     from .export import runner
 
     net = load_net(path, device=device)
-    # bf16 where the engine and CPU have it: within 0.01 dB of fp32 (models.training.parity)
-    run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size), bf16=True)
+    # bf16 where the engine and CPU have it: within 0.01 dB of fp32 (models.training.parity);
+    # else the network's int8 plan where it ships one: within 0.05 dB (models.training.quantize)
+    from .export import weights_hash
+    from .quantize import load_plan
+
+    run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size), bf16=True,
+                 int8=lambda: load_plan(path, weights_hash(net)))
     model = Restorer(spec, net, run).eval().to(device)
     if half and run is None:  # an engine's runner takes and gives the crops' dtype itself
         model = model.half()

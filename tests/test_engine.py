@@ -1,7 +1,8 @@
 """Inference engines (models.export): ONNX export and cache, fallback, and parity with torch.
 
 Each engine's restorations of real face crops (UTKFace validation photos, aligned as the product
-crops them) must score within 0.05 dB PSNR of torch fp32's and lie over 50 dB from them; the
+crops them) must score within 0.05 dB PSNR of torch fp32's and lie over 50 dB from them (an
+int8 plan, OpenVINO's choice on a CPU without bf16: 0.1 dB and 38 dB); the
 unmask self-ensembles (mirror, zooms) must give the same deltas through an engine; MTCNN through
 an engine must find the same faces (count, box IoU >= 0.95) on frames of the shared clips and
 photos. An engine that is not installed is skipped, with the reason.
@@ -49,8 +50,8 @@ def test_engine_names_and_auto():
     assert export.resolve("auto", "cuda") == "torch"  # the GPU path: torch (fp16 via half=True)
     first = next((e for e in export.cpu_order() if export.installed(e)), "torch")
     assert export.resolve("auto", "cpu") == first
-    # OpenVINO first for the restoration networks exactly where it runs them in bf16
-    assert export.cpu_order() == (export.BF16_CPU_ORDER if export.bf16_cpu() else export.CPU_ORDER)
+    # OpenVINO first for the restoration networks: in bf16 where the CPU has it, else int8 plans
+    assert export.cpu_order() == (export.BF16_CPU_ORDER if export.bf16_cpu() else export.INT8_CPU_ORDER)
     first = next((e for e in export.MTCNN_CPU_ORDER if export.installed(e)), "torch")
     assert export.resolve("auto", "cpu", export.MTCNN_CPU_ORDER) == first
     assert export.resolve(None, "cpu") in ("torch", *export.CPU_ORDER)
@@ -59,6 +60,8 @@ def test_engine_names_and_auto():
 def test_openvino_precision_setting(monkeypatch):
     monkeypatch.setenv("FACEMEND_OPENVINO_PRECISION", "f32")
     assert export.openvino_precision() == "f32" and export.cpu_order() == export.CPU_ORDER
+    monkeypatch.setenv("FACEMEND_OPENVINO_PRECISION", "int8")
+    assert export.openvino_precision() == "int8" and export.cpu_order() == export.INT8_CPU_ORDER
     monkeypatch.setenv("FACEMEND_OPENVINO_PRECISION", "fp8")
     with pytest.raises(ValueError, match="FACEMEND_OPENVINO_PRECISION"):
         export.openvino_precision()
@@ -181,14 +184,16 @@ def parity(task: str) -> dict:
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
 def test_restorations_match_torch_on_real_face_crops(engine):
     """Every shipped restoration network (unmask with its mirror ensemble) on 24 aligned
-    validation faces with the task's evaluation degradation: within 0.05 dB of torch fp32."""
+    validation faces with the task's evaluation degradation: within 0.05 dB of torch fp32 in f32
+    or bf16, 0.1 dB with the network's int8 plan (OpenVINO on a CPU without bf16)."""
     assert len(val_crops()) == 24
     for task in _tasks():
         res = parity(task)
         got = res[engine]
         assert got["engine"] == engine, (task, got)
-        assert abs(got["delta_db"]) <= 0.05, (task, res)
-        assert got["psnr_to_torch"] > 50, (task, res)
+        int8 = got["precision"] == "int8"
+        assert abs(got["delta_db"]) <= (0.1 if int8 else 0.05), (task, res)
+        assert got["psnr_to_torch"] > (38 if int8 else 50), (task, res)
 
 
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
@@ -210,8 +215,10 @@ def test_unmask_self_ensembles_through_an_engine(engine):
         rest = FaceRestorer(model)
         assert len(rest.zooms) == 3 and rest.spec.mirror
         out[e] = rest.deltas([img], faces)[0]
-    # bf16 (OpenVINO on a bf16 CPU) rounds the activations: a level or two apart at most
-    most, floor = (4.0, 45) if model.precision == "bf16" else (0.5, 50)
+    # bf16 (OpenVINO on a bf16 CPU) rounds the activations: a level or two apart at most;
+    # int8 (a CPU without bf16) rounds the convolutions' inputs to 256 levels: over 50 dB from
+    # f32 on a photo's faces, a few painted pixels up to 20 levels apart
+    most, floor = {"bf16": (4.0, 45), "int8": (32.0, 45)}.get(model.precision, (0.5, 50))
     assert len(out["torch"]) == len(out[engine]) == len(faces[0])
     for (ra, da), (rb, db) in zip(out["torch"], out[engine]):
         assert ra == rb

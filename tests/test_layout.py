@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = {"__init__.py", "tasks.py", "registry.py", "nets.py", "vae.py", "facemath.py", "export.py"}
+RUNTIME = {"__init__.py", "tasks.py", "registry.py", "nets.py", "vae.py", "facemath.py", "export.py", "quantize.py"}
 MAX_LINES = 400
 
 
