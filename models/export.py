@@ -9,12 +9,12 @@ Engines, by name (``--engine``, ``FACEMEND_ENGINE``):
 - ``torch``: the PyTorch module as it is (on CUDA: fp16, the pipeline's GPU path);
 - ``onnxruntime``: the module exported to ONNX (fp32) and run by ONNX Runtime;
 - ``openvino``: the same ONNX file compiled by OpenVINO: the restoration networks in bf16 on a
-  CPU that computes bf16 natively (AVX-512 BF16, AMX); elsewhere with the convolutions their
-  int8 plan names in int8 (``models.quantize``) and the rest in f32; MTCNN in f32 everywhere (a
+  CPU that computes bf16 natively (AVX-512 BF16, AMX); on other x86-64 CPUs with the
+  convolutions their int8 plan names in int8 (``models.quantize``) and the rest in f32; MTCNN in f32 everywhere (a
   detector thresholds its scores: it stays exact). ``FACEMEND_OPENVINO_PRECISION=f32`` keeps
   every network in f32, ``int8`` takes the int8 plans on a bf16 CPU too;
 - ``auto``: on CUDA torch; on CPU the first installed of ``cpu_order()`` (restoration networks:
-  OpenVINO first, ONNX Runtime first where OpenVINO is held to f32) or ``MTCNN_CPU_ORDER``
+  OpenVINO first where it runs them in bf16 or int8 (x86-64), ONNX Runtime first elsewhere) or ``MTCNN_CPU_ORDER``
   (fastest first, as measured by ``bench.throughput --engine``), else torch.
 
 The ONNX file is exported once per network and weights, with dynamic batch, height and width,
@@ -30,6 +30,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -109,12 +110,33 @@ def bf16_cpu() -> bool:
     return _bf16_cpu
 
 
+_int8_cpu: bool | None = None
+
+
+def int8_cpu() -> bool:
+    """True on an x86-64 CPU where OpenVINO is installed and says it computes int8 (AVX2 and
+    later: where the int8 plans were measured; elsewhere they are used only when asked for)."""
+    global _int8_cpu
+    if _int8_cpu is None:
+        _int8_cpu = False
+        if installed("openvino") and platform.machine().lower() in ("x86_64", "amd64"):
+            try:
+                import openvino as ov
+
+                _int8_cpu = "INT8" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            except Exception as e:  # noqa: BLE001 - a broken install: as if it had none
+                log.debug("openvino capabilities: %s", e)
+    return _int8_cpu
+
+
 def cpu_order() -> tuple[str, ...]:
     """The restoration networks' CPU engines, fastest first, on this machine."""
     asked = openvino_precision()
     if asked == "f32":
         return CPU_ORDER
-    return BF16_CPU_ORDER if bf16_cpu() and asked != "int8" else INT8_CPU_ORDER
+    if bf16_cpu() and asked != "int8":
+        return BF16_CPU_ORDER
+    return INT8_CPU_ORDER if int8_cpu() or asked == "int8" else CPU_ORDER
 
 
 def resolve(engine: str | None, device: str | torch.device = "cpu", order=None) -> str:
@@ -245,15 +267,21 @@ class OpenVinoRunner(OrtRunner):
         core = ov.Core()
         asked = openvino_precision()
         self.precision = "bf16" if (asked == "bf16" or (asked == "auto" and bf16)) and bf16_cpu() else "f32"
-        plan = int8() if int8 is not None and self.precision == "f32" and asked in ("auto", "int8") else None
+        options = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY"}
+        use_int8 = asked == "int8" or (asked == "auto" and int8_cpu())
+        plan = int8() if int8 is not None and self.precision == "f32" and use_int8 else None
+        self.compiled = None
         if plan:
-            from .quantize import qdq_onnx
+            try:
+                from .quantize import qdq_onnx
 
-            path, self.precision = qdq_onnx(path, plan), "int8"
-        self.compiled = core.compile_model(str(path), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32" if self.precision == "int8" else self.precision,
-            "INFERENCE_NUM_THREADS": _threads(),
-            "PERFORMANCE_HINT": "LATENCY"})
+                self.compiled = core.compile_model(str(qdq_onnx(path, plan)), "CPU",
+                                                   {**options, "INFERENCE_PRECISION_HINT": "f32"})
+                self.precision = "int8"
+            except Exception as e:  # noqa: BLE001 - the f32 network still runs
+                warn_once(f"openvino could not run {path.stem}'s int8 plan ({type(e).__name__}: {e}): running it in f32")
+        if self.compiled is None:
+            self.compiled = core.compile_model(str(path), "CPU", {**options, "INFERENCE_PRECISION_HINT": self.precision})
         self.request = self.compiled.create_infer_request()
         self.device = device
         self.n_out = len(self.compiled.outputs)

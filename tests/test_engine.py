@@ -51,7 +51,8 @@ def test_engine_names_and_auto():
     first = next((e for e in export.cpu_order() if export.installed(e)), "torch")
     assert export.resolve("auto", "cpu") == first
     # OpenVINO first for the restoration networks: in bf16 where the CPU has it, else int8 plans
-    assert export.cpu_order() == (export.BF16_CPU_ORDER if export.bf16_cpu() else export.INT8_CPU_ORDER)
+    assert export.cpu_order() == (export.BF16_CPU_ORDER if export.bf16_cpu() else
+                                  export.INT8_CPU_ORDER if export.int8_cpu() else export.CPU_ORDER)
     first = next((e for e in export.MTCNN_CPU_ORDER if export.installed(e)), "torch")
     assert export.resolve("auto", "cpu", export.MTCNN_CPU_ORDER) == first
     assert export.resolve(None, "cpu") in ("torch", *export.CPU_ORDER)

@@ -116,3 +116,23 @@ def test_openvino_int8_restores_real_faces_as_f32_does(task, monkeypatch):
     assert abs(db["int8"] - db["f32"]) <= 0.1, (task, db)
     diff = np.mean((out["int8"] - out["f32"]) ** 2)
     assert 10 * np.log10(255.0**2 / diff) > 38, (task, diff)  # a level or so apart, not another picture
+
+
+@needs_openvino
+def test_an_int8_plan_that_cannot_compile_leaves_the_network_in_openvino_f32(monkeypatch, caplog):
+    import logging
+
+    import models.quantize as Q
+
+    def broken(src, plan):
+        raise RuntimeError("no int8 kernels here")
+
+    monkeypatch.setenv("FACEMEND_OPENVINO_PRECISION", "int8")
+    monkeypatch.setattr(Q, "qdq_onnx", broken)
+    with caplog.at_level(logging.WARNING, logger="models.export"):
+        model = models.load("denoise", engine="openvino")
+    assert model.engine == "openvino" and model.precision == "f32"
+    assert "int8 plan" in caplog.text and "no int8 kernels here" in caplog.text
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
