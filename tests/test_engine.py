@@ -2,7 +2,7 @@
 
 Each engine's restorations of real face crops (UTKFace validation photos, aligned as the product
 crops them) must score within 0.05 dB PSNR of torch fp32's and lie over 50 dB from them (an
-int8 plan, OpenVINO's choice on a CPU without bf16: 0.1 dB and 38 dB); the
+int8 plan, OpenVINO's choice on a CPU without bf16: 0.1 dB and 42 dB); the
 unmask self-ensembles (mirror, zooms) must give the same deltas through an engine; MTCNN through
 an engine must find the same faces (count, box IoU >= 0.95) on frames of the shared clips and
 photos. An engine that is not installed is skipped, with the reason.
@@ -194,7 +194,7 @@ def test_restorations_match_torch_on_real_face_crops(engine):
         assert got["engine"] == engine, (task, got)
         int8 = got["precision"] == "int8"
         assert abs(got["delta_db"]) <= (0.1 if int8 else 0.05), (task, res)
-        assert got["psnr_to_torch"] > (38 if int8 else 50), (task, res)
+        assert got["psnr_to_torch"] > (42 if int8 else 50), (task, res)
 
 
 @pytest.mark.parametrize("engine", [pytest.param(e, marks=needs(e)) for e in ENGINES])
