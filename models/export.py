@@ -92,41 +92,33 @@ def openvino_precision() -> str:
     return name
 
 
-_bf16_cpu: bool | None = None
+_cpu_caps: tuple[str, ...] | None = None
 
 
-def bf16_cpu() -> bool:
-    """True when OpenVINO is installed and says this CPU computes bf16 natively."""
-    global _bf16_cpu
-    if _bf16_cpu is None:
-        _bf16_cpu = False
+def _openvino_caps() -> tuple[str, ...]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES for this CPU, asked once; none without OpenVINO."""
+    global _cpu_caps
+    if _cpu_caps is None:
+        _cpu_caps = ()
         if installed("openvino"):
             try:
                 import openvino as ov
 
-                _bf16_cpu = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+                _cpu_caps = tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
             except Exception as e:  # noqa: BLE001 - a broken install: as if it had none
                 log.debug("openvino capabilities: %s", e)
-    return _bf16_cpu
+    return _cpu_caps
 
 
-_int8_cpu: bool | None = None
+def bf16_cpu() -> bool:
+    """True when OpenVINO is installed and says this CPU computes bf16 natively."""
+    return "BF16" in _openvino_caps()
 
 
 def int8_cpu() -> bool:
     """True on an x86-64 CPU where OpenVINO is installed and says it computes int8 (AVX2 and
     later: where the int8 plans were measured; elsewhere they are used only when asked for)."""
-    global _int8_cpu
-    if _int8_cpu is None:
-        _int8_cpu = False
-        if installed("openvino") and platform.machine().lower() in ("x86_64", "amd64"):
-            try:
-                import openvino as ov
-
-                _int8_cpu = "INT8" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-            except Exception as e:  # noqa: BLE001 - a broken install: as if it had none
-                log.debug("openvino capabilities: %s", e)
-    return _int8_cpu
+    return platform.machine().lower() in ("x86_64", "amd64") and "INT8" in _openvino_caps()
 
 
 def cpu_order() -> tuple[str, ...]:
@@ -190,9 +182,7 @@ def export_onnx(module: torch.nn.Module, name: str, sample: torch.Tensor) -> Pat
     axes = {"x": {0: "batch", 2: "height", 3: "width"}}
     for o, y in zip(out_names, outputs if n_out > 1 else [outputs]):
         axes[o] = {0: "batch"} | ({2: f"{o}_height", 3: f"{o}_width"} if y.ndim == 4 else {})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    def save(tmp: str) -> None:
         import warnings
 
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
@@ -200,11 +190,21 @@ def export_onnx(module: torch.nn.Module, name: str, sample: torch.Tensor) -> Pat
             torch.onnx.export(module, (sample.float().contiguous(),), tmp, input_names=["x"],
                               output_names=out_names, dynamic_axes=axes, opset_version=OPSET,
                               dynamo=False)
+    write_atomically(path, save)
+    return path
+
+
+def write_atomically(path: Path, save) -> None:
+    """``save(tmp)`` writes the file under a temporary name beside ``path``, then it is renamed:
+    concurrent workers never read a half-written file, and a failed write leaves nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _threads() -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +105,7 @@ def qdq_onnx(src: Path, plan: dict) -> Path:
     keep = [t for t in g.initializer if t.name not in used]  # the float weights now quantized
     del g.initializer[:]
     g.initializer.extend(keep)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .export import write_atomically
+
+    write_atomically(dst, lambda tmp: onnx.save(model, tmp))
     return dst
