@@ -135,6 +135,19 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="facemend: %(message)s", stream=sys.stderr)
 
 
+def check_engine_settings() -> None:
+    """FACEMEND_ENGINE and FACEMEND_OPENVINO_PRECISION for a job run here: a bad value is a bad
+    setting (exit 2) before any work, not a model that failed to load."""
+    from models.export import openvino_precision, requested
+    from worker.errors import SettingsError
+
+    try:
+        requested()
+        openvino_precision()
+    except ValueError as e:
+        raise SettingsError(f"FACEMEND_ENGINE: {e}" if "engine" in str(e) else str(e)) from None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.job import Hooks, JobOptions, run_job
 
@@ -164,6 +177,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise InputError("--jobs is for a job run in this process; a queued job runs in the"
                              " workers' pools (cli.py worker -c)")
         return submit_queued(args, opts, settings)
+    check_engine_settings()
     hooks = Hooks()
     if settings.storage_roots:  # embedded, as a worker does: every file opened or written
         from worker.storage import check_options, check_roots

@@ -659,6 +659,17 @@ def test_sigterm_stops_an_embedded_job_like_ctrl_c(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["closeup.mp4"]
 
 
+@pytest.mark.parametrize("var, value", [("FACEMEND_ENGINE", "tensorrt"), ("FACEMEND_OPENVINO_PRECISION", "int4")])
+def test_a_bad_engine_setting_is_a_settings_error_before_any_work(tmp_path, capfd, monkeypatch, var, value):
+    src = write_image(tmp_path / "a.png", 80, 80)
+    monkeypatch.delenv("FACEMEND_BROKER_URL", raising=False)
+    monkeypatch.setenv(var, value)
+    code, _, err = run(capfd, "submit", src, "--task", "denoise", "-o", tmp_path / "out.png")
+    assert code == 2, err
+    error_line(err, var, repr(value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
 # ---- 6. special files ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["clip.mp4", "face.jpg"])
