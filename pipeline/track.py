@@ -8,9 +8,11 @@ lookahead, however long the video.
 
 Association is greedy by IoU between a detection and the track's box, taken both where the
 track last was and where its last two detections' velocity puts it now (a face 90 px wide that
-moves 35 px a frame overlaps its box of two frames before by IoU 0.14 only). Detections and
-tracks still unpaired then pair by centre distance (at most half a box width per frame of gap,
-widths within 1.5x), so that a fast face keeps its track across a detection gap.
+moves 35 px a frame overlaps its box of two frames before by IoU 0.14 only), confident
+detections (``confirm_score``) first. Detections and tracks still unpaired then pair by centre
+distance (at most half a box width per frame of gap, widths within 1.5x), so that a fast face
+keeps its track across a detection gap; a weak detection only near where the track's motion puts
+it (``WEAK_STEP``).
 
 Detections may come with scores below the detector's own bar (``FaceDetector.track_score``):
 such a face is handed back only where its track holds a detection scoring at least
@@ -121,6 +123,14 @@ class _Track:
         return box if self.velocity is None else box + self.velocity * (index - self.last)
 
 
+# How far from where its track's motion puts it a weak detection (below ``confirm_score``) may
+# be and still continue the track without overlapping it: a fifth of its width per frame of the
+# gap, against half a width for a confident one. A masked face looking down is missed for a few
+# frames while the detector finds a weak box on the hair above it, a width away: followed, that
+# box took the track (and the paint) off the face.
+WEAK_STEP = 0.2
+
+
 class FaceTracker:
     """Streaming tracker. ``add(i, faces)`` for consecutive frames, then ``pop_ready()``."""
 
@@ -162,16 +172,19 @@ class FaceTracker:
                 self._tracks.append(t)
 
     def _pairs(self, index: int, live: list[_Track], faces: list[Face]) -> list[tuple[int, int]]:
-        """(track, face) pairs: greedy by IoU (last or predicted box), then by centre distance."""
+        """(track, face) pairs: greedy by IoU (last or predicted box), confident detections
+        (``confirm_score``) before weak ones, then by centre distance. Where the detector finds
+        two boxes on one head (a masked face looking down: its lower face and, weakly, the eyes
+        and hair above), the track keeps the confident one."""
         scored = sorted(
-            ((max(iou(t.last_box(), f.box), iou(t.predicted_box(index), f.box)), ti, fi)
-             for ti, t in enumerate(live) for fi, f in enumerate(faces)),
+            ((f.score >= self.confirm_score, overlap, ti, fi)
+             for ti, t in enumerate(live) for fi, f in enumerate(faces)
+             for overlap in [max(iou(t.last_box(), f.box), iou(t.predicted_box(index), f.box))]
+             if overlap >= self.min_iou),
             reverse=True,
         )
         used_t, used_f, out = set(), set(), []
-        for score, ti, fi in scored:
-            if score < self.min_iou:
-                break
+        for _, _, ti, fi in scored:
             if ti in used_t or fi in used_f:
                 continue
             used_t.add(ti)
@@ -180,7 +193,8 @@ class FaceTracker:
         near = sorted(
             (d, ti, fi) for ti, t in enumerate(live) if ti not in used_t
             for fi, f in enumerate(faces) if fi not in used_f
-            for d in [_centre_distance(t.predicted_box(index), f.box, index - t.last)] if d <= 0.5
+            for d in [_centre_distance(t.predicted_box(index), f.box, index - t.last)]
+            if d <= (0.5 if f.score >= self.confirm_score else WEAK_STEP)
         )
         for d, ti, fi in near:
             if ti in used_t or fi in used_f:

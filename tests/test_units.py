@@ -301,6 +301,44 @@ def test_tracker_drops_a_box_found_on_one_frame_only():
     assert [len(fs) for _, fs in once.pop_ready(final=True)] == [1]
 
 
+def _face_at(y: float, score: float, x: float = 300.0, w: float = 90.0) -> Face:
+    lm = align.template(1.0) * w * 1.4 + [x, y + 20.0]
+    return Face(box=np.array([x, y, x + w, y + 120.0]), landmarks=lm, score=score)
+
+
+def test_a_weak_box_away_from_a_track_does_not_take_it():
+    """A masked face looking down (walking_1080p): the detector misses it for a few frames and
+    finds a weak box on the hair above it, a box height away, then both. The track stays on the
+    face (its gaps interpolated) and the hair box, never confirmed, is not handed back."""
+    tr = FaceTracker(confirm_score=0.9)
+    for i in range(22):
+        if i % 3:
+            tr.add(i, None)
+        elif i in (12, 15):  # the hair box (weak, no overlap with the face); then the face too
+            tr.add(i, [_face_at(180.0, 0.64)] + ([_face_at(285.0, 0.77)] if i == 15 else []))
+        else:
+            tr.add(i, [_face_at(280.0, 0.99)])
+    out = tr.pop_ready() + tr.pop_ready(final=True)
+    assert [len(fs) for _, fs in out] == [1] * 22
+    assert all(fs[0].box[1] >= 280.0 for _, fs in out)  # never on the hair
+    assert len({fs[0].track for _, fs in out}) == 1
+
+
+def test_a_track_takes_the_confident_of_two_boxes_on_one_head():
+    """Two boxes on one head, both overlapping its track: the weak one (eyes and hair) overlaps
+    it more, the confident one (the lower face) less; the track goes on with the confident one."""
+    tr = FaceTracker(confirm_score=0.9)
+    for i in range(0, 10, 3):
+        tr.add(i, [_face_at(280.0, 0.99)])
+        tr.add(i + 1, None)
+        tr.add(i + 2, None)
+    weak, sure = _face_at(250.0, 0.6), _face_at(335.0, 0.95)
+    tr.add(12, [weak, sure])
+    out = dict(tr.pop_ready(final=True))
+    assert [f.box[1] for f in out[12]] == [335.0]
+    assert out[12][0].track == out[0][0].track
+
+
 def test_same_faces_tells_when_faces_appear_or_vanish():
     from pipeline.track import same_faces
 
