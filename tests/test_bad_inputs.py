@@ -898,7 +898,7 @@ def start_worker(queue_db, tmp_path):
         while "models loaded" not in log_path.read_text(errors="replace"):
             assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-            time.sleep(0.3)
+            time.sleep(0.1)
         return proc
 
     yield start

@@ -177,33 +177,35 @@ def test_worker_killed_mid_segment_watchdog_sends_it_again(chaos, tmp_path):
 
 def test_lost_messages_are_sent_again(chaos, tmp_path):
     """Messages vanish while the record says QUEUED (deleted here from the broker's lists): the
-    watchdog finds no message and no runner, and sends them again; first the plan's, then the
-    segments'. A message handed to a worker counts as taken for a heartbeat timeout; 8 s here,
-    as a fresh worker on a busy 2-core machine can take over 4 s to start its first task (and
-    would get a second copy, harmless but not what this test counts)."""
+    watchdog finds no message and no runner, and sends them again; a plan's for one job, the
+    segments' for another (both lost at once, so that one heartbeat timeout covers both). A
+    message handed to a worker counts as taken for a heartbeat timeout; 8 s here, as a fresh
+    worker on a busy 2-core machine can take over 4 s to start its first task (and would get a
+    second copy, harmless but not what this test counts)."""
     workers, settings, client = chaos
     settings = {**settings, "FACEMEND_HEARTBEAT_TIMEOUT": 8}
     src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 3.0)
-    out = tmp_path / "out.mp4"
+    out, out2 = tmp_path / "out.mp4", tmp_path / "out2.mp4"
     fast = ("--task", "identity", "--preset", "ultrafast", "--segment-seconds", 1)
-    job_id = cli_json("submit", src, *fast, "-o", out, **settings)["id"]
-    assert client.llen("cpu") == 1  # no worker yet: the plan's message waits; lose it
+    # the plan's message: no worker yet, it waits; lose it
+    lost_plan = cli_json("submit", src, *fast, "-o", out, **settings)["id"]
+    assert client.llen("cpu") == 1
     client.delete("cpu")
+    # the segments' messages: the second job's segments go to a queue of their own that no
+    # worker serves yet (w1 plans the job); they are deleted there before an archive worker starts
     workers.start("w1", args=("--queues", "gpu,cpu"), **settings)  # not the archive queue
-    job = finish(job_id, settings, workers=workers)
-    no_part_failed(job)
-    assert int(client.hget(f"facemend:job:{job_id}", "plan.resent") or 0) == 1
-    same_media(probe(src), probe(out))
-
-    # the segments' messages: the job's segments go to a queue of their own that no worker
-    # serves yet (w1 plans the job); they are deleted there before an archive worker starts
-    out2 = tmp_path / "out2.mp4"
-    job_id = cli_json("submit", src, *fast, "-o", out2, "--queue", "archive", **settings)["id"]
+    lost_segments = cli_json("submit", src, *fast, "-o", out2, "--queue", "archive", **settings)["id"]
     wait_until(lambda: client.llen("archive") == 3, 60, "three segment messages in the archive queue")
-    assert [p["state"] for p in rec(client, job_id)["parts"]] == ["QUEUED"] * 3
+    assert [p["state"] for p in rec(client, lost_segments)["parts"]] == ["QUEUED"] * 3
     client.delete("archive")
     workers.start("w2", args=("--queues", "archive"), **settings)
-    job = finish(job_id, settings, workers=workers)
+
+    job = finish(lost_plan, settings, workers=workers)
+    no_part_failed(job)
+    assert int(client.hget(f"facemend:job:{lost_plan}", "plan.resent") or 0) == 1
+    same_media(probe(src), probe(out))
+
+    job = finish(lost_segments, settings, workers=workers)
     no_part_failed(job)
     assert [p["resent"] for p in job["parts"]] == [1, 1, 1]
     assert [p["attempts"] for p in job["parts"]] == [1, 1, 1]

@@ -37,8 +37,15 @@ def env(**extra) -> dict:
 
 
 def cli(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> subprocess.CompletedProcess:
+    """``cli.py`` as a client of the workers. A command sent to a broker runs no network in this
+    process, so it goes without the workers' FACEMEND_TORCH_THREADS (``submit`` imports torch
+    to apply it, well over a second a call on a busy 2-core machine); a command run embedded
+    (FACEMEND_BROKER_URL set empty), or one given the setting, keeps it."""
+    e = env(**extra)
+    if e.get("FACEMEND_BROKER_URL") and "FACEMEND_TORCH_THREADS" not in extra:
+        del e["FACEMEND_TORCH_THREADS"]
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout, env=env(**extra))
+                          text=True, cwd=cwd, timeout=timeout, env=e)
 
 
 def cli_json(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> dict:
@@ -65,7 +72,7 @@ class Workers:
             while "models loaded" not in self.log(name):
                 assert self.procs[name].poll() is None, f"worker {name} exited:\n{self.log(name)[-3000:]}"
                 assert time.monotonic() < deadline, f"worker {name} not ready:\n{self.log(name)[-3000:]}"
-                time.sleep(0.3)
+                time.sleep(0.1)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -107,7 +114,7 @@ def status(job_id: str) -> dict:
     return cli_json("status", job_id)
 
 
-def wait_until(pred, timeout: float, what: str, every: float = 0.3):
+def wait_until(pred, timeout: float, what: str, every: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = pred()
