@@ -151,11 +151,6 @@ def check_engine_settings() -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.job import Hooks, JobOptions, run_job
 
-    threads = os.environ.get("FACEMEND_TORCH_THREADS", "")
-    if threads.strip() not in ("", "0"):  # as the worker does; 1 is faster on a crowded CPU
-        import torch
-
-        torch.set_num_threads(int(threads))
     if args.engine:  # the embedded run's engine (models.export reads it)
         os.environ["FACEMEND_ENGINE"] = args.engine
 
@@ -178,6 +173,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
                              " workers' pools (cli.py worker -c)")
         return submit_queued(args, opts, settings)
     check_engine_settings()
+    threads = os.environ.get("FACEMEND_TORCH_THREADS", "")
+    if threads.strip() not in ("", "0"):  # as the worker does; 1 is faster on a crowded CPU
+        import torch  # the embedded run only: a queued submit runs no network (torch: ~1.5 s)
+
+        torch.set_num_threads(int(threads))
     hooks = Hooks()
     if settings.storage_roots:  # embedded, as a worker does: every file opened or written
         from worker.storage import check_options, check_roots

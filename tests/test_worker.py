@@ -37,15 +37,10 @@ def env(**extra) -> dict:
 
 
 def cli(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> subprocess.CompletedProcess:
-    """``cli.py`` as a client of the workers. A command sent to a broker runs no network in this
-    process, so it goes without the workers' FACEMEND_TORCH_THREADS (``submit`` imports torch
-    to apply it, well over a second a call on a busy 2-core machine); a command run embedded
-    (FACEMEND_BROKER_URL set empty), or one given the setting, keeps it."""
-    e = env(**extra)
-    if e.get("FACEMEND_BROKER_URL") and "FACEMEND_TORCH_THREADS" not in extra:
-        del e["FACEMEND_TORCH_THREADS"]
+    """``cli.py`` as a client of the workers, with the workers' environment (as a deployment
+    gives both the same one)."""
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=timeout, env=e)
+                          text=True, cwd=cwd, timeout=timeout, env=env(**extra))
 
 
 def cli_json(*args, timeout: float = 120, cwd: Path = ROOT, **extra) -> dict:
@@ -347,6 +342,18 @@ def test_commands_need_a_broker_and_report_unknown_jobs(db, tmp_path):
     assert p.returncode == 7
     p = cli("list", FACEMEND_SEGMENT_SECONDS="soon")
     assert p.returncode == 2 and "FACEMEND_SEGMENT_SECONDS" in p.stderr
+
+
+def test_a_queued_submit_loads_no_network_code(db, tmp_path):
+    """A client that queues thousands of files runs no network: with the workers' environment
+    (FACEMEND_TORCH_THREADS included) ``submit`` queues the job without importing torch."""
+    src = cut(VIDEOS / "closeup_pexels.mp4", tmp_path / "closeup.mp4", 1.0)
+    p = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "cli.py"), "submit", str(src), "--task",
+                        "denoise", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120, env=env())
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["state"] == "QUEUED"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+    assert "celery" in imported and "torch" not in imported and "openvino" not in imported
 
 
 @pytest.fixture
