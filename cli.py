@@ -143,9 +143,12 @@ def check_engine_settings() -> None:
 
     try:
         requested()
-        openvino_precision()
     except ValueError as e:
-        raise SettingsError(f"FACEMEND_ENGINE: {e}" if "engine" in str(e) else str(e)) from None
+        raise SettingsError(f"FACEMEND_ENGINE: {e}") from None
+    try:
+        openvino_precision()
+    except ValueError as e:  # its message names the variable
+        raise SettingsError(str(e)) from None
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

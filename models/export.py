@@ -10,12 +10,13 @@ Engines, by name (``--engine``, ``FACEMEND_ENGINE``):
 - ``onnxruntime``: the module exported to ONNX (fp32) and run by ONNX Runtime;
 - ``openvino``: the same ONNX file compiled by OpenVINO: the restoration networks in bf16 on a
   CPU that computes bf16 natively (AVX-512 BF16, AMX); on other x86-64 CPUs with the
-  convolutions their int8 plan names in int8 (``models.quantize``) and the rest in f32; MTCNN in f32 everywhere (a
-  detector thresholds its scores: it stays exact). ``FACEMEND_OPENVINO_PRECISION=f32`` keeps
-  every network in f32, ``int8`` takes the int8 plans on a bf16 CPU too;
+  convolutions their int8 plan names in int8 (``models.quantize``) and the rest in f32; MTCNN
+  in f32 everywhere (a detector thresholds its scores: it stays exact).
+  ``FACEMEND_OPENVINO_PRECISION=f32`` keeps every network in f32, ``int8`` takes the int8 plans
+  on a bf16 CPU too;
 - ``auto``: on CUDA torch; on CPU the first installed of ``cpu_order()`` (restoration networks:
-  OpenVINO first where it runs them in bf16 or int8 (x86-64), ONNX Runtime first elsewhere) or ``MTCNN_CPU_ORDER``
-  (fastest first, as measured by ``bench.throughput --engine``), else torch.
+  OpenVINO first where it runs them in bf16 or int8 (x86-64), ONNX Runtime first elsewhere) or
+  ``MTCNN_CPU_ORDER`` (fastest first, as measured by ``bench.throughput --engine``), else torch.
 
 The ONNX file is exported once per network and weights, with dynamic batch, height and width,
 and cached under ``cache_dir()`` (``$FACEMEND_CACHE/onnx``, default ``~/.cache/facemend/onnx``)

@@ -3,10 +3,10 @@
 A plan, ``models/weights/<task>.int8.json``, names the convolutions (by their weight's name in the
 network's state dict) that lose least by running in int8, each with the range of its input
 measured on calibration faces (``python -m models.training.quantize``), and the hash of the
-weights it was measured on (``models.export.weights_hash``). ``qdq_onnx`` writes the network's ONNX file (``models.export``) with
-those convolutions quantized the way ONNX Runtime's static quantizer does it (QDQ format):
-int8 weights per output channel, symmetric; uint8 activations per tensor, from the measured
-range; biases, additions and the other convolutions stay float. OpenVINO runs the quantized
+weights it was measured on (``models.export.weights_hash``). ``qdq_onnx`` writes the network's
+ONNX file (``models.export``) with those convolutions quantized the way ONNX Runtime's static
+quantizer does it (QDQ format): int8 weights per output channel, symmetric; uint8 activations
+per tensor, from the measured range; biases, additions and the other convolutions stay float. OpenVINO runs the quantized
 convolutions with its int8 kernels. The other convolutions stay float because they are the ones
 whose rounding shows in the output (those reading the residual stream at full resolution).
 

@@ -94,13 +94,12 @@ def load(task: str, device: str | torch.device = "cpu", *, half: bool = False,
     path = WEIGHTS_DIR / spec.weights
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights for task {spec.name!r} are missing")
-    from .export import runner
+    from .export import runner, weights_hash
+    from .quantize import load_plan
 
     net = load_net(path, device=device)
     # bf16 where the engine and CPU have it: within 0.01 dB of fp32 (models.training.parity);
     # else the network's int8 plan where it ships one: within 0.05 dB (models.training.quantize)
-    from .export import weights_hash
-    from .quantize import load_plan
 
     run = runner(net, spec.name, engine, device, torch.zeros(1, 3, spec.size, spec.size), bf16=True,
                  int8=lambda: load_plan(path, weights_hash(net)))

@@ -67,18 +67,22 @@ def ema_update(ema: nn.Module, net: nn.Module, step: int, decay: float) -> None:
         pe.lerp_(pn.detach(), 1 - d)
 
 
+def cpuinfo(field: str) -> str:
+    """The first ``field`` line's value in /proc/cpuinfo ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def hardware(device: str, threads: int) -> str:
     """What trained: the GPU's name, or the CPU's model, threads and cores."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
     return f"CPU {cpu}, {threads or torch.get_num_threads()} thread(s), {os.cpu_count()} cores"
 
 

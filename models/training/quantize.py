@@ -30,6 +30,7 @@ from ..tasks import resolve
 from .data import to_tensor
 from .degrade import degrade_batch
 from .evaluate import crops_from
+from .loop import cpuinfo
 
 
 def conv_ranges(net: torch.nn.Module, batches) -> tuple[dict, dict]:
@@ -92,14 +93,12 @@ class Judge:
 
 def cpu_name() -> str:
     """The CPU's model name and its widest vector units, from /proc/cpuinfo where there is one."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    name = cpuinfo("model name") or platform.processor() or platform.machine()
+    flags = set(cpuinfo("flags").split())
+    if not flags:
+        return name
     units = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f in flags][:1]
-    return f"{name or platform.machine()}, {units[0] if units else 'no AVX2'}"
+    return f"{name}, {units[0] if units else 'no AVX2'}"
 
 
 def measure(task: str, n: int, cal: int, budget: float, seed: int = 0) -> dict:
