@@ -67,6 +67,7 @@ class TaskSpec:
     aside: int = 0
     mirror: bool = False
     zooms: tuple[float, ...] = (1.0,)
+    sizes: tuple[int, ...] = ()  # a replacing task's template sides, one chosen per face by its size
 
     @property
     def cols_aside(self) -> int:

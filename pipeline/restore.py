@@ -149,10 +149,31 @@ class FaceRestorer:
         cap = self.batch_size if self.device.type == "cuda" else self.CPU_BATCH_PIXELS // (size * (width or size))
         return max(1, min(self.batch_size, cap))
 
-    def crop_size(self, face: Face) -> int:
-        """The side of the aligned crop's template square: the network's own (the crop adds
-        ``aside`` columns on each side and ``below`` rows under it)."""
-        return self.spec.size
+    def crop_size(self, face: Face, aspect: float = 1.0) -> int:
+        """The side of the aligned crop's template square: the network's own, or where the task
+        has several (``TaskSpec.sizes``), the one nearest the face's own size in the frame, so a
+        large face is painted at its resolution rather than enlarged from the network's (the crop
+        adds ``margins(size)`` around it)."""
+        sizes = getattr(self.spec, "sizes", ())
+        if not sizes:
+            return self.spec.size
+        m = align.estimate_transform(face.landmarks, self.spec.size, aspect)
+        own = self.spec.size / np.sqrt(abs(np.linalg.det(m[:, :2])))  # the face's template side, frame px
+        return min(sizes, key=lambda s: abs(np.log(s / own)))
+
+    def margins(self, size: int) -> tuple[int, int]:
+        """(columns on each side, rows below) of a replacing task's crop of template ``size``:
+        the spec's ``aside`` and ``below`` at its own size, grown with the template to the next
+        multiple of the network's stride (32: twice ``aside``, and ``below``)."""
+        k = -(-size // self.spec.size)  # 1 at the network's own size, 2 up to twice it
+        return self.aside * k, self.below * k
+
+    def _aside_of(self, width: int) -> int:
+        """The columns aside of a crop ``width`` wide (``margins`` of the size it was cut at)."""
+        for size in getattr(self.spec, "sizes", ()) or (self.spec.size,):
+            if size + 2 * self.margins(size)[0] == width:
+                return self.margins(size)[0]
+        return self.aside
 
     @property
     def local(self) -> bool:
@@ -174,11 +195,12 @@ class FaceRestorer:
             return self._local_deltas(images, faces, frames)
         for i, (img, fs) in enumerate(zip(images, faces)):
             for f in fs:
-                size = self.crop_size(f)
-                width = size + 2 * self.aside
+                size = self.crop_size(f, aspect)
+                aside, below = self.margins(size)
+                width = size + 2 * aside
                 for z in views:
-                    m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size, aspect), self.aside)
-                    jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + self.below)))
+                    m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size, aspect), aside)
+                    jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + below)))
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
@@ -311,7 +333,8 @@ class FaceRestorer:
         if not self.colour_match:
             return rest
         match = align.match_colour_robust if self.replaces else align.match_colour
-        region = align.colour_region(crop.shape[1] - 2 * self.aside, crop.shape[0], self.aside)
+        aside = self._aside_of(crop.shape[1])
+        region = align.colour_region(crop.shape[1] - 2 * aside, crop.shape[0], aside)
         return match(rest, crop.astype(np.float32), region)
 
     def _place(self, rest: np.ndarray, crop: np.ndarray, m: np.ndarray, image: np.ndarray,

@@ -428,6 +428,24 @@ def test_unmask_training_keeps_a_share_of_faces_unmasked(train_crops):
     assert not mask[same].any() and all(m.any() for m in mask[~same])
 
 
+def test_unmask_trains_on_crops_of_several_sizes_from_a_larger_cache(detector):
+    """--sizes W,...: from a cache of 256 x 320 crops (the face at about its own resolution in
+    a 200 px UTKFace photo), each batch's crops are area-shrunk to one of the widths, their
+    rows cut to a multiple of the network's stride: the network learns to paint a face at the
+    crop size the pipeline picks for it (128, 192 or 256)."""
+    from models.training.batches import Batches
+
+    big, _ = D.make_crops(_photos(False, 6), size=256, height=320, detector=detector)
+    assert big.shape[1:] == (320, 256, 3)
+    b = Batches("unmask", big, 256, 4, seed=0, sizes=(128, 192, 256))
+    shapes = {b.next()[0].shape[1:3] for _ in range(12)}
+    assert shapes == {(160, 128), (224, 192), (320, 256)}
+    clean, bad, mask = Batches("unmask", big, 256, 4, seed=1, sizes=(128,)).next()
+    small, _ = D.make_crops(_photos(False, 6), size=128, height=160, detector=detector)
+    assert clean.shape[1:] == small.shape[1:] and mask.shape[1:] == small.shape[1:3]
+    assert mask.any() and not np.array_equal(clean, bad)
+
+
 def test_local_training_keeps_a_share_of_faces_undamaged(train_crops):
     """--clean P for a local task (enhance): a share of the faces go in undamaged and must come
     out as they went in, so the network learns to leave a face that needs nothing alone."""

@@ -585,8 +585,53 @@ def test_a_replacing_tasks_views_count_by_what_each_changed():
     it. Weighted by what each view changed (``pipeline.views``), the paint of a view that
     changed a place outvotes the views that left it alone: a dot one view of three paints keeps
     most of its contrast, not a third (a ghost), and pixels no view changed stay as they were."""
-    _, dots, run = _dot_views("unmask", below=0, aside=0, mirror=False)
+    _, dots, run = _dot_views("unmask", below=0, aside=0, mirror=False, sizes=())
     change, _ = run(grain=False)
     at_dots = [change[y, x] for x, y in dots]
     assert all(c <= -55 for c in at_dots), at_dots  # a plain mean: (10 - 100) / 3 = -30
     assert (np.abs(change) > 3).sum() < 400  # the dots (and the resampling's ringing) only
+
+
+def test_a_replacing_task_cuts_each_face_at_the_template_size_nearest_its_own():
+    """TaskSpec.sizes (unmask: 128, 192, 256): a face is painted at the crop size nearest its
+    own in the frame instead of being shrunk to the network's 128 px and its paint enlarged
+    back; the columns aside and the rows below grow with it, to multiples of the network's
+    stride. A network that darkens the template's point (0.5, 0.8) whatever the crop's size
+    darkens that point of each face, a 90 px face cut at 128 and a 260 px face at 256."""
+    import dataclasses
+
+    import torch
+
+    from models.registry import Restorer
+    from models.tasks import resolve
+    from pipeline.restore import FaceRestorer
+
+    seen = []
+    margins = {160: (128, 16), 256: (192, 32), 320: (256, 32)}  # crop width: template, aside
+
+    class Mark(torch.nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[2:]))
+            size, aside = margins[x.shape[3]]
+            y = x.clone()
+            cx, cy = int(0.5 * size) + aside, int(0.8 * size)
+            y[:, :, cy - 2 : cy + 2, cx - 2 : cx + 2] = 0.0
+            return y
+
+    spec = dataclasses.replace(resolve("unmask"), zooms=(1.0,), mirror=False, sizes=(128, 192, 256))
+    r = FaceRestorer(Restorer(spec, Mark()).eval(), colour_match=False, grain=False)
+    frame = np.full((480, 720, 3), 100, np.uint8)
+    small = Face(np.zeros(4), align.template(1.0) * 90 + [60, 100], 0.99)
+    large = Face(np.zeros(4), align.template(1.0) * 260 + [300, 80], 0.99)
+    assert [r.crop_size(f) for f in (small, large)] == [128, 256]
+    assert r.crop_size(Face(np.zeros(4), align.template(1.0) * 180, 0.99)) == 192
+    out = frame.copy()
+    for rect, delta in r.deltas([frame], [[small, large]])[0]:
+        align.add_delta(out, rect, delta)
+    assert sorted(seen) == [(160, 160), (320, 320)]
+    dark = out[..., 0] < 60
+    for side, (ox, oy) in ((90, (60, 100)), (260, (300, 80))):
+        x, y = 0.5 * side + ox, 0.8 * side + oy  # the template point, in the frame
+        near = dark[int(y) - 8 : int(y) + 9, int(x) - 8 : int(x) + 9]
+        assert near.any(), (side, x, y)
+    assert dark.sum() < 20 * 20 * 2  # the two marks and nothing else

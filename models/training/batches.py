@@ -16,8 +16,10 @@ class Batches:
     def __init__(self, task: str, crops: np.ndarray, patch: int, batch: int, seed: int,
                  jitter: float = 0.0, clean: float = 0.0, occluders: float = 0.0,
                  square: float = 0.0, edge: float = 0.0, soft: float = 0.0,
-                 scale: tuple[float, float] | None = None, small: float = 0.0) -> None:
+                 scale: tuple[float, float] | None = None, small: float = 0.0,
+                 sizes: tuple[int, ...] = ()) -> None:
         self.task, self.crops, self.patch, self.batch = task, crops, patch, batch
+        self.sizes = tuple(sizes)  # each batch's crops area-shrunk to one of these widths
         self.jitter, self.clean, self.occluders, self.square = jitter, clean, occluders, square
         self.edge, self.soft, self.scale, self.small = edge, soft, scale, small
         self.rng = np.random.default_rng(seed)
@@ -27,8 +29,12 @@ class Batches:
         height, size = self.crops.shape[1:3]
         if self.square and height > size and self.rng.random() < self.square:
             height = size  # this batch sees the square crop only (a batch has one shape)
+        width = int(self.rng.choice(self.sizes)) if self.sizes else size
         for _ in range(self.batch):
             crop = np.asarray(self.crops[self.rng.integers(len(self.crops))])[:height]
+            if width < size:  # the face at a lower resolution, as the crop of a smaller face
+                crop = cv2.resize(crop, (width, round(height * width / size)), interpolation=cv2.INTER_AREA)
+                crop = crop[: max(width, len(crop) // 32 * 32)]  # rows: a multiple of the stride
             crop = D.augment(crop, self.rng)
             if self.scale:
                 crop = rescale(crop, self.rng.uniform(*np.log(self.scale)), self.patch)

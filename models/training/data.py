@@ -146,10 +146,10 @@ def make_crops(
 
 def build_cache(
     src: Path = UTKFACE_DIR, out: Path = CACHE_DIR, *, limit: int | None = None,
-    height: int | None = None,
+    height: int | None = None, size: int = CROP_SIZE,
 ) -> Path:
-    """Build ``out/crops.npy`` and ``out/index.json`` from the UTKFace folder ``src``; with
-    ``height``, crops that tall (the square crop and rows below it)."""
+    """Build ``out/crops.npy`` and ``out/index.json`` from the UTKFace folder ``src``: crops of
+    the ``size`` px template square; with ``height``, that tall (the square and rows below it)."""
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in Path(src).iterdir() if parse_utkface_name(p.name))
     if limit:
@@ -162,7 +162,7 @@ def build_cache(
         log.info("crops: %d/%d photos (%.1f/s, eta %.0f s)", done, len(paths), rate,
                  (len(paths) - done) / max(rate, 1e-6))
 
-    crops, kept = make_crops(paths, height=height, progress=progress)
+    crops, kept = make_crops(paths, size=size, height=height, progress=progress)
     index = []
     for i in kept:
         lab = parse_utkface_name(names[i])
@@ -171,7 +171,7 @@ def build_cache(
     tmp = out / "crops.partial.npy"
     np.save(tmp, crops)
     tmp.rename(out / "crops.npy")
-    meta = {"source": str(src), "size": CROP_SIZE, "height": int(crops.shape[1]), "photos": len(paths),
+    meta = {"source": str(src), "size": size, "height": int(crops.shape[1]), "photos": len(paths),
             "crops": len(kept), "seconds": round(time.time() - t0, 1), "items": index}
     (out / "index.json").write_text(json.dumps(meta))
     log.info("crops: %d faces from %d photos in %.0f s -> %s", len(kept), len(paths),
@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--height", type=int, default=None,
                    help="build: crops this tall, the square crop and rows below it (the product runs"
                         " unmask on 128 x 160 crops: --height 160, written to cache/crops160)")
+    p.add_argument("--size", type=int, default=CROP_SIZE,
+                   help="build: the template square's side (the networks' crops are 128 px)")
     p.add_argument("--cache", type=Path, default=CACHE_DIR,
                    help="pack: the cache folder to pack (cache/crops; cache/crops160 for unmask)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -354,11 +356,13 @@ def main(argv: list[str] | None = None) -> None:
         summary = pack_crops(crops, items, out, max_mib=a.max_mib, quality=a.quality)
         log.info("packed %s -> %s", summary, out)
         return
-    if a.height is not None and (a.height < CROP_SIZE or a.height % 32):
-        raise SystemExit(f"--height {a.height}: a crop is at least {CROP_SIZE} rows tall and a"
-                         " multiple of 32 (the networks' largest stride)")
-    out = a.out or cache_dir(a.height or CROP_SIZE)
-    build_cache(a.src, out, limit=a.limit, height=a.height)
+    if a.size % 32 or (a.height is not None and (a.height < a.size or a.height % 32)):
+        given = f"--size {a.size}" + (f" --height {a.height}" if a.height is not None else "")
+        raise SystemExit(f"{given}: a crop's sides are multiples of 32 (the"
+                         " networks' largest stride) and at least as tall as it is wide")
+    out = a.out or (cache_dir(a.height or CROP_SIZE) if a.size == CROP_SIZE
+                    else CACHE_DIR.parent / f"crops{a.size}x{a.height or a.size}")
+    build_cache(a.src, out, limit=a.limit, height=a.height, size=a.size)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def make_card(cfg: TrainConfig, net: ResUNet, state: dict, n_train: int, scores:
                           if cfg.small else "")
                        + (f"; each face rescaled by a log-uniform factor in [{cfg.scale[0]:g}, {cfg.scale[1]:g}]"
                           " (area down, bicubic up) before its patch is cut and degraded"
-                          if cfg.scale else ""),
+                          if cfg.scale else "")
+                       + (f"; each batch's crops area-shrunk to a width of {', '.join(map(str, cfg.sizes))} px"
+                          " (drawn per batch)" if getattr(cfg, "sizes", ()) else ""),
             "precision": "bf16 autocast forward (CPU)" if cfg.bf16 else "fp32",
             "occluders": (f"p={cfg.occluders} of masks drawn as lower-face occluders (flat-coloured"
                           " polygons over mouth and chin, top from the nose tip to the lips)"

@@ -87,6 +87,7 @@ class TrainConfig:
     soft: float = 0.0  # unmask: share of faces softened before the mask is drawn (batches.soften)
     small: float = 0.0  # unmask: share of faces softened with the mask drawn on them (batches.soften_together)
     scale: tuple = ()  # (lo, hi): each face rescaled by a log-uniform factor first (batches.rescale)
+    sizes: tuple = ()  # each batch's crops area-shrunk to one of these widths (a larger crop cache)
     bf16: bool = False  # CPU: the forward pass in bfloat16 autocast (AVX-512 BF16 / AMX)
     adv_weight: float = 0.0  # unmask: + adv_weight * the hinge adversarial term (adversarial.py)
     fm_weight: float = 0.0  # unmask: + fm_weight * discriminator feature matching
@@ -141,7 +142,8 @@ def train(
         netcfg.__post_init__()
         net = ResUNet(netcfg).to(device)
     batches = Batches(task, train_crops, cfg.patch, cfg.batch, cfg.seed, cfg.jitter, cfg.clean,
-                      cfg.occluders, cfg.square, cfg.edge, cfg.soft, tuple(cfg.scale) or None, cfg.small)
+                      cfg.occluders, cfg.square, cfg.edge, cfg.soft, tuple(cfg.scale) or None, cfg.small,
+                      tuple(cfg.sizes))
 
     def batch() -> tuple:
         clean_np, bad_np, mask_np = batches.next()
@@ -252,6 +254,10 @@ def make_argument_parser() -> argparse.ArgumentParser:
                    help="LO,HI: each training face rescaled by a factor drawn log-uniformly in [LO, HI]"
                         " before its patch is cut and degraded, as video shows faces at any size"
                         " (local tasks; e.g. 0.5,2)")
+    p.add_argument("--sizes", default="",
+                   help="W,W,...: each batch's crops area-shrunk to one of these widths, multiples of"
+                        " 32 (a cache of larger crops, --crops cache/crops256x320: unmask at the"
+                        " resolution of a larger face; e.g. 128,160,192,224,256)")
     p.add_argument("--bf16", action="store_true",
                    help="CPU: the forward pass in bfloat16 autocast (about 1.8x on a CPU with AMX)")
     p.add_argument("--l2", type=float, default=0.0,
@@ -283,6 +289,16 @@ def _scale(text: str) -> tuple:
     return (lo, hi)
 
 
+def _sizes(text: str) -> tuple:
+    try:
+        sizes = tuple(int(v) for v in text.split(",")) if text else ()
+    except ValueError:
+        raise SystemExit(f"--sizes {text}: widths in pixels, W,W,... (e.g. 128,192,256)") from None
+    if any(w < 32 or w % 32 for w in sizes):
+        raise SystemExit(f"--sizes {text}: each a multiple of 32 (the networks' largest stride)")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         argv = sys.argv[1:]
@@ -306,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         crops=a.crops, clean=a.clean, occluders=a.occluders, l2_weight=a.l2, square=a.square,
         psnr_weight=a.psnr, edge=a.edge, soft=a.soft, adv_weight=a.adv, fm_weight=a.fm, d_lr=a.d_lr,
         snapshots=a.snapshots, scale=_scale(a.scale), bf16=a.bf16, small=a.small,
+        sizes=_sizes(a.sizes),
     )
     try:
         train(cfg)
