@@ -585,7 +585,7 @@ def test_a_replacing_tasks_views_count_by_what_each_changed():
     it. Weighted by what each view changed (``pipeline.views``), the paint of a view that
     changed a place outvotes the views that left it alone: a dot one view of three paints keeps
     most of its contrast, not a third (a ghost), and pixels no view changed stay as they were."""
-    _, dots, run = _dot_views("unmask", below=0, aside=0, mirror=False, sizes=())
+    _, dots, run = _dot_views("unmask", below=0, aside=0, mirror=False)
     change, _ = run(grain=False)
     at_dots = [change[y, x] for x, y in dots]
     assert all(c <= -55 for c in at_dots), at_dots  # a plain mean: (10 - 100) / 3 = -30
@@ -593,11 +593,12 @@ def test_a_replacing_tasks_views_count_by_what_each_changed():
 
 
 def test_a_replacing_task_cuts_each_face_at_the_template_size_nearest_its_own():
-    """TaskSpec.sizes (unmask: 128, 192, 256): a face is painted at the crop size nearest its
-    own in the frame instead of being shrunk to the network's 128 px and its paint enlarged
-    back; the columns aside and the rows below grow with it, to multiples of the network's
-    stride. A network that darkens the template's point (0.5, 0.8) whatever the crop's size
-    darkens that point of each face, a 90 px face cut at 128 and a 260 px face at 256."""
+    """TaskSpec.sizes (here 128, 192, 256; no shipped task sets it): a face is painted at the
+    crop size nearest its own in the frame instead of being shrunk to the network's 128 px and
+    its paint enlarged back; the columns aside and the rows below grow with it, to multiples of
+    the network's stride. A network that darkens the template's point (0.5, 0.8) whatever the
+    crop's size darkens that point of each face, a 90 px face cut at 128 and a 260 px face at
+    256."""
     import dataclasses
 
     import torch

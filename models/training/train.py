@@ -257,7 +257,7 @@ def make_argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="",
                    help="W,W,...: each batch's crops area-shrunk to one of these widths, multiples of"
                         " 32 (a cache of larger crops, --crops cache/crops256x320: unmask at the"
-                        " resolution of a larger face; e.g. 128,160,192,224,256)")
+                        " resolution of a larger face; e.g. 128,192,256)")
     p.add_argument("--bf16", action="store_true",
                    help="CPU: the forward pass in bfloat16 autocast (about 1.8x on a CPU with AMX)")
     p.add_argument("--l2", type=float, default=0.0,
