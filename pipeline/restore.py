@@ -38,6 +38,7 @@ class AlignedCrop(NamedTuple):
     size: int  # the crop's width: the template square's side and the columns aside
     matrix: np.ndarray  # frame -> crop similarity (2 x 3)
     crop: np.ndarray  # the aligned crop, uint8 (template side + rows below, size, 3)
+    aside: int = 0  # of ``size``, the columns on each side of the template square
 
 
 class LocalCrop(NamedTuple):
@@ -168,13 +169,6 @@ class FaceRestorer:
         k = -(-size // self.spec.size)  # 1 at the network's own size, 2 up to twice it
         return self.aside * k, self.below * k
 
-    def _aside_of(self, width: int) -> int:
-        """The columns aside of a crop ``width`` wide (``margins`` of the size it was cut at)."""
-        for size in getattr(self.spec, "sizes", ()) or (self.spec.size,):
-            if size + 2 * self.margins(size)[0] == width:
-                return self.margins(size)[0]
-        return self.aside
-
     @property
     def local(self) -> bool:
         """True when the network runs on heads cut from the frame at its own resolution."""
@@ -200,7 +194,7 @@ class FaceRestorer:
                 width = size + 2 * aside
                 for z in views:
                     m = align.aside(align.estimate_transform(align.zoomed(f.landmarks, z), size, aspect), aside)
-                    jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + below)))
+                    jobs.append(AlignedCrop(i, f, width, m, align.warp_face(img, m, width, size + below), aside))
         self.faces_restored += len(jobs) // len(views)
         if self.identity and self.preview is None:
             return out  # nothing changes: skip the work, output stays bit-exact
@@ -307,7 +301,7 @@ class FaceRestorer:
                 chunk = idxs[k : k + step]
                 keys = [max(jobs[j].face.track, -1) for j in chunk] if self.uses_tracks else None
                 for j, rest in zip(chunk, self._run([given[j] for j in chunk], keys)):
-                    restored[j] = self._matched(rest, given[j])
+                    restored[j] = self._matched(rest, given[j], jobs[j].aside)
         return restored
 
     def _merged(self, jobs: list[AlignedCrop], restored: dict[int, np.ndarray], first: int, count: int) -> np.ndarray:
@@ -328,12 +322,11 @@ class FaceRestorer:
         one = not self.ensemble or self.identity or self.uses_tracks
         return zooms[:1] if one else zooms
 
-    def _matched(self, rest: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    def _matched(self, rest: np.ndarray, crop: np.ndarray, aside: int = 0) -> np.ndarray:
         """The restored crop, colour-matched to the crop it came from when that is on."""
         if not self.colour_match:
             return rest
         match = align.match_colour_robust if self.replaces else align.match_colour
-        aside = self._aside_of(crop.shape[1])
         region = align.colour_region(crop.shape[1] - 2 * aside, crop.shape[0], aside)
         return match(rest, crop.astype(np.float32), region)
 
